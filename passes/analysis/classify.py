@@ -1,0 +1,59 @@
+"""Classify: give every node its numerical-sensitivity class from the op table.
+
+Before: linear -> gelu -> layer_norm -> softmax
+After (node.meta[OP_CLASS]): linear=lowp, gelu=follow, layer_norm=fp32, softmax=fp32
+
+Nodes that compute nothing in floating point (integer math, shapes, masks), explicit casts and float64
+code are UNTOUCHED. The class is a static fact; `assign` turns classes, measurements and overrides into
+one dtype per node.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from passes.graph_utils import float_inputs, is_tuple_getitem, original_dtype
+from passes.infra import AnalysisPass, PassResult
+from passes.op_tables import OpClass, is_exact, op_class, op_name
+from rewriter import meta
+
+__all__ = ["Classify"]
+
+_COMPUTE = ("call_function", "call_method", "call_module")
+
+
+class Classify(AnalysisPass):
+    name = "classify"
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        for node in gm.graph.nodes:
+            if node.op not in _COMPUTE:
+                continue
+            name = op_name(node)
+            cls, reason = op_class(name)
+            out = original_dtype(node)
+            ins = float_inputs(node)
+            dtypes = {original_dtype(n) for n in node.all_input_nodes} | {out}
+            if is_tuple_getitem(node):
+                if meta.is_float_dtype(out):
+                    cls, reason = OpClass.FOLLOW, f"element of {node.args[0].name}"
+                else:
+                    cls, reason = OpClass.UNTOUCHED, "non-floating element of a tuple"
+            elif cls is not OpClass.UNTOUCHED:
+                if out is None and not node.users and not _is_multi_float(node):
+                    cls, reason = OpClass.UNTOUCHED, f"{name} returns no tensor (a guard or assert)"
+                elif torch.float64 in dtypes:
+                    cls, reason = OpClass.UNTOUCHED, f"{name} computes in float64: left as written"
+                elif not ins and not meta.is_float_dtype(out) and not _is_multi_float(node):
+                    cls, reason = OpClass.UNTOUCHED, f"{name} has no floating-point inputs or outputs"
+                elif not ins and cls is not OpClass.LOWP:
+                    cls, reason = OpClass.UNTOUCHED, f"{name} creates a tensor of explicit dtype"
+            meta.put(node, meta.OP_CLASS, {"op": name, "class": cls.value, "exact": is_exact(name),
+                                           "reason": reason})
+        return PassResult(gm, False)
+
+
+def _is_multi_float(node) -> bool:
+    val = node.meta.get("val", node.meta.get("tensor_meta"))
+    return isinstance(val, (tuple, list)) and any(
+        meta.is_float_dtype(getattr(v, "dtype", None)) for v in val)

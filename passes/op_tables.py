@@ -1,0 +1,150 @@
+"""Op table: which ops run in low precision, which stay fp32, which follow their inputs.
+
+The lists start from PyTorch autocast's CUDA policy (aten/src/ATen/autocast_mode.cpp) so that a
+converted model computes each op in the precision autocast would, with weights cast once instead of
+on every call. Deviations from autocast, each deliberate:
+  * mean/var/std/norm reductions stay fp32 (fp16 ReduceMean/variance overflow: pytorch#66707).
+  * batch_norm follows its input (cuDNN and the CPU kernels accumulate in fp32 for 16-bit inputs).
+
+An op is named by `op_name(node)`: the aten overload packet name for torch.export graphs
+("linear", "softmax"), the function or method name for symbolic_trace graphs, and a module-type
+mapping for call_module nodes, so one table serves both capture paths.
+"""
+from __future__ import annotations
+
+import enum
+import operator
+
+import torch
+import torch.nn as nn
+
+__all__ = ["OpClass", "op_name", "op_class", "is_exact", "is_known_op", "CAST_OPS", "MODULE_OPS"]
+
+
+class OpClass(str, enum.Enum):
+    LOWP = "lowp"            # tensor-core ops: run in fp16/bf16
+    FP32 = "fp32"            # numerically sensitive: run in fp32
+    FOLLOW = "follow"        # run in the precision of the first floating input
+    PROMOTE = "promote"      # several floating inputs: run in the widest of them
+    UNTOUCHED = "untouched"  # no floating compute to decide: ints, shapes, explicit casts, factories
+
+
+LOWP_OPS = frozenset("""
+conv1d conv2d conv3d conv_tbc conv_transpose1d conv_transpose2d conv_transpose3d convolution
+_convolution cudnn_convolution prelu _prelu_kernel addmm addmv addr matmul einsum mm mv linear addbmm
+baddbmm bmm chain_matmul linalg_multi_dot _thnn_fused_lstm_cell _thnn_fused_gru_cell lstm_cell
+gru_cell rnn_tanh_cell rnn_relu_cell lstm gru scaled_dot_product_attention
+_scaled_dot_product_flash_attention _scaled_dot_product_efficient_attention
+_scaled_dot_product_cudnn_attention _native_multi_head_attention
+""".split())
+
+FP32_OPS = frozenset("""
+acos asin cosh erfinv exp exp2 expm1 log log10 log2 log1p reciprocal rsqrt sinh tan pow
+float_power softplus layer_norm native_layer_norm group_norm native_group_norm rms_norm
+_fused_rms_norm frobenius_norm nuclear_norm cosine_similarity poisson_nll_loss
+cosine_embedding_loss nll_loss nll_loss2d nll_loss_nd hinge_embedding_loss kl_div l1_loss
+smooth_l1_loss huber_loss mse_loss margin_ranking_loss multilabel_margin_loss soft_margin_loss
+triplet_margin_loss multi_margin_loss binary_cross_entropy_with_logits binary_cross_entropy
+cross_entropy cross_entropy_loss dist pdist cdist renorm logsumexp upsample_nearest1d
+upsample_nearest2d upsample_nearest3d upsample_linear1d upsample_bilinear2d upsample_bicubic2d
+upsample_trilinear3d _upsample_nearest_exact1d _upsample_nearest_exact2d _upsample_nearest_exact3d
+_upsample_bilinear2d_aa _upsample_bicubic2d_aa interpolate grid_sampler grid_sample prod cumprod
+cumsum linalg_vector_norm linalg_matrix_norm norm log_softmax _log_softmax softmax _softmax
+_safe_softmax sum nansum mean nanmean var std var_mean std_mean
+""".split())
+
+PROMOTE_OPS = frozenset("""
+add sub rsub mul div true_divide floor_divide where cat concat concatenate stack hstack vstack
+addcmul addcdiv index_put index_put_ maximum minimum fmax fmin lerp atan2 cross dot vdot
+tensordot bilinear scatter_add scatter masked_scatter copysign hypot remainder fmod
+""".split())
+
+# Ops whose result does not depend on the precision they run in: cast(op(x)) == op(cast(x)).
+# The assignment may move casts across them to where the tensor is smallest.
+EXACT_OPS = frozenset("""
+view reshape _unsafe_view transpose permute t expand expand_as squeeze unsqueeze flatten unflatten
+slice select getitem narrow split split_with_sizes chunk unbind tensor_split contiguous clone alias
+detach lift_fresh_copy dropout feature_dropout alpha_dropout relu relu6 hardtanh max_pool1d
+max_pool2d max_pool3d max_pool2d_with_indices adaptive_max_pool1d adaptive_max_pool2d
+adaptive_max_pool3d neg abs embedding index index_select gather take flip roll repeat tile
+constant_pad_nd movedim moveaxis as_strided pixel_shuffle pixel_unshuffle channel_shuffle amax
+amin max min identity view_as repeat_interleave diagonal narrow_copy select_copy slice_copy
+permute_copy transpose_copy view_copy unsqueeze_copy squeeze_copy expand_copy t_copy
+""".split())
+
+# Explicit dtype changes written by the user or inserted by us.
+CAST_OPS = frozenset("_to_copy to type type_as float half bfloat16 double _autocast_to_reduced_precision "
+                     "_autocast_to_full_precision convert_element_type".split())
+
+UNTOUCHED_OPS = frozenset("""
+arange full zeros ones empty empty_like rand randn randint randperm scalar_tensor tensor
+linspace logspace eye zeros_like ones_like full_like randn_like rand_like new_zeros new_ones
+new_full new_empty new_tensor sym_size sym_numel sym_stride size dim numel _assert_tensor_metadata
+_assert_scalar sym_constrain_range sym_constrain_range_for_size _assert_async
+""".split()) | CAST_OPS
+
+# Module types seen as call_module in symbolic_trace graphs, mapped to the op they compute.
+MODULE_OPS: dict[type, str] = {
+    nn.Linear: "linear", nn.Bilinear: "bilinear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d",
+    nn.Conv3d: "conv3d", nn.ConvTranspose1d: "conv_transpose1d", nn.ConvTranspose2d: "conv_transpose2d",
+    nn.ConvTranspose3d: "conv_transpose3d", nn.LayerNorm: "layer_norm", nn.GroupNorm: "group_norm",
+    nn.BatchNorm1d: "batch_norm", nn.BatchNorm2d: "batch_norm", nn.BatchNorm3d: "batch_norm",
+    nn.Embedding: "embedding", nn.Softmax: "softmax", nn.LogSoftmax: "log_softmax", nn.ReLU: "relu",
+    nn.GELU: "gelu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Dropout: "dropout",
+    nn.Identity: "identity", nn.Flatten: "flatten", nn.MaxPool2d: "max_pool2d",
+    nn.AdaptiveAvgPool2d: "adaptive_avg_pool2d", nn.AvgPool2d: "avg_pool2d", nn.Upsample: "interpolate",
+    nn.CrossEntropyLoss: "cross_entropy", nn.MSELoss: "mse_loss", nn.PReLU: "prelu",
+    nn.MultiheadAttention: "_native_multi_head_attention", nn.LSTM: "lstm", nn.GRU: "gru",
+    nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid", nn.ReLU6: "relu6",
+}
+if hasattr(nn, "RMSNorm"):
+    MODULE_OPS[nn.RMSNorm] = "rms_norm"
+
+_BUILTINS = {operator.getitem: "getitem", operator.add: "add", operator.sub: "sub",
+             operator.mul: "mul", operator.truediv: "div", operator.floordiv: "floor_divide",
+             operator.neg: "neg", operator.matmul: "matmul", operator.pow: "pow", getattr: "getattr"}
+
+
+def op_name(node) -> str:
+    """Canonical op name of an fx node, shared by torch.export and symbolic_trace graphs."""
+    if node.op == "call_function":
+        target = node.target
+        if target in _BUILTINS:
+            return _BUILTINS[target]
+        packet = getattr(target, "_overloadpacket", None)
+        name = getattr(packet, "__name__", None) or getattr(target, "__name__", str(target))
+        name = name.split("::")[-1].split(".")[0]
+    elif node.op == "call_method":
+        name = str(node.target)
+    elif node.op == "call_module":
+        module = node.graph.owning_module.get_submodule(node.target) if node.graph.owning_module else None
+        name = MODULE_OPS.get(type(module), f"module:{type(module).__name__}")
+    else:
+        return node.op
+    if name.endswith("_") and not name.startswith("_") and name[:-1] not in ("__and", "__or"):
+        name = name[:-1]  # in-place variant: same numerics as the functional op
+    return name
+
+
+def is_known_op(name: str) -> bool:
+    return any(name in table for table in (LOWP_OPS, FP32_OPS, PROMOTE_OPS, EXACT_OPS, UNTOUCHED_OPS))
+
+
+def op_class(name: str) -> tuple[OpClass, str]:
+    """Static class of an op and the reason, before any analysis or override."""
+    if name in LOWP_OPS:
+        return OpClass.LOWP, f"{name} is a tensor-core op (autocast low-precision list)"
+    if name in FP32_OPS:
+        return OpClass.FP32, f"{name} is numerically sensitive (range or accumulation): kept fp32"
+    if name in UNTOUCHED_OPS:
+        return OpClass.UNTOUCHED, f"{name} has an explicit dtype or no floating compute"
+    if name in PROMOTE_OPS:
+        return OpClass.PROMOTE, f"{name} runs in the widest precision of its inputs"
+    if name.startswith("module:"):
+        return OpClass.FP32, f"opaque module {name[7:]}: kept fp32 (its ops could not be seen)"
+    return OpClass.FOLLOW, f"{name} runs in the precision of its input"
+
+
+def is_exact(name: str) -> bool:
+    """True when the op's result is the same whichever float precision it runs in (data movement)."""
+    return name in EXACT_OPS

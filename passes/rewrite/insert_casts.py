@@ -1,0 +1,74 @@
+"""InsertCasts: make every node compute in the dtype `assign` decided, with casts at island boundaries.
+
+Before: x(fp32) -> linear -> softmax -> output
+After:  x(fp32) -> cast(fp16) -> linear(fp16) -> cast(fp32) -> softmax(fp32) -> output(fp32)
+
+One cast per (value, dtype), placed before the first node that needs it and shared by the others.
+Graph outputs are cast back to their original dtype unless keep_io_types is off. Each cast records
+which consumer needed it and why (node.meta[CREATED]).
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from passes.graph_utils import explicit_dtype, is_cast, make_cast, original_dtype
+from passes.infra import Pass, PassResult
+from rewriter import meta
+from rewriter.config import ConvertConfig
+
+__all__ = ["InsertCasts"]
+
+
+class InsertCasts(Pass):
+    name = "insert_casts"
+
+    def __init__(self, config: ConvertConfig):
+        self.config = config
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        graph = gm.graph
+        count = 0
+        casts: dict[tuple[fx.Node, torch.dtype], fx.Node] = {}
+        for node in graph.nodes:  # reuse casts a previous run made
+            if is_cast(node):
+                casts.setdefault((node.args[0], node.kwargs["dtype"]), node)
+
+        def cast_of(value: fx.Node, dtype: torch.dtype, consumer: fx.Node, reason: str) -> fx.Node:
+            nonlocal count
+            key = (value, dtype)
+            if key not in casts:
+                casts[key] = make_cast(graph, value, dtype, consumer, reason, self.name)
+                count += 1
+            return casts[key]
+
+        for node in list(graph.nodes):
+            if node.op == "output":
+                if self.config.keep_io_types:
+                    self._restore_outputs(node, cast_of)
+                continue
+            decision = meta.get(node, meta.DECISION)
+            if decision is None or is_cast(node):
+                continue
+            want = meta.dtype_from_name(decision["dtype"])
+            for value in list(node.all_input_nodes):
+                have = meta.value_dtype(value)
+                if not meta.is_float_dtype(have) or have == want:
+                    continue
+                op = (meta.get(node, meta.OP_CLASS) or {}).get("op", node.name)
+                reason = (f"{op} '{node.name}' runs in {meta.dtype_name(want)} "
+                          f"({decision['rule']}) but reads {value.name} in {meta.dtype_name(have)}")
+                node.replace_input_with(value, cast_of(value, want, node, reason))
+            out = original_dtype(node)
+            new = out if explicit_dtype(node) is not None else want
+            if meta.is_float_dtype(out) and meta.get(node, meta.DTYPE) != meta.dtype_name(new):
+                meta.put(node, meta.DTYPE, meta.dtype_name(new))
+                count += 1
+        return PassResult(gm, count > 0)
+
+    def _restore_outputs(self, output: fx.Node, cast_of) -> None:
+        for value in list(output.all_input_nodes):
+            have, want = meta.value_dtype(value), original_dtype(value)
+            if meta.is_float_dtype(have) and meta.is_float_dtype(want) and have != want:
+                reason = f"model output {value.name} keeps its original dtype {meta.dtype_name(want)}"
+                output.replace_input_with(value, cast_of(value, want, output, reason))

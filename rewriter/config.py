@@ -1,0 +1,185 @@
+"""Configuration of a conversion: frozen dataclasses validated on construction.
+
+Override precedence, lowest to highest (documented once, here, and in the README):
+
+    default (op table) < analysis (calibration, sensitivity) < op type < module regex ("re:...") < exact module path
+
+An override maps a key to a precision: an op name (``"softmax"``, ``"linear"``), a module regex
+(``"re:encoder\\.layer\\.0\\..*"``) or an exact module path (``"encoder.layer.0.attention"``).
+Module keys apply to every node whose module path equals the key or lies below it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from typing import Any, Callable, Mapping
+
+import torch
+
+from rewriter.errors import ConfigError
+
+__all__ = ["Precision", "Mode", "Override", "ConvertConfig", "parse_overrides"]
+
+
+class Precision(str, enum.Enum):
+    """Target precision of a conversion."""
+
+    FP16 = "fp16"
+    BF16 = "bf16"
+    FP8 = "fp8"
+    FP32 = "fp32"  # only meaningful as an override value: keep these nodes in fp32
+
+    @classmethod
+    def parse(cls, value: "str | Precision", *, what: str = "precision") -> "Precision":
+        if isinstance(value, Precision):
+            return value
+        aliases = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32",
+                   "float": "fp32", "float8": "fp8", "e4m3": "fp8"}
+        text = str(value).strip().lower()
+        text = aliases.get(text, text)
+        try:
+            return cls(text)
+        except ValueError:
+            choices = ", ".join(repr(p.value) for p in cls)
+            raise ConfigError(
+                f"unknown {what} {value!r}: write one of {choices} "
+                "(e.g. precision='bf16'; fp32 is only used in overrides to keep nodes in fp32)"
+            ) from None
+
+    @property
+    def island_dtype(self) -> torch.dtype:
+        """dtype of the low-precision islands (FP8 GEMMs sit inside bf16 islands)."""
+        return {Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16,
+                Precision.FP8: torch.bfloat16, Precision.FP32: torch.float32}[self]
+
+
+class Mode(str, enum.Enum):
+    EVAL = "eval"
+    TRAIN = "train"
+
+
+@dataclasses.dataclass(frozen=True)
+class Override:
+    """One user override: nodes matching `key` run in `precision`.
+
+    `kind` is "op" (an op name), "regex" (module-path regex, written "re:...") or "module" (exact path).
+    """
+
+    key: str
+    precision: Precision
+    kind: str
+
+    _RANK = {"op": 2, "regex": 3, "module": 4}
+
+    @property
+    def rank(self) -> int:
+        """Precedence; higher wins. default=0 and analysis=1 sit below every override."""
+        return self._RANK[self.kind]
+
+    def matches(self, op_name: str, module_path: str | None) -> bool:
+        if self.kind == "op":
+            return op_name == self.key
+        if module_path is None:
+            return False
+        if self.kind == "regex":
+            return re.fullmatch(self.key[3:], module_path) is not None
+        return module_path == self.key or module_path.startswith(self.key + ".")
+
+
+def _classify_key(key: str) -> str:
+    if key.startswith("re:"):
+        try:
+            re.compile(key[3:])
+        except re.error as exc:
+            raise ConfigError(f"override {key!r}: invalid regular expression ({exc}); "
+                              "write e.g. 're:encoder\\.layer\\.[0-3]\\..*'") from None
+        return "regex"
+    if "." in key or key in ("",):
+        return "module"
+    # A bare word is an op name when the op table knows it, else a top-level module name.
+    from passes.op_tables import is_known_op
+
+    return "op" if is_known_op(key) else "module"
+
+
+def parse_overrides(overrides: "Mapping[str, Any] | list[str] | None") -> tuple[Override, ...]:
+    """Turn `{"softmax": "fp16", "re:head.*": "fp32"}` or `["softmax=fp16", ...]` into Overrides."""
+    if not overrides:
+        return ()
+    items: list[tuple[str, Any]] = []
+    if isinstance(overrides, Mapping):
+        items = list(overrides.items())
+    else:
+        for text in overrides:
+            if "=" not in str(text):
+                raise ConfigError(f"override {text!r} must look like KEY=PRECISION, "
+                                  "e.g. 'softmax=fp16', 're:encoder\\..*=fp32' or 'classifier=fp32'")
+            key, _, value = str(text).rpartition("=")
+            items.append((key.strip(), value.strip()))
+    result = []
+    for key, value in items:
+        precision = Precision.parse(value, what=f"precision in override {key!r}")
+        if precision is Precision.FP8:
+            raise ConfigError(f"override {key!r}: fp8 can only be the global precision; "
+                              "write fp16, bf16 or fp32 here")
+        result.append(Override(str(key), precision, _classify_key(str(key))))
+    return tuple(result)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertConfig:
+    """Everything `convert` needs to know besides the model and its inputs.
+
+    Args:
+        precision: "fp16", "bf16" or "fp8".
+        overrides: op name / "re:module-regex" / module path -> "fp16" | "bf16" | "fp32".
+        mode: "eval" (weights stored in their consumer's precision) or "train" (fp32 master weights,
+            casts inside the graph).
+        keep_io_types: model inputs and outputs keep their dtypes (default True).
+        dynamic_batch: keep dimension 0 of the inputs dynamic when the model allows it.
+        tolerance: output error budget (relative L2) for measured decisions; needs calibration.
+        metric: optional `metric(reference, candidate) -> float` used instead of relative L2.
+        allow_bf16_fallback: with fp16, nodes whose range only overflows fp16 may run in bf16
+            instead of fp32.
+    """
+
+    precision: Precision = Precision.FP16
+    overrides: tuple[Override, ...] = ()
+    mode: Mode = Mode.EVAL
+    keep_io_types: bool = True
+    dynamic_batch: bool = True
+    tolerance: float | None = None
+    metric: Callable[[Any, Any], float] | None = None
+    allow_bf16_fallback: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "precision", Precision.parse(self.precision))
+        if self.precision is Precision.FP32:
+            raise ConfigError("precision 'fp32' converts nothing: choose 'fp16', 'bf16' or 'fp8'")
+        try:
+            object.__setattr__(self, "mode", Mode(str(getattr(self.mode, "value", self.mode)).lower()))
+        except ValueError:
+            raise ConfigError(f"unknown mode {self.mode!r}: write mode='eval' or mode='train'") from None
+        if not isinstance(self.overrides, tuple) or not all(isinstance(o, Override) for o in self.overrides):
+            object.__setattr__(self, "overrides", parse_overrides(self.overrides))
+        if self.tolerance is not None:
+            if not isinstance(self.tolerance, (int, float)) or not (0 < float(self.tolerance) < 1e3):
+                raise ConfigError(f"tolerance={self.tolerance!r} must be a positive number "
+                                  "(an output error budget such as 1e-2)")
+        if self.metric is not None and not callable(self.metric):
+            raise ConfigError("metric must be a function metric(reference, candidate) -> float")
+
+    @property
+    def island_dtype(self) -> torch.dtype:
+        return self.precision.island_dtype
+
+    def to_dict(self) -> dict:
+        return {
+            "precision": self.precision.value,
+            "overrides": [f"{o.key}={o.precision.value}" for o in self.overrides],
+            "mode": self.mode.value,
+            "keep_io_types": self.keep_io_types,
+            "dynamic_batch": self.dynamic_batch,
+            "tolerance": self.tolerance,
+        }

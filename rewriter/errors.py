@@ -1,0 +1,48 @@
+"""Errors raised by the rewriter.
+
+Every error a user can cause is a `RewriterError` subclass whose message says what is wrong, where
+(file, node, module path) and what to do about it. The CLI maps `RewriterError` to exit code 2 and
+anything else to exit code 1.
+"""
+from __future__ import annotations
+
+__all__ = [
+    "RewriterError",
+    "ConfigError",
+    "CaptureError",
+    "InputError",
+    "PassError",
+    "describe_node",
+]
+
+
+class RewriterError(Exception):
+    """Base class of the errors a user can act on."""
+
+
+class ConfigError(RewriterError, ValueError):
+    """A configuration value is invalid; the message says what to write instead."""
+
+
+class InputError(RewriterError, ValueError):
+    """The model, its example inputs or a file given to the rewriter cannot be used."""
+
+
+class CaptureError(RewriterError):
+    """Neither torch.export nor torch.fx.symbolic_trace could capture the model."""
+
+
+class PassError(RewriterError):
+    """A pass failed; the message names the pass, the passes that ran before it and the node."""
+
+
+def describe_node(node) -> str:
+    """One line naming an fx node and the module it came from, for error messages."""
+    from rewriter import meta
+
+    path = meta.module_path(node) or "<top level>"
+    try:
+        text = node.format_node()
+    except Exception:  # format_node can fail on half-built graphs; the name is enough then
+        text = node.name
+    return f"node {text!s} (module '{path}')"

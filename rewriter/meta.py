@@ -1,0 +1,136 @@
+"""The only place where node.meta keys of the rewriter are defined, read and written.
+
+Every annotation is a small JSON-able dict so that it survives `torch.export.save` (it is copied into
+`node.meta["custom"]` on save) and can be shown by `rewrite diff` without the original objects.
+
+Keys:
+    OP_CLASS   analysis/classify: {"class": "lowp|fp32|follow|promote|untouched", "exact": bool, "reason"}
+    DECISION   analysis/assign:   {"dtype": "float16", "rule": "...", "reason": "..."} compute dtype
+    RANGE      analysis/ranges:   {"amax", "min_nonzero", "nonfinite", "batches"}
+    SENSITIVITY analysis/sensitivity: {"error": float, "kept_fp32": bool, ...}
+    DTYPE      rewrite passes:    dtype name of the node's tensor output after the rewrite
+    CREATED    rewrite passes:    {"pass": "...", "reason": "..."} on nodes a pass created
+    FP8        rewrite/fp8:       {"scale": ..., "mode": "static|dynamic", "emulated": bool}
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = [
+    "OP_CLASS", "DECISION", "RANGE", "SENSITIVITY", "DTYPE", "CREATED", "FP8", "ALL_KEYS",
+    "get", "put", "module_path", "value_dtype", "dtype_name", "dtype_from_name", "is_float_dtype",
+    "numel_hint", "to_custom", "from_custom",
+]
+
+OP_CLASS = "rewriter.op_class"
+DECISION = "rewriter.decision"
+RANGE = "rewriter.range"
+SENSITIVITY = "rewriter.sensitivity"
+DTYPE = "rewriter.dtype"
+CREATED = "rewriter.created"
+FP8 = "rewriter.fp8"
+ALL_KEYS = (OP_CLASS, DECISION, RANGE, SENSITIVITY, DTYPE, CREATED, FP8)
+
+_CUSTOM = "custom"  # torch.export serialises node.meta["custom"]; we nest ours under "rewriter"
+
+
+def get(node, key: str, default: Any = None) -> Any:
+    return node.meta.get(key, default)
+
+
+def put(node, key: str, value: Any) -> None:
+    if key not in ALL_KEYS:
+        raise KeyError(f"unknown rewriter meta key {key!r}; define it in rewriter/meta.py")
+    node.meta[key] = value
+
+
+def module_path(node) -> str | None:
+    """Dotted path of the innermost module that produced `node` ("encoder.layer.0.attention")."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return _clean_path(path)
+    if node.op == "get_attr":
+        return str(node.target).rpartition(".")[0]
+    if node.op == "call_module":
+        return str(node.target)
+    return None
+
+
+def _clean_path(path: str) -> str:
+    # strict-mode export writes "L['self'].encoder.layer[0]"; normalise to "encoder.layer.0"
+    path = path.replace("L['self'].", "").replace("L['self']", "")
+    path = path.replace("[", ".").replace("]", "").replace("'", "")
+    return path.strip(".")
+
+
+_NAMES = {
+    torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+    torch.float64: "float64", torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2",
+}
+
+
+def dtype_name(dtype: torch.dtype | None) -> str | None:
+    if dtype is None:
+        return None
+    return _NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def dtype_from_name(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    return getattr(torch, name)
+
+
+def is_float_dtype(dtype: torch.dtype | None) -> bool:
+    """fp32/fp16/bf16: the dtypes the rewriter decides about (fp64 and fp8 are left as they are)."""
+    return dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _val(node):
+    val = node.meta.get("val")
+    if val is None:
+        val = node.meta.get("tensor_meta")
+    return val
+
+
+def value_dtype(node) -> torch.dtype | None:
+    """dtype of the tensor a node produces now (after rewrites), None for non-tensors and tuples."""
+    if DTYPE in node.meta:
+        return dtype_from_name(node.meta[DTYPE])
+    val = _val(node)
+    dtype = getattr(val, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def numel_hint(node) -> int:
+    """Number of elements of the node's tensor, symbolic sizes replaced by their example value."""
+    val = _val(node)
+    shape = getattr(val, "shape", None)
+    if shape is None:
+        return 0
+    total = 1
+    for size in shape:
+        try:
+            total *= int(size)
+        except Exception:  # unbacked or symbolic without hint
+            hint = getattr(getattr(size, "node", None), "hint", None)
+            total *= int(hint) if hint is not None else 8
+    return total
+
+
+def to_custom(node) -> None:
+    """Copy the rewriter's annotations into node.meta["custom"] so torch.export.save keeps them."""
+    ours = {key: node.meta[key] for key in ALL_KEYS if key in node.meta}
+    if ours:
+        node.meta.setdefault(_CUSTOM, {})["rewriter"] = ours
+
+
+def from_custom(node) -> None:
+    """Inverse of `to_custom`, after torch.export.load."""
+    ours = (node.meta.get(_CUSTOM) or {}).get("rewriter") or {}
+    for key, value in ours.items():
+        if key in ALL_KEYS:
+            node.meta[key] = value
