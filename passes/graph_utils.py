@@ -7,7 +7,7 @@ import torch.fx as fx
 from rewriter import meta
 
 __all__ = ["input_nodes", "float_inputs", "is_param", "is_cast", "cast_target", "make_cast",
-           "explicit_dtype", "is_tuple_getitem", "original_dtype"]
+           "explicit_dtype", "is_tuple_getitem", "original_dtype", "natural_promotion", "ndim"]
 
 _CAST_TARGETS = (torch.ops.aten._to_copy.default,)
 
@@ -77,3 +77,21 @@ def original_dtype(node: fx.Node) -> torch.dtype | None:
     val = node.meta.get("val", node.meta.get("tensor_meta"))
     dtype = getattr(val, "dtype", None)
     return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def ndim(node: fx.Node) -> int | None:
+    val = node.meta.get("val", node.meta.get("tensor_meta"))
+    shape = getattr(val, "shape", None)
+    return None if shape is None else len(shape)
+
+
+def natural_promotion(node: fx.Node) -> torch.dtype | None:
+    """dtype PyTorch's type promotion gives `node` from its current float inputs (0-dim ones only
+    count when every input is 0-dim), or None when it has no float input."""
+    ins = float_inputs(node)
+    shaped = [n for n in ins if ndim(n) != 0] or ins
+    result = None
+    for n in shaped:
+        dtype = meta.value_dtype(n)
+        result = dtype if result is None else torch.promote_types(result, dtype)
+    return result

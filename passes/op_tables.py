@@ -5,6 +5,9 @@ converted model computes each op in the precision autocast would, with weights c
 on every call. Deviations from autocast, each deliberate:
   * mean/var/std/norm reductions stay fp32 (fp16 ReduceMean/variance overflow: pytorch#66707).
   * batch_norm follows its input (cuDNN and the CPU kernels accumulate in fp32 for 16-bit inputs).
+    Its statistics and affine parameters stay fp32, as under autocast (which never casts them):
+    the kernels read a 16-bit input with fp32 parameters, and rounding running_var or the scale to
+    bf16 costs accuracy for a few bytes (see FP32_PARAM_OPS).
 
 An op is named by `op_name(node)`: the aten overload packet name for torch.export graphs
 ("linear", "softmax"), the function or method name for symbolic_trace graphs, and a module-type
@@ -18,7 +21,8 @@ import operator
 import torch
 import torch.nn as nn
 
-__all__ = ["OpClass", "op_name", "op_class", "is_exact", "is_known_op", "CAST_OPS", "MODULE_OPS"]
+__all__ = ["OpClass", "op_name", "op_class", "is_exact", "is_known_op", "reads_fp32_params", "CAST_OPS",
+           "MODULE_OPS", "FP32_PARAM_OPS"]
 
 
 class OpClass(str, enum.Enum):
@@ -70,6 +74,15 @@ adaptive_max_pool3d neg abs embedding index index_select gather take flip roll r
 constant_pad_nd movedim moveaxis as_strided pixel_shuffle pixel_unshuffle channel_shuffle amax
 amin max min identity view_as repeat_interleave diagonal narrow_copy select_copy slice_copy
 permute_copy transpose_copy view_copy unsqueeze_copy squeeze_copy expand_copy t_copy
+""".split())
+
+# Ops that compute in the precision of their first input but read every other floating input
+# (statistics, scale, shift) in fp32 whatever that precision is: the batch-norm kernels on CPU and CUDA
+# accept a 16-bit input with fp32 parameters, which is how autocast runs them. Only the first input
+# is cast; the parameters keep their dtype (and cast_weights leaves them fp32).
+FP32_PARAM_OPS = frozenset("""
+batch_norm native_batch_norm _native_batch_norm_legit _native_batch_norm_legit_no_training
+_native_batch_norm_legit_functional cudnn_batch_norm miopen_batch_norm instance_norm
 """.split())
 
 # Explicit dtype changes written by the user or inserted by us.
@@ -143,6 +156,11 @@ def op_class(name: str) -> tuple[OpClass, str]:
     if name.startswith("module:"):
         return OpClass.FP32, f"opaque module {name[7:]}: kept fp32 (its ops could not be seen)"
     return OpClass.FOLLOW, f"{name} runs in the precision of its input"
+
+
+def reads_fp32_params(name: str) -> bool:
+    """True when only the op's first input follows its compute precision (see FP32_PARAM_OPS)."""
+    return name in FP32_PARAM_OPS
 
 
 def is_exact(name: str) -> bool:

@@ -202,6 +202,24 @@ def _untie_parameters(gm: fx.GraphModule, model: nn.Module) -> None:
                 mod._buffers[name] = b.detach().clone()
 
 
+def _views_to_reshapes(gm: fx.GraphModule) -> None:
+    """Make every `aten.view` an `aten.reshape` so the graph does not depend on traced strides.
+
+    Decompositions that branch on strides (`contiguous`, `reshape`) decide on the fake tensors' strides,
+    and those can differ from what the eager kernels return (CPU scaled_dot_product_attention with a
+    float mask: the fake output is laid out [B, S, H, D], the real one [B, H, S, D]). The `clone` of a
+    `.contiguous()` is then dropped and the `view` after it fails at run time (T5). The graph is
+    functional, so a reshape computes the same values as the view; it copies only when it must.
+    """
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.view.default:
+            node.target = torch.ops.aten.reshape.default
+            changed = True
+    if changed:
+        gm.recompile()
+
+
 # ---------------------------------------------------------------- symbolic_trace fallback
 
 
@@ -338,6 +356,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, *, dynamic_batch: bool 
         if export_error is None:
             gm = ep.module()
             _untie_parameters(gm, model)
+            _views_to_reshapes(gm)
             dynamic = _batch_is_dynamic(gm)
             if dynamic_batch and not dynamic:
                 notes.append("batch dimension is static (the model or an example batch of 1 fixed it); "

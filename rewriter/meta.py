@@ -11,6 +11,9 @@ Keys:
     DTYPE      rewrite passes:    dtype name of the node's tensor output after the rewrite
     CREATED    rewrite passes:    {"pass": "...", "reason": "..."} on nodes a pass created
     FP8        rewrite/fp8:       {"scale": ..., "mode": "static|dynamic", "emulated": bool}
+    REWRITTEN  rewrite passes:    [{"pass": "...", "reason": "..."}] on existing nodes a pass changed
+    ORIGIN     rewriter/io.save:  {"name", "dtype"} of the node in the converted graph before saving
+               (re-export renames nodes and re-traces meta["val"], so the fp32 dtype is kept here)
 """
 from __future__ import annotations
 
@@ -19,9 +22,9 @@ from typing import Any
 import torch
 
 __all__ = [
-    "OP_CLASS", "DECISION", "RANGE", "SENSITIVITY", "DTYPE", "CREATED", "FP8", "ALL_KEYS",
+    "OP_CLASS", "DECISION", "RANGE", "SENSITIVITY", "DTYPE", "CREATED", "FP8", "REWRITTEN", "ALL_KEYS",
     "get", "put", "module_path", "value_dtype", "dtype_name", "dtype_from_name", "is_float_dtype",
-    "numel_hint", "to_custom", "from_custom",
+    "numel_hint", "to_custom", "from_custom", "ORIGIN", "origin",
 ]
 
 OP_CLASS = "rewriter.op_class"
@@ -31,7 +34,9 @@ SENSITIVITY = "rewriter.sensitivity"
 DTYPE = "rewriter.dtype"
 CREATED = "rewriter.created"
 FP8 = "rewriter.fp8"
-ALL_KEYS = (OP_CLASS, DECISION, RANGE, SENSITIVITY, DTYPE, CREATED, FP8)
+ORIGIN = "rewriter.origin"
+REWRITTEN = "rewriter.rewritten"
+ALL_KEYS = (OP_CLASS, DECISION, RANGE, SENSITIVITY, DTYPE, CREATED, FP8, ORIGIN, REWRITTEN)
 
 _CUSTOM = "custom"  # torch.export serialises node.meta["custom"]; we nest ours under "rewriter"
 
@@ -119,6 +124,17 @@ def numel_hint(node) -> int:
             hint = getattr(getattr(size, "node", None), "hint", None)
             total *= int(hint) if hint is not None else 8
     return total
+
+
+def origin(node) -> tuple[str, str | None]:
+    """(name, dtype name) the node had when it was converted: ORIGIN after a save/load round trip,
+    else the node's own name and the dtype in meta["val"] (which the rewrite passes never change)."""
+    record = node.meta.get(ORIGIN)
+    if record:
+        return record["name"], record.get("dtype")
+    val = _val(node)
+    dtype = getattr(val, "dtype", None)
+    return node.name, dtype_name(dtype) if isinstance(dtype, torch.dtype) else None
 
 
 def to_custom(node) -> None:

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from passes.analysis import Assign, Classify
 from passes.infra import Pass, PassManager
-from passes.rewrite import CastWeights, FoldCasts, InsertCasts
+from passes.rewrite import CastWeights, ChannelsLast, FoldBatchNorm, FoldCasts, InsertCasts
 from rewriter import meta
 from rewriter.capture import capture, normalize_inputs
 from rewriter.config import ConvertConfig
@@ -31,9 +31,9 @@ def is_converted(model: Any) -> bool:
 
 def build_passes(config: ConvertConfig, *, calibration=None, reference_fn=None) -> list[Pass]:
     """The pass pipeline for a configuration, in order."""
-    analysis: list[Pass] = [Classify()]
+    analysis: list[Pass] = [FoldBatchNorm(config), Classify()]
     analysis.append(Assign(config))
-    rewrite: list[Pass] = [InsertCasts(config), FoldCasts(), CastWeights(config)]
+    rewrite: list[Pass] = [InsertCasts(config), FoldCasts(), CastWeights(config), ChannelsLast(config)]
     return analysis + rewrite
 
 

@@ -171,6 +171,11 @@ class Assign(AnalysisPass):
                     if is_tuple_getitem(user):
                         graph.add_edge(u, user)
                         graph.add_edge(user, u)
+                    elif user not in free and ref[user] == _F32 and _promotes(user):
+                        # add(fp16, fp32) upcasts inside its own kernel: no cast to pay, but an fp32
+                        # value it reads must not have been rounded.
+                        if ref[u] == _F32:
+                            graph.add_edge(u, user)
                     else:
                         consumers.append(user)
             if not consumers:
@@ -192,6 +197,10 @@ class Assign(AnalysisPass):
         except nx.NetworkXUnbounded:
             return {}
         return {n: (low if n in lowp_side else _F32) for n in free}
+
+
+def _promotes(node) -> bool:
+    return (meta.get(node, meta.OP_CLASS) or {}).get("class") == "promote"
 
 
 def _ndim(node) -> int | None:

@@ -1,6 +1,8 @@
 """Rewrite passes: edit the graph from the annotations written by the analysis passes."""
 from passes.rewrite.cast_weights import CastWeights
+from passes.rewrite.channels_last import ChannelsLast
+from passes.rewrite.fold_batch_norm import FoldBatchNorm
 from passes.rewrite.fold_casts import FoldCasts
 from passes.rewrite.insert_casts import InsertCasts
 
-__all__ = ["InsertCasts", "FoldCasts", "CastWeights"]
+__all__ = ["FoldBatchNorm", "InsertCasts", "FoldCasts", "CastWeights", "ChannelsLast"]
