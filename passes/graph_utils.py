@@ -7,7 +7,8 @@ import torch.fx as fx
 from rewriter import meta
 
 __all__ = ["input_nodes", "float_inputs", "is_param", "is_cast", "cast_target", "make_cast",
-           "explicit_dtype", "is_tuple_getitem", "original_dtype", "natural_promotion", "ndim"]
+           "explicit_dtype", "is_tuple_getitem", "original_dtype", "natural_promotion", "ndim",
+           "is_metadata_assert"]
 
 _CAST_TARGETS = (torch.ops.aten._to_copy.default,)
 
@@ -33,6 +34,11 @@ def is_cast(node: fx.Node) -> bool:
     """A plain dtype cast: aten._to_copy with only a dtype (what insert_casts creates)."""
     return (node.op == "call_function" and node.target in _CAST_TARGETS and len(node.args) == 1
             and set(node.kwargs) <= {"dtype"} and isinstance(node.kwargs.get("dtype"), torch.dtype))
+
+
+def is_metadata_assert(node: fx.Node) -> bool:
+    """torch.export's `_assert_tensor_metadata(x, ..., dtype)`, which guards every `.to()`/`.float()`."""
+    return node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default
 
 
 def cast_target(node: fx.Node) -> torch.dtype:

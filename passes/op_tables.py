@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["OpClass", "op_name", "op_class", "is_exact", "is_known_op", "reads_fp32_params", "CAST_OPS",
-           "MODULE_OPS", "FP32_PARAM_OPS"]
+           "MODULE_OPS", "FP32_PARAM_OPS", "INPUT_DTYPE_FACTORIES"]
 
 
 class OpClass(str, enum.Enum):
@@ -40,7 +40,8 @@ baddbmm bmm chain_matmul linalg_multi_dot _thnn_fused_lstm_cell _thnn_fused_gru_
 gru_cell rnn_tanh_cell rnn_relu_cell lstm gru scaled_dot_product_attention
 _scaled_dot_product_flash_attention _scaled_dot_product_efficient_attention
 _scaled_dot_product_cudnn_attention _native_multi_head_attention
-""".split())
+fp8_linear
+""".split())  # fp8_linear: rewriter::fp8_linear, the FP8 GEMM made by passes/rewrite/fp8.py
 
 FP32_OPS = frozenset("""
 acos asin cosh erfinv exp exp2 expm1 log log10 log2 log1p reciprocal rsqrt sinh tan pow
@@ -83,11 +84,19 @@ permute_copy transpose_copy view_copy unsqueeze_copy squeeze_copy expand_copy t_
 FP32_PARAM_OPS = frozenset("""
 batch_norm native_batch_norm _native_batch_norm_legit _native_batch_norm_legit_no_training
 _native_batch_norm_legit_functional cudnn_batch_norm miopen_batch_norm instance_norm
-""".split())
+fp8_linear
+""".split())  # fp8_linear reads its float8 weight, fp32 scales and bias as stored: only x is cast
 
 # Explicit dtype changes written by the user or inserted by us.
 CAST_OPS = frozenset("_to_copy to type type_as float half bfloat16 double _autocast_to_reduced_precision "
                      "_autocast_to_full_precision convert_element_type".split())
+
+# Factories that make a tensor in the dtype of their first input unless given `dtype=`: they follow
+# it (zeros_like(fp16) is fp16), so classify makes them FOLLOW when that input is floating.
+INPUT_DTYPE_FACTORIES = frozenset("""
+empty_like zeros_like ones_like full_like randn_like rand_like new_zeros new_ones new_full new_empty
+new_tensor
+""".split())
 
 UNTOUCHED_OPS = frozenset("""
 arange full zeros ones empty empty_like rand randn randint randperm scalar_tensor tensor

@@ -2,12 +2,26 @@
 
     >>> import rewriter
     >>> fast = rewriter.convert(model, (x,), precision="bf16")
+    >>> print(rewriter.diff(model, fast))
+    >>> rewriter.save(fast, "model-bf16.pt2"); again = rewriter.load("model-bf16.pt2")
 """
 from rewriter.config import ConvertConfig, Mode, Override, Precision
-from rewriter.errors import CaptureError, ConfigError, InputError, PassError, RewriterError
+from rewriter.diff import diff
+from rewriter.errors import BackendError, CaptureError, ConfigError, InputError, PassError, RewriterError
+from rewriter.io import load, save
 from rewriter.pipeline import convert
 
 __version__ = "0.1.0"
 
-__all__ = ["convert", "ConvertConfig", "Precision", "Mode", "Override", "RewriterError",
-           "ConfigError", "CaptureError", "InputError", "PassError", "__version__"]
+__all__ = ["convert", "diff", "save", "load", "export_onnx", "ConvertConfig", "Precision", "Mode",
+           "Override", "RewriterError", "ConfigError", "CaptureError", "InputError", "PassError", "BackendError",
+           "__version__"]
+
+
+def __getattr__(name):
+    # export_onnx pulls in onnx/onnxscript: imported on first use so `import rewriter` stays fast
+    if name == "export_onnx":
+        from backends.onnx_backend import export_onnx
+
+        return export_onnx
+    raise AttributeError(f"module 'rewriter' has no attribute {name!r}")

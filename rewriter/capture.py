@@ -103,6 +103,19 @@ def _mode(model: nn.Module, train: bool):
             m.training = flag
 
 
+@contextlib.contextmanager
+def _buffers_restored(model: nn.Module, enabled: bool):
+    """Put every buffer back afterwards: a reference run in training mode updates batch-norm
+    statistics, and convert never modifies its input."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()] if enabled else []
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+
+
 _SKIP_DIRS = (os.sep + "torch" + os.sep, os.sep + "rewriter" + os.sep, os.sep + "passes" + os.sep,
               os.sep + "contextlib.py", os.sep + "functools.py")
 
@@ -191,15 +204,27 @@ def _batch_is_dynamic(gm: fx.GraphModule) -> bool:
 
 
 def _untie_parameters(gm: fx.GraphModule, model: nn.Module) -> None:
-    """The exported module shares parameter storage with the user's model: give it its own copy."""
+    """The exported module shares parameter storage with the user's model: give it its own copy.
+
+    One copy per tensor object, so weights tied in the model (an embedding reused by the LM head) stay
+    one parameter: training updates them together, as in the original.
+    """
     originals = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers()) if t.numel()}
+    copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (original kept alive, copy)
+
+    def copy_of(t: torch.Tensor, make) -> torch.Tensor:
+        if id(t) not in copies:
+            copies[id(t)] = (t, make(t))
+        return copies[id(t)][1]
+
     for mod in gm.modules():
         for name, p in list(mod.named_parameters(recurse=False)):
             if p.numel() and p.data_ptr() in originals:
-                setattr(mod, name, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+                setattr(mod, name, copy_of(p, lambda t: nn.Parameter(t.detach().clone(),
+                                                                     requires_grad=t.requires_grad)))
         for name, b in list(mod.named_buffers(recurse=False)):
             if b.numel() and b.data_ptr() in originals:
-                mod._buffers[name] = b.detach().clone()
+                mod._buffers[name] = copy_of(b, lambda t: t.detach().clone())
 
 
 def _views_to_reshapes(gm: fx.GraphModule) -> None:
@@ -235,6 +260,11 @@ class _PathTracer(fx.Tracer):
         self.stack.append((path, type(m)))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception as exc:
+            # the stack unwinds before trace() sees the error: remember the innermost module now
+            if not hasattr(exc, "_rewriter_module"):
+                exc._rewriter_module = self.innermost()  # type: ignore[attr-defined]
+            raise
         finally:
             self.stack.pop()
 
@@ -307,7 +337,8 @@ def _symbolic_trace(model, args, kwargs):
     try:
         graph = tracer.trace(model)
     except Exception as exc:
-        exc._rewriter_module = tracer.innermost()  # type: ignore[attr-defined]
+        if not hasattr(exc, "_rewriter_module"):
+            exc._rewriter_module = tracer.innermost()  # type: ignore[attr-defined]
         raise
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     _inline_leaf_modules(gm)
@@ -339,7 +370,8 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, *, dynamic_batch: bool 
         raise InputError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
     notes: list[str] = []
     with _mode(model, train):
-        run_reference(model, args, kwargs)
+        with _buffers_restored(model, train):
+            run_reference(model, args, kwargs)
         export_error = None
         with _track_modules(model) as tracker:
             try:

@@ -142,6 +142,12 @@ class ConvertConfig:
         metric: optional `metric(reference, candidate) -> float` used instead of relative L2.
         allow_bf16_fallback: with fp16, nodes whose range only overflows fp16 may run in bf16
             instead of fp32.
+        backend: how the converted graph runs (backends/torch_backend.py): "eager" (default; the
+            GraphModule itself), "compile" (torch.compile) or "cuda_graphs" (captured per input
+            shape and replayed; GPU and mode="eval" only).
+        backend_options: options of the backend, e.g. {"compile_mode": "max-autotune-no-cudagraphs"}
+            or {"clone_outputs": False}; stored as a sorted tuple of (name, value) pairs, read them
+            with `backend_kwargs()`.
     """
 
     precision: Precision = Precision.FP16
@@ -152,6 +158,8 @@ class ConvertConfig:
     tolerance: float | None = None
     metric: Callable[[Any, Any], float] | None = None
     allow_bf16_fallback: bool = False
+    backend: str = "eager"
+    backend_options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "precision", Precision.parse(self.precision))
@@ -169,6 +177,30 @@ class ConvertConfig:
                                   "(an output error budget such as 1e-2)")
         if self.metric is not None and not callable(self.metric):
             raise ConfigError("metric must be a function metric(reference, candidate) -> float")
+        self._check_backend()
+
+    def _check_backend(self) -> None:
+        from backends.torch_backend import check_options
+
+        options = self.backend_options
+        if options is None:
+            options = ()
+        if isinstance(options, Mapping):
+            options = tuple(options.items())
+        try:
+            options = tuple(sorted(((str(k), v) for k, v in options), key=lambda kv: kv[0]))
+        except (TypeError, ValueError):
+            raise ConfigError(f"backend_options={self.backend_options!r} must be a dict such as "
+                              "{'compile_mode': 'max-autotune-no-cudagraphs'}") from None
+        object.__setattr__(self, "backend", check_options(self.backend, dict(options)))
+        object.__setattr__(self, "backend_options", options)
+        if self.backend == "cuda_graphs" and self.mode is Mode.TRAIN:
+            raise ConfigError("backend 'cuda_graphs' is inference only: use mode='eval', or "
+                              "backend='compile' for training")
+
+    def backend_kwargs(self) -> dict[str, Any]:
+        """backend_options as keyword arguments of backends.torch_backend.optimize."""
+        return dict(self.backend_options)
 
     @property
     def island_dtype(self) -> torch.dtype:
@@ -182,4 +214,7 @@ class ConvertConfig:
             "keep_io_types": self.keep_io_types,
             "dynamic_batch": self.dynamic_batch,
             "tolerance": self.tolerance,
+            "backend": self.backend,
+            "backend_options": {k: (v if isinstance(v, (str, int, float, bool, type(None))) else repr(v))
+                                for k, v in self.backend_options},
         }

@@ -12,6 +12,7 @@ __all__ = [
     "CaptureError",
     "InputError",
     "PassError",
+    "BackendError",
     "describe_node",
 ]
 
@@ -34,6 +35,11 @@ class CaptureError(RewriterError):
 
 class PassError(RewriterError):
     """A pass failed; the message names the pass, the passes that ran before it and the node."""
+
+
+class BackendError(RewriterError):
+    """A backend cannot run the converted model as asked (torch.compile failed, CUDA graphs cannot
+    capture it, no GPU); the message names the reason and the backend to use instead."""
 
 
 def describe_node(node) -> str:

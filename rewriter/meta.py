@@ -6,14 +6,24 @@ Every annotation is a small JSON-able dict so that it survives `torch.export.sav
 Keys:
     OP_CLASS   analysis/classify: {"class": "lowp|fp32|follow|promote|untouched", "exact": bool, "reason"}
     DECISION   analysis/assign:   {"dtype": "float16", "rule": "...", "reason": "..."} compute dtype
-    RANGE      analysis/ranges:   {"amax", "min_nonzero", "nonfinite", "batches"}
-    SENSITIVITY analysis/sensitivity: {"error": float, "kept_fp32": bool, ...}
+    RANGE      analysis/ranges:   {"amax", "min_nonzero", "nonfinite", "batches", ...}; with
+               "keep": dtype name and "reason" on nodes whose range does not fit the target format
+    SENSITIVITY analysis/sensitivity: {"error": float, "kept_fp32": bool, ...}; with "keep" and
+               "reason" on the nodes the accuracy-budget search keeps in fp32
     DTYPE      rewrite passes:    dtype name of the node's tensor output after the rewrite
     CREATED    rewrite passes:    {"pass": "...", "reason": "..."} on nodes a pass created
-    FP8        rewrite/fp8:       {"scale": ..., "mode": "static|dynamic", "emulated": bool}
+    FP8        analysis/fp8_cost: {"use": bool, "rule", "reason", "m", "n", "k", "est_speedup", ...} on
+               every tensor-core op (why it is, or is not, an FP8 GEMM); rewrite/fp8 adds
+               {"scale": 448/(amax*margin) | None, "mode": "static|dynamic", "emulated": bool, ...}
     REWRITTEN  rewrite passes:    [{"pass": "...", "reason": "..."}] on existing nodes a pass changed
     ORIGIN     rewriter/io.save:  {"name", "dtype"} of the node in the converted graph before saving
                (re-export renames nodes and re-traces meta["val"], so the fp32 dtype is kept here)
+
+Graph-level key (GraphModule.meta, not node.meta):
+    FP8        analysis/fp8_cost + rewrite/fp8: {"target", "options", "planned", "kept": {node: reason},
+               "converted", "weight_bytes_fp8", "scale_bytes", "emulated", "emulation"} (same key string)
+    CALIBRATION analysis/ranges + sensitivity: {"ranges": {...}, "sensitivity": {...}} summaries
+               (batches, seconds, forward runs, kept nodes, error on search and held-out batches)
 """
 from __future__ import annotations
 
@@ -24,7 +34,7 @@ import torch
 __all__ = [
     "OP_CLASS", "DECISION", "RANGE", "SENSITIVITY", "DTYPE", "CREATED", "FP8", "REWRITTEN", "ALL_KEYS",
     "get", "put", "module_path", "value_dtype", "dtype_name", "dtype_from_name", "is_float_dtype",
-    "numel_hint", "to_custom", "from_custom", "ORIGIN", "origin",
+    "numel_hint", "to_custom", "from_custom", "ORIGIN", "origin", "CALIBRATION",
 ]
 
 OP_CLASS = "rewriter.op_class"
@@ -37,6 +47,8 @@ FP8 = "rewriter.fp8"
 ORIGIN = "rewriter.origin"
 REWRITTEN = "rewriter.rewritten"
 ALL_KEYS = (OP_CLASS, DECISION, RANGE, SENSITIVITY, DTYPE, CREATED, FP8, ORIGIN, REWRITTEN)
+
+CALIBRATION = "rewriter.calibration"  # GraphModule.meta key, not a node key
 
 _CUSTOM = "custom"  # torch.export serialises node.meta["custom"]; we nest ours under "rewriter"
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from passes.graph_utils import float_inputs, is_tuple_getitem, original_dtype
+from passes.graph_utils import explicit_dtype, float_inputs, is_tuple_getitem, original_dtype
 from passes.infra import AnalysisPass, PassResult
-from passes.op_tables import OpClass, is_exact, op_class, op_name
+from passes.op_tables import INPUT_DTYPE_FACTORIES, OpClass, is_exact, op_class, op_name
 from rewriter import meta
 
 __all__ = ["Classify"]
@@ -34,6 +34,10 @@ class Classify(AnalysisPass):
             out = original_dtype(node)
             ins = float_inputs(node)
             dtypes = {original_dtype(n) for n in node.all_input_nodes} | {out}
+            if (name in INPUT_DTYPE_FACTORIES and ins and ins[0] is node.args[0]
+                    and explicit_dtype(node) is None and meta.is_float_dtype(out)):
+                # zeros_like(x) is made in x's dtype: when x changes precision, so does it
+                cls, reason = OpClass.FOLLOW, f"{name} makes a tensor in the dtype of its input"
             if is_tuple_getitem(node):
                 if meta.is_float_dtype(out):
                     cls, reason = OpClass.FOLLOW, f"element of {node.args[0].name}"

@@ -5,6 +5,7 @@ Rules (each keeps every value bit-for-bit):
   cast(cast(x, A), B), A holds x    -> cast(x, B)   (x if B == dtype(x))
   two casts of x to the same dtype  -> one
 A chain that rounds (fp32 -> fp16 -> fp32) is kept: removing it would change values silently.
+A cast left with no reader but torch.export's dtype asserts on it goes, with those asserts.
 
 Before: linear(fp16) -> cast(fp32) -> cast(fp16) -> linear(fp16)
 After:  linear(fp16) -> linear(fp16)
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from passes.graph_utils import cast_target, is_cast
+from passes.graph_utils import cast_target, is_cast, is_metadata_assert
 from passes.infra import Pass, PassResult
 from rewriter import meta
 
@@ -69,7 +70,9 @@ class FoldCasts(Pass):
                 count += 1
                 changed = True
             for node in list(graph.nodes):  # inner casts left without users by the rules above
-                if is_cast(node) and not node.users:
+                if is_cast(node) and all(is_metadata_assert(u) for u in node.users):
+                    for check in list(node.users):  # asserts the dtype the cast was asked for: moot
+                        graph.erase_node(check)
                     graph.erase_node(node)
                     count += 1
         return PassResult(gm, count > 0)

@@ -9,19 +9,24 @@ yields the decided dtype: add(fp16, fp32) reads both and computes in fp32 in one
 Graph outputs are cast back to their original dtype unless keep_io_types is off. Each cast records
 which consumer needed it and why (node.meta[CREATED]). Batch norm casts only its input: its
 statistics and affine parameters are read in fp32, as under autocast (op_tables.FP32_PARAM_OPS).
+torch.export guards each `.to()`/`.float()` with `_assert_tensor_metadata(x, dtype=<traced dtype>)`;
+where x now has another dtype the assert is updated to it, else the graph would fail at run time.
 """
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
 
-from passes.graph_utils import explicit_dtype, is_cast, make_cast, natural_promotion, original_dtype
+from passes.graph_utils import (explicit_dtype, is_cast, is_metadata_assert, make_cast, natural_promotion,
+                                original_dtype)
 from passes.infra import Pass, PassResult
 from passes.op_tables import reads_fp32_params
 from rewriter import meta
 from rewriter.config import ConvertConfig
 
 __all__ = ["InsertCasts"]
+
+_ASSERT_DTYPE_ARG = 3  # _assert_tensor_metadata(a, size=None, stride=None, dtype=None, *, device, layout)
 
 
 class InsertCasts(Pass):
@@ -50,6 +55,9 @@ class InsertCasts(Pass):
             if node.op == "output":
                 if self.config.keep_io_types:
                     self._restore_outputs(node, cast_of)
+                continue
+            if is_metadata_assert(node):
+                count += _retarget_dtype_assert(node)
                 continue
             decision = meta.get(node, meta.DECISION)
             if decision is None or is_cast(node):
@@ -83,3 +91,17 @@ class InsertCasts(Pass):
             if meta.is_float_dtype(have) and meta.is_float_dtype(want) and have != want:
                 reason = f"model output {value.name} keeps its original dtype {meta.dtype_name(want)}"
                 output.replace_input_with(value, cast_of(value, want, output, reason))
+
+
+def _retarget_dtype_assert(node: fx.Node) -> int:
+    """Make an export dtype assert check the dtype its tensor has after the rewrite; 1 if changed."""
+    positional = len(node.args) > _ASSERT_DTYPE_ARG
+    asserted = node.args[_ASSERT_DTYPE_ARG] if positional else node.kwargs.get("dtype")
+    have = meta.value_dtype(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+    if not (meta.is_float_dtype(asserted) and meta.is_float_dtype(have)) or asserted == have:
+        return 0
+    if positional:
+        node.update_arg(_ASSERT_DTYPE_ARG, have)
+    else:
+        node.update_kwarg("dtype", have)
+    return 1

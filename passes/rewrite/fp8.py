@@ -1,0 +1,237 @@
+"""Fp8: rewrite the GEMMs `fp8_cost` chose into `rewriter::fp8_linear` with float8_e4m3fn weights.
+
+Before: x(bf16) -> linear(x, cast(w_fp32 -> bf16), b) -> y(bf16)                      4 bytes per weight
+After:  x(bf16) -> fp8_linear(x, w_fp8, w_scale, b, x_scale|None, bf16) -> y(bf16)      1 byte per weight
+
+Also `addmm(b, x, w[K, N])` (GPT-2's Conv1D), `mm(x, w[K, N])` and `matmul(x, w[K, N])` with a stored
+weight: the weight is transposed once to [N, K] so every FP8 GEMM is one op. The node keeps its name
+and annotations; its target and arguments change, and node.meta[REWRITTEN] says how.
+
+  * the weight is quantized once, from its fp32 original (not from the bf16 copy), per tensor or per
+    output channel (`Fp8Options.granularity`); `w_fp8` and `w_scale` are buffers beside the original,
+    which is dropped when nothing else reads it, so FP8 layers hold 1 byte per weight plus the scales;
+  * a static activation scale (calibration amax, see fp8_cost) is a 0-dim buffer holding the
+    dequantization scale amax * margin / 448; without one the op scales dynamically on every call;
+  * the bias stays as it was (bf16: `torch._scaled_mm` adds a bf16 bias in its epilogue).
+
+On a machine without FP8 GEMMs the converted model runs the op's emulation path; the conversion says
+so in node.meta[FP8]["emulated"], in the diff reason and in gm.meta[FP8]["emulated"], and the first
+emulated call warns once (passes/rewrite/fp8_ops.py).
+
+Runs after insert_casts/fold_casts (it reads the bf16 decisions and the casts of the weights) and
+before cast_weights (which then stores the remaining weights, biases included, in bf16). A second run
+finds nothing left to rewrite and reports modified=False.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from passes.analysis.fp8_cost import Fp8Options, gemm_operands, stored_weight
+from passes.infra import Pass, PassResult
+from passes.rewrite.fp8_ops import E4M3_MAX, FP8_DTYPE, emulation_reason, fp8_linear_op, quantize_weight
+from rewriter import meta
+from rewriter.config import ConvertConfig, Mode
+
+__all__ = ["Fp8Rewrite"]
+
+
+def _owner(gm: fx.GraphModule, target: str):
+    path, _, name = str(target).rpartition(".")
+    return (gm.get_submodule(path) if path else gm), name
+
+
+def _fake(shape, dtype) -> torch.Tensor:
+    return torch.empty(tuple(shape), dtype=dtype, device="meta")
+
+
+def _free_name(module: torch.nn.Module, name: str) -> str:
+    if not hasattr(module, name):
+        return name
+    i = 1
+    while hasattr(module, f"{name}_{i}"):
+        i += 1
+    return f"{name}_{i}"
+
+
+class Fp8Rewrite(Pass):
+    """Rewrite GEMMs annotated {"use": True} by `Fp8Cost` into `rewriter::fp8_linear`.
+
+    Args:
+        config: the conversion config (nothing is done in training mode).
+        options: the same Fp8Options the cost pass used (granularity, margin, fast_accum).
+
+    Example:
+        >>> PassManager([..., Fp8Cost(config, opts), InsertCasts(config), FoldCasts(),
+        ...              Fp8Rewrite(config, opts), CastWeights(config)])(gm)
+    """
+
+    name = "fp8"
+
+    def __init__(self, config: ConvertConfig, options: Fp8Options | None = None):
+        self.config = config
+        self.options = options or Fp8Options()
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        if self.config.mode is Mode.TRAIN:
+            return PassResult(gm, False)
+        graph = gm.graph
+        emulated: str | None = None  # decided for the device the weights are on (the model's)
+        quantized: dict[tuple[str, bool], tuple[str, str, torch.Tensor, torch.Tensor]] = {}
+        getters: dict[str, fx.Node] = {}
+        done, dropped = [], []
+        for node in list(graph.nodes):
+            record = meta.get(node, meta.FP8)
+            if not record or not record.get("use") or node.target is fp8_linear_op:
+                continue
+            operands = gemm_operands(node)
+            weight = stored_weight(operands[1]) if operands else None
+            if operands is None or weight is None:
+                record = {**record, "use": False, "rule": "op",
+                          "reason": "kept bf16: the GEMM changed shape after the FP8 plan (not rewritten)"}
+                meta.put(node, meta.FP8, record)
+                continue
+            x, w_value, bias, nk = operands
+            target = str(weight.target)
+            per_channel = self.options.granularity == "row"
+            key = (target, nk)
+            if key not in quantized:
+                quantized[key] = self._quantize(gm, weight, nk, per_channel)
+            w_target, s_target, w_fp8, w_scale = quantized[key]
+            if not done:
+                emulated = emulation_reason(w_fp8.device)
+            with graph.inserting_before(node):
+                w_node = self._getter(graph, getters, w_target, w_fp8, node)
+                s_node = self._getter(graph, getters, s_target, w_scale, node)
+                x_scale_node = None
+                if record.get("scaling") == "static":
+                    x_scale_node = self._static_scale(gm, graph, weight, record, node)
+            out_dtype = meta.dtype_from_name((meta.get(node, meta.DECISION) or {}).get("dtype")) \
+                or torch.bfloat16
+            op = (meta.get(node, meta.OP_CLASS) or {}).get("op", node.name)
+            node.target = fp8_linear_op
+            node.args = (x, w_node, s_node, bias, x_scale_node, out_dtype, bool(self.options.fast_accum))
+            node.kwargs = {}
+            self._annotate(node, op, record, w_target, w_fp8, w_scale, emulated, per_channel)
+            done.append(node.name)
+            for value in (w_value, weight):  # the bf16 cast and the fp32 original, when now unused
+                if isinstance(value, fx.Node) and value in graph.nodes and not value.users:
+                    graph.erase_node(value)
+            dropped.extend(self._drop_unused(gm, target))
+        if done:
+            self._summarize(gm, done, dropped, emulated)
+        return PassResult(gm, bool(done))
+
+    # ------------------------------------------------------------------ pieces
+    def _quantize(self, gm, weight: fx.Node, nk: bool, per_channel: bool):
+        module, name = _owner(gm, weight.target)
+        tensor = getattr(module, name)
+        w = tensor.detach() if nk else tensor.detach().t()
+        w_fp8, w_scale = quantize_weight(w, per_channel)
+        suffix = "" if nk else "_t"
+        w_name = _free_name(module, f"{name}{suffix}_fp8")
+        module.register_buffer(w_name, w_fp8.to(tensor.device))
+        s_name = _free_name(module, f"{w_name}_scale")
+        module.register_buffer(s_name, w_scale.to(tensor.device))
+        prefix = str(weight.target).rpartition(".")[0]
+        join = (lambda n: f"{prefix}.{n}") if prefix else (lambda n: n)
+        return join(w_name), join(s_name), w_fp8, w_scale
+
+    def _getter(self, graph: fx.Graph, getters: dict, target: str, tensor: torch.Tensor, user: fx.Node):
+        if target in getters and getters[target] in graph.nodes:
+            return getters[target]  # made before an earlier GEMM: nodes are visited in graph order
+        node = graph.get_attr(target)
+        node.meta["val"] = _fake(tensor.shape, tensor.dtype)
+        if "nn_module_stack" in user.meta:
+            node.meta["nn_module_stack"] = dict(user.meta["nn_module_stack"])
+        meta.put(node, meta.DTYPE, meta.dtype_name(tensor.dtype))
+        what = ("float8_e4m3fn weight (1 byte per element)" if tensor.dtype == FP8_DTYPE
+                else f"weight dequantization scale ({'per output channel' if tensor.dim() else 'per tensor'})")
+        meta.put(node, meta.CREATED, {"pass": self.name, "reason": f"{what} for FP8 GEMM {user.name}"})
+        getters[target] = node
+        return node
+
+    def _static_scale(self, gm, graph: fx.Graph, weight: fx.Node, record: dict, user: fx.Node) -> fx.Node:
+        amax, margin = float(record["amax"]), float(record.get("margin", self.options.margin))
+        dequant = torch.tensor(amax * margin / E4M3_MAX, dtype=torch.float32)
+        module, wname = _owner(gm, weight.target)
+        name = _free_name(module, f"{wname}_fp8_x_scale")
+        module.register_buffer(name, dequant)
+        prefix = str(weight.target).rpartition(".")[0]
+        target = f"{prefix}.{name}" if prefix else name
+        node = graph.get_attr(target)
+        node.meta["val"] = _fake((), torch.float32)
+        if "nn_module_stack" in user.meta:
+            node.meta["nn_module_stack"] = dict(user.meta["nn_module_stack"])
+        meta.put(node, meta.DTYPE, "float32")
+        meta.put(node, meta.CREATED, {"pass": self.name, "reason": (
+            f"static activation scale of {user.name}: dequantization scale amax {amax:.3g} x margin "
+            f"{margin:g} / 448 (quantization multiplier 448 / (amax x margin) = {E4M3_MAX / (amax * margin):.4g})")})
+        return node
+
+    def _annotate(self, node, op, record, w_target, w_fp8, w_scale, emulated, per_channel):
+        scale_text = (f"per output channel scales ({w_scale.numel()})" if per_channel
+                      else f"per-tensor scale {float(w_scale):.3g}")
+        if record.get("scaling") == "static":
+            act = f"static activation scale 448/(amax x {record.get('margin', self.options.margin):g})"
+        else:
+            act = f"dynamic per-{'row' if per_channel else 'tensor'} activation scale"
+        where = f"; emulated on this machine ({emulated})" if emulated else "; runs torch._scaled_mm"
+        reason = (f"{op} -> rewriter::fp8_linear: {w_target} stored float8_e4m3fn ({scale_text}), {act}, "
+                  f"{meta.dtype_name(node.args[5])} output{where}")
+        new = dict(record)
+        new.update({
+            "use": True, "mode": record.get("scaling", "dynamic"), "scale": record.get("scale"),
+            "emulated": emulated is not None, "weight_fp8": w_target, "weight_bytes": int(w_fp8.numel()),
+            "scale_bytes": int(w_scale.numel() * 4), "granularity": "row" if per_channel else "tensor",
+            "from_op": op,
+        })
+        if emulated:
+            new["emulation"] = emulated
+        meta.put(node, meta.FP8, new)
+        notes = list(meta.get(node, meta.REWRITTEN) or [])
+        notes.append({"pass": self.name, "reason": reason})
+        meta.put(node, meta.REWRITTEN, notes)
+        info = dict(meta.get(node, meta.OP_CLASS) or {})
+        info.update({"op": "fp8_linear", "class": "lowp", "exact": False,
+                     "reason": f"FP8 GEMM made by rewrite/fp8 from {op}"})
+        meta.put(node, meta.OP_CLASS, info)
+
+    @staticmethod
+    def _drop_unused(gm: fx.GraphModule, target: str) -> list[str]:
+        """Delete the fp32 original of a quantized weight when no node reads it any more."""
+        if any(n.op == "get_attr" and str(n.target) == target for n in gm.graph.nodes):
+            return []
+        module, name = _owner(gm, target)
+        if name in module._parameters:
+            del module._parameters[name]
+        elif name in module._buffers:
+            del module._buffers[name]
+        else:
+            return []
+        return [target]
+
+    def _summarize(self, gm, done, dropped, emulated) -> None:
+        summary = gm.meta.setdefault(meta.FP8, {})
+        converted = [n for n in gm.graph.nodes if n.target is fp8_linear_op]
+        fp8_bytes = 0
+        scale_bytes = 0
+        seen = set()
+        for n in converted:
+            for arg in n.args[1:3]:
+                if isinstance(arg, fx.Node) and str(arg.target) not in seen:
+                    seen.add(str(arg.target))
+                    t = getattr(*_owner(gm, arg.target))
+                    if t.dtype == FP8_DTYPE:
+                        fp8_bytes += t.numel()
+                    else:
+                        scale_bytes += t.numel() * t.element_size()
+        summary.update({
+            "converted": [n.name for n in converted],
+            "weight_bytes_fp8": fp8_bytes,
+            "scale_bytes": scale_bytes,
+            "dropped_weights": sorted(set(summary.get("dropped_weights", [])) | set(dropped)),
+            "emulated": emulated is not None,
+            "emulation": emulated,
+        })
+

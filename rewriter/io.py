@@ -1,0 +1,475 @@
+"""Save and load converted models: `.pt2` files that keep every annotation and the conversion record.
+
+    >>> fast = rewriter.convert(model, (x,), precision="bf16")
+    >>> rewriter.save(fast, "model-bf16.pt2")
+    >>> again = rewriter.load("model-bf16.pt2")        # in any process; torch.export.load works too
+    >>> print(rewriter.diff(model, again))             # reasons and decisions survived the round trip
+
+How the annotations survive:
+  * `save` re-exports the converted GraphModule with torch.export, using the example inputs `convert`
+    recorded (dimension 0 dynamic when it was dynamic). Before exporting, every node's annotations
+    are copied into `node.meta["custom"]` (`meta.to_custom`), which export carries onto the nodes it
+    re-traces and `torch.export.save` serialises. Re-export renames nodes and re-traces
+    `meta["val"]` (so it shows the new dtypes); the node's name and dtype before saving are kept in
+    `meta.ORIGIN` so `rewriter.diff` still knows what each node was.
+  * The .pt2 format keeps only `val` on placeholders (inputs, and weights, which are placeholders in
+    the program) and re-creates the getitem nodes of multi-output ops on load from their producer.
+    Their annotations therefore travel in the record: weights keyed by their target
+    ("encoder.0.linear.weight"), inputs by name, getitems by (producer's origin, index).
+  * The conversion record (`gm.meta["rewriter"]`) is stored as JSON in the archive's extra file
+    `rewriter.json` (`torch.export.save(..., extra_files=...)`), a documented part of the format.
+  * `load` runs `torch.export.load(...).module()`, restores the annotations with `meta.from_custom`
+    and from the record, and restores the record and the example inputs (`ep.example_inputs`).
+The input GraphModule is left as it was: the temporary `custom` entries are removed after saving.
+Files are written atomically (a temporary file in the same folder, then `os.replace`).
+
+Pickles (`.pt`/`.pth` full modules) are loaded only with `trust_pickle=True`: unpickling runs code
+from the file.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from rewriter import meta
+from rewriter.errors import InputError
+
+__all__ = ["save", "load", "prepare", "Prepared", "atomic_write", "check_writable", "PICKLE_SUFFIXES",
+           "RECORD_FILE"]
+
+RECORD_FILE = "rewriter.json"            # extra file inside the .pt2 archive
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl")
+_FORMAT = "rewriter.pt2/1"
+_INFO_KEY = "rewriter"                   # = rewriter.pipeline.INFO_KEY (GraphModule.meta, not node.meta)
+_EXAMPLES_KEY = "rewriter.example_inputs"  # written by rewriter.pipeline.convert
+_GRAPH_KEYS = tuple(k for k in (getattr(meta, "CALIBRATION", None),) if k)  # JSON-able GraphModule.meta
+
+
+# ---------------------------------------------------------------- atomic files
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_writable(path: "str | os.PathLike", *, force: bool, what: str = "output") -> Path:
+    """Refuse a missing folder, a directory or (without force) an existing file. Returns the Path."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{what} {str(path)!r} is a directory: give a file name such as "
+                         f"{str(path / ('model' + (path.suffix or '.pt2')))!r}")
+    if not path.parent.is_dir():
+        raise InputError(f"cannot write {what} {str(path)!r}: the folder {str(path.parent)!r} does not "
+                         "exist; create it first or choose another path")
+    if path.exists() and not force:
+        raise InputError(f"{what} {str(path)!r} already exists and was left untouched; pass --force "
+                         "(force=True) to overwrite it, or choose another path")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_write(path: "str | os.PathLike", *, force: bool = False, what: str = "output") -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path`, on failure it is removed.
+
+    The temporary file keeps the suffix of `path` (exporters look at it). Nothing is left behind
+    when the body raises, and an existing `path` is replaced only with force=True.
+
+    Example:
+        >>> with atomic_write("report.html") as tmp:
+        ...     tmp.write_text(html)
+    """
+    path = check_writable(path, force=force, what=what)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        if not tmp.exists() or tmp.stat().st_size == 0:
+            raise InputError(f"writing {what} {str(path)!r} produced no data")
+        os.chmod(tmp, 0o666 & ~_umask())
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        check_writable(path, force=force, what=what)  # it may have appeared meanwhile
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# ---------------------------------------------------------------- save
+
+
+def _example_inputs(gm: fx.GraphModule, example_inputs: Any) -> tuple[tuple, dict]:
+    if example_inputs is not None:
+        from rewriter.capture import normalize_inputs
+
+        return normalize_inputs(example_inputs, None)
+    recorded = gm.meta.get(_EXAMPLES_KEY)
+    if recorded is None:
+        raise InputError(
+            "save() writes models made by rewriter.convert and re-exports them with the example inputs "
+            "convert recorded, but this GraphModule has none: pass example_inputs=(x,), or save other "
+            "modules with torch.export.save(torch.export.export(model, (x,)), path)")
+    args, kwargs = recorded
+    return tuple(args), dict(kwargs)
+
+
+def _is_dynamic(gm: fx.GraphModule) -> bool:
+    record = gm.meta.get(_INFO_KEY) or {}
+    if "dynamic_batch" in record:
+        return bool(record["dynamic_batch"])
+    for node in gm.graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(val, torch.Tensor) and val.dim() >= 1 and not isinstance(val.shape[0], int):
+            return True
+    return False
+
+
+def _batch_dims(gm: fx.GraphModule, args: tuple, kwargs: dict):
+    """dynamic_shapes marking dimension 0 of every tensor input Dim.AUTO (static if the graph fixes it)."""
+    auto = torch.export.Dim.AUTO
+
+    def spec(value):
+        if isinstance(value, torch.Tensor):
+            return {0: auto} if value.dim() >= 1 else None
+        if isinstance(value, (list, tuple)):
+            return type(value)(spec(v) for v in value)
+        if isinstance(value, dict):
+            return {k: spec(v) for k, v in value.items()}
+        return None
+
+    try:
+        sig = inspect.signature(gm.forward)
+        bound = sig.bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return tuple(spec(a) for a in args) if not kwargs else None
+    shapes = {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            shapes[name] = tuple(spec(v) for v in value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            shapes[name] = {k: spec(v) for k, v in value.items()}
+        else:
+            shapes[name] = spec(value)
+    return shapes
+
+
+@contextlib.contextmanager
+def _annotations_in_custom(gm: fx.GraphModule) -> Iterator[None]:
+    """Copy annotations (and each node's origin) into meta["custom"] for export; undo afterwards."""
+    saved = []
+    for node in gm.graph.nodes:
+        had_custom = "custom" in node.meta
+        custom = dict(node.meta["custom"]) if had_custom and isinstance(node.meta["custom"], dict) else None
+        had_origin = meta.ORIGIN in node.meta
+        saved.append((node, had_custom, custom, had_origin))
+        if not had_origin and meta.CREATED not in node.meta and node.op != "output":
+            name, dtype = meta.origin(node)
+            meta.put(node, meta.ORIGIN, {"name": name, "dtype": dtype})
+        meta.to_custom(node)
+    try:
+        yield
+    finally:
+        for node, had_custom, custom, had_origin in saved:
+            if had_custom:
+                node.meta["custom"] = custom if custom is not None else node.meta["custom"]
+            else:
+                node.meta.pop("custom", None)
+            if not had_origin:
+                node.meta.pop(meta.ORIGIN, None)
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    lines = [t for t in str(exc).strip().splitlines() if t.strip()]
+    line = lines[0] if lines else type(exc).__name__
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+def _export(gm: fx.GraphModule, args: tuple, kwargs: dict, dynamic: bool):
+    shapes = _batch_dims(gm, args, kwargs) if dynamic else None
+    try:
+        return torch.export.export(gm, args, kwargs, dynamic_shapes=shapes, strict=False), dynamic
+    except Exception:
+        if not dynamic:
+            raise
+    return torch.export.export(gm, args, kwargs, strict=False), False
+
+
+def _is_getitem(node) -> bool:
+    return (node.op == "call_function" and getattr(node.target, "__name__", "") == "getitem"
+            and isinstance(node.args[0], fx.Node) and isinstance(node.args[1], int))
+
+
+def _getitem_key(producer_origin: str, index: int) -> str:
+    return f"{producer_origin}[{index}]"
+
+
+def _annotations(node) -> dict:
+    return {key: node.meta[key] for key in meta.ALL_KEYS if key in node.meta}
+
+
+def _placeholder_annotations(gm: fx.GraphModule) -> tuple[dict, dict]:
+    """Annotations of weights (by target) and inputs (by name). The .pt2 format keeps only `val` on
+    placeholders, and weights are placeholders in the program, so these travel in the record."""
+    attrs: dict[str, dict] = {}
+    inputs: dict[str, dict] = {}
+    for node in gm.graph.nodes:
+        ours = _annotations(node)
+        if not ours:
+            continue
+        if node.op == "get_attr":
+            attrs.setdefault(str(node.target), ours)
+        elif node.op == "placeholder":
+            inputs[node.name] = ours
+    return attrs, inputs
+
+
+def _getitem_annotations(gm: fx.GraphModule) -> dict:
+    """Annotations of the getitem nodes that take apart multi-output ops (split, max_pool with
+    indices). The .pt2 format stores such outputs as a list and re-creates the getitem nodes on
+    load with the producer's meta, so they travel in the record, keyed by (producer, index)."""
+    table = {}
+    for node in gm.graph.nodes:
+        if _is_getitem(node):
+            ours = _annotations(node)
+            if ours:
+                table[_getitem_key(meta.origin(node.args[0])[0], node.args[1])] = ours
+    return table
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A converted model exported and ready to write: `write(path)` puts it in a .pt2 file."""
+
+    program: Any                 # torch.export.ExportedProgram
+    extra_files: dict[str, str]  # the conversion record, stored beside the program in the archive
+
+    def write(self, path: "str | os.PathLike") -> None:
+        """Write to `path` as it is (callers make it atomic, see `save`)."""
+        torch.export.save(self.program, str(path), extra_files=dict(self.extra_files))
+
+
+def prepare(gm: fx.GraphModule, *, example_inputs: Any = None, where: str = "a .pt2 file") -> Prepared:
+    """Re-export a converted GraphModule with its annotations, without touching the disk.
+
+    The slow, fallible part of `save`; the CLI calls it before creating any output file.
+    """
+    if not isinstance(gm, fx.GraphModule):
+        raise InputError(f"save expects the GraphModule returned by rewriter.convert, got "
+                         f"{type(gm).__name__}; convert the model first")
+    args, kwargs = _example_inputs(gm, example_inputs)
+    record = dict(gm.meta.get(_INFO_KEY) or {})
+    with _annotations_in_custom(gm):
+        try:
+            ep, dynamic = _export(gm, args, kwargs, _is_dynamic(gm))
+            getitems = _getitem_annotations(gm)
+            attrs, inputs = _placeholder_annotations(gm)
+        except Exception as exc:
+            capture_method = record.get("capture", "unknown")
+            raise InputError(
+                f"could not re-export the converted model to save it as {where}: "
+                f"{_first_line(exc)}. The model was captured with {capture_method}; models that "
+                "torch.export cannot trace cannot be saved as .pt2. Keep using the GraphModule in "
+                "Python, or export it to ONNX instead") from exc
+    graph_meta = {key: gm.meta[key] for key in _GRAPH_KEYS if key in gm.meta}
+    payload = {"format": _FORMAT, "record": record, "dynamic_batch": dynamic,
+               "torch": torch.__version__, "getitems": getitems, "attrs": attrs, "inputs": inputs,
+               "graph_meta": graph_meta}
+    return Prepared(ep, {RECORD_FILE: json.dumps(payload, default=str)})
+
+
+def save(gm: fx.GraphModule, path: "str | os.PathLike", *, force: bool = False,
+         example_inputs: Any = None) -> Path:
+    """Save a converted model as a `.pt2` program that keeps its annotations and conversion record.
+
+    Args:
+        gm: a GraphModule returned by `rewriter.convert` (or `rewriter.load`).
+        path: destination, ending in `.pt2`.
+        force: replace an existing file (otherwise an InputError leaves it untouched).
+        example_inputs: inputs to re-export with, instead of those `convert` recorded.
+
+    Returns:
+        The path written. The file is complete or absent, never partial.
+
+    Example:
+        >>> rewriter.save(rewriter.convert(model, (x,), precision="fp16"), "model-fp16.pt2")
+        >>> torch.export.load("model-fp16.pt2").module()(x)      # runs without the rewriter
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".pt2":
+        raise InputError(f"save writes torch.export programs: name the file '*.pt2' (got {str(path)!r}); "
+                         "for ONNX use rewriter.export_onnx")
+    check_writable(path, force=force)
+    prepared = prepare(gm, example_inputs=example_inputs, where=repr(str(path)))
+    with atomic_write(path, force=force) as tmp:
+        prepared.write(tmp)
+    return path
+
+
+# ---------------------------------------------------------------- load
+
+
+def _restore_placeholder_annotations(gm: fx.GraphModule, payload: dict) -> None:
+    attrs, inputs = payload.get("attrs") or {}, payload.get("inputs") or {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            ours = attrs.get(str(node.target))
+        elif node.op == "placeholder":
+            ours = inputs.get(node.name)
+        else:
+            continue
+        for key, value in (ours or {}).items():
+            if key in meta.ALL_KEYS:
+                meta.put(node, key, value)
+
+
+def _allow_eval(gm: fx.GraphModule, path: Path) -> None:
+    """ep.module() refuses train() and eval() altogether. Its graph is fixed, so eval()/train(False)
+    can only be a no-op on the flags, which lets code that calls model.eval() (and capture) run it;
+    train(True) stays refused because it could not turn dropout or batch statistics back on."""
+    import types
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise InputError(f"the model loaded from {str(path)!r} is an exported program: its graph is "
+                             "fixed, so train() cannot turn dropout or batch-norm statistics back on. "
+                             "Export the model in training mode, or convert the original nn.Module")
+        for module in self.modules():
+            module.training = False
+        return self
+
+    gm.train = types.MethodType(train, gm)
+    gm.eval = types.MethodType(lambda self: train(self, False), gm)
+
+
+def _fix_inherited(gm: fx.GraphModule, getitems: dict) -> None:
+    """Nodes that export or the deserialiser made under another node's meta carry that node's
+    annotations (same ORIGIN name): give getitems theirs back from the record, strip the others."""
+    seen: set[str] = set()
+    for node in gm.graph.nodes:
+        name = (node.meta.get(meta.ORIGIN) or {}).get("name")
+        if _is_getitem(node):
+            src = (node.args[0].meta.get(meta.ORIGIN) or {}).get("name")
+            if src is not None and name == src:
+                for key in meta.ALL_KEYS:
+                    node.meta.pop(key, None)
+                for key, value in (getitems.get(_getitem_key(src, node.args[1])) or {}).items():
+                    meta.put(node, key, value)
+                name = (node.meta.get(meta.ORIGIN) or {}).get("name")
+        if name is None:
+            continue
+        if name in seen:
+            for key in meta.ALL_KEYS:
+                node.meta.pop(key, None)
+        seen.add(name)
+
+
+def _load_program(path: Path) -> fx.GraphModule:
+    extra = {RECORD_FILE: ""}
+    try:
+        ep = torch.export.load(str(path), extra_files=extra)
+    except Exception as exc:
+        raise InputError(
+            f"could not read {str(path)!r} as a torch.export program (.pt2): {_first_line(exc)}. "
+            "The file may be truncated or not written by torch.export.save; export the model again "
+            "with torch.export.save(torch.export.export(model, (x,)), 'model.pt2')") from exc
+    try:
+        gm = ep.module()
+    except Exception as exc:
+        raise InputError(f"{str(path)!r} holds a program that cannot be turned into a module: "
+                         f"{_first_line(exc)}; export the model again with this version of torch "
+                         f"({torch.__version__})") from exc
+    _allow_eval(gm, path)
+    for node in gm.graph.nodes:
+        meta.from_custom(node)
+    text = extra.get(RECORD_FILE) or ""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    payload: dict = {}
+    if text:
+        try:
+            payload = json.loads(text)
+        except ValueError as exc:
+            raise InputError(f"{str(path)!r}: its conversion record ({RECORD_FILE}) is not valid JSON "
+                             f"({exc}); the file is damaged, convert the model again") from exc
+    _fix_inherited(gm, payload.get("getitems") or {})
+    _restore_placeholder_annotations(gm, payload)
+    if text:
+        record = dict(payload.get("record") or {})
+        record["dynamic_batch"] = payload.get("dynamic_batch", record.get("dynamic_batch"))
+        gm.meta[_INFO_KEY] = record
+        for key, value in (payload.get("graph_meta") or {}).items():
+            if key in _GRAPH_KEYS:
+                gm.meta[key] = value
+    if ep.example_inputs is not None:  # the inputs the program was exported with
+        args, kwargs = ep.example_inputs
+        gm.meta[_EXAMPLES_KEY] = (tuple(args), dict(kwargs))
+    return gm
+
+
+def _load_pickle(path: Path, trust_pickle: bool) -> nn.Module:
+    if not trust_pickle:
+        raise InputError(
+            f"{str(path)!r} is a pickle: loading it runs whatever code the file contains, so it is refused "
+            "by default. If you made the file or trust its source, pass --trust-pickle "
+            "(load(..., trust_pickle=True)). Better: save the model as a program once, with "
+            "torch.export.save(torch.export.export(model, (x,)), 'model.pt2'), and use the .pt2")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise InputError(f"could not unpickle {str(path)!r}: {_first_line(exc)}. The file may be "
+                         "damaged, or need classes that are not importable here") from exc
+    if isinstance(obj, nn.Module):
+        return obj
+    if isinstance(obj, dict):
+        raise InputError(f"{str(path)!r} holds a state_dict (a dict of tensors), not a model: build the "
+                         "model in Python and pass a factory spec 'package.module:make_model', or save "
+                         "the whole model with torch.export.save")
+    raise InputError(f"{str(path)!r} holds a {type(obj).__name__}, not a torch.nn.Module")
+
+
+def load(path: "str | os.PathLike", *, trust_pickle: bool = False) -> nn.Module:
+    """Load a model: a `.pt2` program (annotations and record restored) or, if trusted, a pickle.
+
+    Args:
+        path: a `.pt2` file written by `rewriter.save` or `torch.export.save`, or a pickled full
+            module (`.pt`, `.pth`, `.pkl`).
+        trust_pickle: allow unpickling, which runs code from the file.
+
+    Returns:
+        For `.pt2`: a torch.fx.GraphModule called like the original model; for a converted model its
+        nodes carry the rewriter's annotations and `gm.meta["rewriter"]` the conversion record.
+        For a pickle: the module it holds.
+
+    Example:
+        >>> gm = rewriter.load("model-fp16.pt2")
+        >>> gm.meta["rewriter"]["config"]["precision"]
+        'fp16'
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"model file {str(path)!r} does not exist; check the path (a factory spec "
+                         "looks like 'package.module:function')")
+    if path.is_dir():
+        raise InputError(f"{str(path)!r} is a directory; give a .pt2 file")
+    suffix = path.suffix.lower()
+    if suffix == ".pt2":
+        return _load_program(path)
+    if suffix in PICKLE_SUFFIXES:
+        return _load_pickle(path, trust_pickle)
+    raise InputError(f"{str(path)!r}: unknown model file type {suffix or '(no suffix)'!r}; give a .pt2 file "
+                     "(torch.export.save), a factory spec 'package.module:function', or a pickled "
+                     "module (.pt/.pth) with --trust-pickle")

@@ -1,0 +1,442 @@
+"""FP8 side by side, one process, one GPU: our FP8 vs our BF16 vs torchao float8, eager and torch.compile.
+
+Models (random init; --small swaps in tiny configs for a CPU smoke run):
+    bert_large   BERT-large, b32 s384                     target: our FP8 >= 1.25x our BF16
+    gpt2_medium  GPT-2 medium (Conv1D = addmm), b8 s1024   target: our FP8 >= 1.25x our BF16
+    llama_mlp    Llama-style MLP, hidden 4096, gate/up 4096->14336, down 14336->4096, SiLU, b8 s1024
+                 (target >= 1.25x)
+    bert_base    BERT-base, b32 s128                      the cost model must keep BF16: >= 1.0x
+    vit_b_16     ViT-B/16, b64                            the cost model must keep BF16: >= 1.0x
+
+Variants per model (each built, timed and freed in turn; a variant that fails is reported, the others run):
+    fp32 strict              reference for the error (TF32 off)
+    ours bf16                rewriter.convert(precision="bf16")
+    ours fp8                 rewriter.convert(precision="fp8"): the cost model decides per GEMM (eager costs)
+    ours fp8 all             Fp8Options.always(): every eligible GEMM in FP8 (what the cost model saves us from)
+    ours bf16 compile        torch.compile of our bf16 model
+    ours fp8 compile         precision="fp8" with Fp8Options(fused_quantization=True), then torch.compile
+    torchao fp8 / + compile  Float8DynamicActivationFloat8WeightConfig on model.bfloat16() (n/a without torchao)
+Per variant: median latency (CUDA events, --repeats x --iters after --warmup), speed-up over our bf16 in the
+same mode (eager vs eager, compiled vs compiled), relative L2 error of the output vs fp32 strict (float64),
+GEMMs in FP8 / GEMMs, weight bytes. The GEMM table (--gemms, on by default) times each distinct linear
+shape alone: bf16 F.linear vs rewriter::fp8_linear (dynamic and static scales, eager), next to the cost
+model's estimate, to check FP8_ROOFLINE_EFFICIENCY on the machine.
+
+    python tools/bench_fp8.py --device cuda --out bench_fp8.json          # H100: the README table
+    python tools/bench_fp8.py --device cpu --small                         # smoke run (FP8 emulated)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["main", "build", "MODELS", "TARGETS"]
+
+MODELS = ("bert_large", "gpt2_medium", "llama_mlp", "bert_base", "vit_b_16")
+TARGETS = {"bert_large": 1.25, "gpt2_medium": 1.25, "llama_mlp": 1.25, "bert_base": 1.0, "vit_b_16": 1.0}
+
+
+class LlamaMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)), no biases, as in Llama."""
+
+    def __init__(self, hidden: int = 4096, intermediate: int = 14336):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def build(name: str, small: bool, device: torch.device):
+    """(model, args, kwargs): random-init fp32 eval model and its inputs, on `device`."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    if name == "llama_mlp":
+        hidden, inter, b, s = (4096, 14336, 8, 1024) if not small else (64, 224, 2, 16)
+        model = LlamaMLP(hidden, inter)
+        return model.eval().to(device), (torch.randn(b, s, hidden, generator=g).to(device),), {}
+    if name == "vit_b_16":
+        import torchvision
+
+        if small:
+            model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2,
+                                                         num_heads=2, hidden_dim=64, mlp_dim=128)
+            b, hw = 4, 32
+        else:
+            model, b, hw = torchvision.models.vit_b_16(), 64, 224
+        model.heads = nn.Identity()  # torchvision zero-initialises the head: compare features
+        return model.eval().to(device), (torch.randn(b, 3, hw, hw, generator=g).to(device),), {}
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
+
+    tiny = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
+    if name == "bert_large":
+        cfg = BertConfig(**tiny) if small else BertConfig(hidden_size=1024, num_hidden_layers=24,
+                                                          num_attention_heads=16, intermediate_size=4096)
+        b, s = (4, 32) if small else (32, 384)
+    elif name == "bert_base":
+        cfg, (b, s) = (BertConfig(**tiny) if small else BertConfig()), ((4, 32) if small else (32, 128))
+    elif name == "gpt2_medium":
+        cfg = (GPT2Config(n_embd=64, n_layer=2, n_head=4, use_cache=False) if small else
+               GPT2Config(n_embd=1024, n_layer=24, n_head=16, use_cache=False))
+        b, s = (4, 32) if small else (8, 1024)
+    else:
+        raise SystemExit(f"unknown model {name!r}: choose from {', '.join(MODELS)}")
+    model = (BertModel if name.startswith("bert") else GPT2Model)(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (b, s), generator=g).to(device)
+    kwargs = {"input_ids": ids}
+    if name.startswith("bert"):
+        kwargs["attention_mask"] = torch.ones_like(ids)
+    return model.eval().to(device), (), kwargs
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def _tensor(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    if isinstance(out, (tuple, list)):
+        return _tensor(out[0])
+    raise TypeError(f"no output tensor in {type(out).__name__}")
+
+
+def rel_l2(out, ref) -> float:
+    out, ref = _tensor(out).detach().double(), _tensor(ref).detach().double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _timer(device, warmup: int, iters: int, repeats: int):
+    def run(fn) -> float:
+        with torch.no_grad():
+            for _ in range(warmup):
+                fn()
+            samples = []
+            for _ in range(repeats):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    for _ in range(iters):
+                        fn()
+                    end.record()
+                    torch.cuda.synchronize()
+                    samples.append(start.elapsed_time(end) / iters)
+                else:
+                    t0 = time.perf_counter()
+                    for _ in range(iters):
+                        fn()
+                    samples.append((time.perf_counter() - t0) * 1e3 / iters)
+        return statistics.median(samples)
+    return run
+
+
+def _bytes(module: nn.Module) -> int:
+    seen = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+    return sum(t.numel() * t.element_size() for t in seen.values())
+
+
+def _free(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _fp8_counts(gm) -> tuple[int, int, dict]:
+    from rewriter import meta
+
+    records = [meta.get(n, meta.FP8) for n in gm.graph.nodes if meta.get(n, meta.FP8)]
+    gemms = [r for r in records if r.get("rule") not in ("op",)]
+    rules: dict = {}
+    for r in gemms:
+        rules[r["rule"]] = rules.get(r["rule"], 0) + 1
+    return sum(bool(r["use"]) for r in records), len(gemms), rules
+
+
+# ---------------------------------------------------------------- variants
+
+
+def _torchao_fp8(model):
+    """model.bfloat16() with torchao's dynamic float8 activations and weights; raises ImportError."""
+    from torchao.quantization import quantize_
+
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig as config
+        cfg = config()
+    except ImportError:
+        from torchao.quantization import float8_dynamic_activation_float8_weight as config
+        cfg = config()
+    m = copy.deepcopy(model).to(torch.bfloat16)
+    quantize_(m, cfg)
+    converted = sum(1 for mod in m.modules() if isinstance(mod, nn.Linear)
+                    and "float8" in type(mod.weight).__name__.lower() + str(getattr(mod.weight, "dtype", "")))
+    return m, converted
+
+
+def _variants(model, args, kwargs, small: bool, compile_on: bool):
+    import rewriter
+    from passes.analysis.fp8_cost import Fp8Options
+
+    cache: dict = {}
+
+    def convert(precision, fp8=None):
+        key = (precision, fp8)
+        if key not in cache:
+            cache.clear()  # one converted model alive at a time (the bf16 one serves eager and compile)
+            t0 = time.perf_counter()
+            cache[key] = rewriter.convert(model, args, kwargs, precision=precision, fp8=fp8)
+            print(f"    converted {precision}{' ' + str(fp8) if fp8 else ''} in "
+                  f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        return cache[key]
+
+    bf_args = tuple(a.to(torch.bfloat16) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+    bf_kwargs = {k: (v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v)
+                 for k, v in kwargs.items()}
+
+    def ours(precision, fp8=None, compiled=False):
+        def make():
+            gm = convert(precision, fp8)
+            fn = torch.compile(gm) if compiled else gm
+            return (lambda: fn(*args, **kwargs)), gm, gm
+        return make
+
+    def torchao(compiled=False):
+        def make():
+            m, n = _torchao_fp8(model)
+            fn = torch.compile(m) if compiled else m
+            return (lambda: fn(*bf_args, **bf_kwargs)), m, n
+        return make
+
+    out = [("fp32 strict", "eager", lambda: ((lambda: model(*args, **kwargs)), model, None)),
+           ("ours bf16", "eager", ours("bf16"))]
+    if compile_on:
+        out.append(("ours bf16 compile", "compile", ours("bf16", compiled=True)))
+    out += [("ours fp8", "eager", ours("fp8")),
+            ("ours fp8 all", "eager", ours("fp8", Fp8Options.always()))]
+    if compile_on:
+        fused = Fp8Options(fused_quantization=True)
+        out.append(("ours fp8 compile", "compile", ours("fp8", fused, compiled=True)))
+    out.append(("torchao fp8", "eager", torchao()))
+    if compile_on:
+        out.append(("torchao fp8 compile", "compile", torchao(compiled=True)))
+    return out
+
+
+def _bench_model(name, args_ns, device, timer):
+    model, args, kwargs = build(name, args_ns.small, device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    with torch.no_grad():
+        reference = model(*args, **kwargs)
+    rows = []
+    base: dict = {}
+    for label, mode, make in _variants(model, args, kwargs, args_ns.small, args_ns.compile_on):
+        row = {"model": name, "variant": label, "mode": mode}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fn, module, extra = make()
+                with torch.no_grad():
+                    out = fn()
+                row["error_vs_fp32"] = rel_l2(out, reference)
+                row["finite"] = bool(torch.isfinite(_tensor(out).float()).all())
+                row["ms"] = timer(fn)
+            row["weight_bytes"] = _bytes(module)
+            if label.startswith("ours fp8"):
+                fp8, gemms, rules = _fp8_counts(extra)
+                row.update({"fp8_gemms": fp8, "gemms": gemms, "kept_by_rule": rules,
+                            "emulated": bool(extra.meta.get("rewriter.fp8", {}).get("emulated"))})
+            elif label.startswith("torchao"):
+                row["fp8_gemms"] = extra
+            if label.startswith("ours bf16"):
+                base[mode] = row["ms"]
+        except ImportError as exc:
+            row["error"] = f"n/a ({exc.name or exc} not installed)"
+        except Exception as exc:  # noqa: BLE001 - one failing variant must not hide the others
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            if args_ns.verbose:
+                traceback.print_exc()
+        finally:
+            fn = module = extra = None  # noqa: F841
+            _free(device)
+        rows.append(row)
+    for row in rows:
+        if "ms" in row and row["mode"] in base and row["variant"] != "fp32 strict":
+            row["speedup_vs_ours_bf16"] = base[row["mode"]] / row["ms"]
+    del model
+    _free(device)
+    return rows
+
+
+def _gemm_table(names, small, device, timer):
+    """Each distinct linear shape alone: bf16 F.linear vs rewriter::fp8_linear, next to the estimate."""
+    from passes.analysis.fp8_cost import Fp8Options, GemmShape, estimate_speedup
+    from passes.rewrite.fp8_ops import fp8_linear_op, quantize_weight
+
+    shapes = {
+        "bert_large": [(32 * 384, 1024, 1024), (32 * 384, 1024, 4096), (32 * 384, 4096, 1024)],
+        "gpt2_medium": [(8 * 1024, 1024, 3072), (8 * 1024, 1024, 1024), (8 * 1024, 1024, 4096),
+                        (8 * 1024, 4096, 1024)],
+        "llama_mlp": [(8 * 1024, 4096, 14336), (8 * 1024, 14336, 4096)],
+        "bert_base": [(32 * 128, 768, 768), (32 * 128, 768, 3072), (32 * 128, 3072, 768)],
+        "vit_b_16": [(64 * 197, 768, 2304), (64 * 197, 768, 768), (64 * 197, 768, 3072), (64 * 197, 3072, 768)],
+    }
+    seen, rows = set(), []
+    threshold = Fp8Options().min_speedup
+    for name in names:
+        for m, k, n in shapes.get(name, []):
+            if small:
+                m, k, n = max(16, m // 256), max(16, k // 16), max(16, n // 16)
+            if (m, k, n) in seen:
+                continue
+            seen.add((m, k, n))
+            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+            w = torch.randn(n, k, device=device) / k ** 0.5
+            w16 = w.to(torch.bfloat16)
+            w8, ws = quantize_weight(w, per_channel=False)
+            xs = (x.float().abs().amax() * 2 / 448).reshape(())
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                t_bf16 = timer(lambda: F.linear(x, w16))
+                t_dyn = timer(lambda: fp8_linear_op(x, w8, ws, None, None, torch.bfloat16, True))
+                t_sta = timer(lambda: fp8_linear_op(x, w8, ws, None, xs, torch.bfloat16, True))
+            est = estimate_speedup(GemmShape(m, n, k), static=False)[0]
+            rows.append({"model": name, "m": m, "k": k, "n": n, "bf16_ms": t_bf16, "fp8_dynamic_ms": t_dyn,
+                         "fp8_static_ms": t_sta, "speedup_dynamic": t_bf16 / t_dyn,
+                         "speedup_static": t_bf16 / t_sta, "estimate_dynamic": est,
+                         "cost_model_uses_fp8": est >= threshold})
+            del x, w, w16, w8
+            _free(device)
+    return rows
+
+
+def _print_models(rows) -> None:
+    head = f"{'model':12s} {'variant':22s} {'ms':>9s} {'x ours bf16':>11s} {'err vs fp32':>11s} " \
+           f"{'fp8/gemms':>9s} {'weights MB':>10s}  notes"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:12s} {r['variant']:22s} {'n/a':>9s}  {r['error']}")
+            continue
+        fp8 = (f"{r['fp8_gemms']}/{r['gemms']}" if "gemms" in r else
+               (str(r["fp8_gemms"]) if "fp8_gemms" in r else ""))
+        notes = []
+        if r.get("emulated"):
+            notes.append("emulated (no FP8 GEMMs here)")
+        kept = {k: v for k, v in (r.get("kept_by_rule") or {}).items() if k != "fp8"}
+        if kept:
+            notes.append("kept bf16: " + ", ".join(f"{k}={v}" for k, v in sorted(kept.items())))
+        if not r.get("finite", True):
+            notes.append("NON-FINITE OUTPUT")
+        speed = f"{r['speedup_vs_ours_bf16']:.2f}x" if "speedup_vs_ours_bf16" in r else ""
+        print(f"{r['model']:12s} {r['variant']:22s} {r['ms']:9.2f} {speed:>11s} {r['error_vs_fp32']:11.2e} "
+              f"{fp8:>9s} {r['weight_bytes'] / 2**20:10.1f}  {'; '.join(notes)}")
+
+
+def _verdicts(rows, device) -> list[str]:
+    lines = []
+    for name, target in TARGETS.items():
+        for variant in ("ours fp8", "ours fp8 compile"):
+            r = next((r for r in rows if r["model"] == name and r["variant"] == variant and "ms" in r), None)
+            if r is None or "speedup_vs_ours_bf16" not in r:
+                continue
+            ok = r["speedup_vs_ours_bf16"] >= target
+            what = "PASS" if ok else "FAIL"
+            if r.get("fp8_gemms") == 0:
+                what = ("PASS (every GEMM kept bf16: the same graph as ours bf16, the ratio is noise)"
+                        if target <= 1.0 else "FAIL (the cost model kept every GEMM bf16)")
+            if device.type != "cuda" or r.get("emulated"):
+                what = "n/a (not an FP8 GPU)"
+            lines.append(f"{name:12s} {variant:18s} {r['speedup_vs_ours_bf16']:.2f}x vs target >= {target:g}x: {what}")
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--small", action="store_true", help="tiny configs (CPU smoke run)")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma list from {','.join(MODELS)}")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--compile", dest="compile_on", action="store_true", default=None,
+                   help="also torch.compile variants (default: on for cuda, off for cpu)")
+    p.add_argument("--no-compile", dest="compile_on", action="store_false")
+    p.add_argument("--no-gemms", dest="gemms", action="store_false", help="skip the per-shape GEMM table")
+    p.add_argument("--out", default=None, help="write the results as JSON")
+    p.add_argument("--verbose", action="store_true")
+    ns = p.parse_args(argv)
+    device = torch.device(ns.device)
+    small_run = ns.small or device.type == "cpu"
+    ns.warmup = ns.warmup if ns.warmup is not None else (1 if small_run else 10)
+    ns.iters = ns.iters if ns.iters is not None else (2 if small_run else 30)
+    ns.repeats = ns.repeats if ns.repeats is not None else (1 if small_run else 3)
+    if ns.compile_on is None:
+        ns.compile_on = device.type == "cuda"
+    names = [n.strip() for n in ns.models.split(",") if n.strip()]
+    for n in names:
+        if n not in MODELS:
+            raise SystemExit(f"unknown model {n!r}: choose from {', '.join(MODELS)}")
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from passes.rewrite.fp8_ops import emulation_reason
+
+    timer = _timer(device, ns.warmup, ns.iters, ns.repeats)
+    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "small": ns.small, "warmup": ns.warmup, "iters": ns.iters,
+            "repeats": ns.repeats, "fp8_gemms": emulation_reason(device) or "torch._scaled_mm"}
+    try:
+        import torchao
+        info["torchao"] = torchao.__version__
+    except ImportError:
+        info["torchao"] = "n/a (not installed)"
+    print(" | ".join(f"{k}: {v}" for k, v in info.items()))
+    results = {"info": info, "models": [], "gemms": []}
+
+    def save():
+        if ns.out:
+            with open(ns.out, "w") as fh:
+                json.dump(results, fh, indent=1, default=str)
+
+    for name in names:
+        print(f"\n== {name}", file=sys.stderr, flush=True)
+        results["models"].extend(_bench_model(name, ns, device, timer))
+        save()
+    print()
+    _print_models(results["models"])
+    if ns.gemms:
+        results["gemms"] = _gemm_table(names, ns.small, device, timer)
+        save()
+        print(f"\n{'model':12s} {'M':>6s} {'K':>6s} {'N':>6s} {'bf16 ms':>8s} {'fp8 dyn':>8s} {'fp8 stat':>8s} "
+              f"{'x dyn':>6s} {'x stat':>6s} {'estimate':>8s}  cost model")
+        for r in results["gemms"]:
+            print(f"{r['model']:12s} {r['m']:6d} {r['k']:6d} {r['n']:6d} {r['bf16_ms']:8.3f} "
+                  f"{r['fp8_dynamic_ms']:8.3f} {r['fp8_static_ms']:8.3f} {r['speedup_dynamic']:6.2f} "
+                  f"{r['speedup_static']:6.2f} {r['estimate_dynamic']:8.2f}  "
+                  f"{'fp8' if r['cost_model_uses_fp8'] else 'bf16'}")
+    verdicts = _verdicts(results["models"], device)
+    if verdicts:
+        print()
+        print("\n".join(verdicts))
+    results["verdicts"] = verdicts
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

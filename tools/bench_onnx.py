@@ -1,0 +1,279 @@
+"""ONNX Runtime side by side: rewriter's export vs onnxconverter-common fp16 vs the onnxruntime.transformers
+optimizer (fp16 and fp32) vs a plain fp32 export, in one process, on BERT-base and GPT-2.
+
+Every variant runs on the same inputs through one `ort_session` (CUDA EP with IO binding on a GPU, inputs
+bound on the device once). Latency: synchronized wall time per run (ONNX Runtime returns when the outputs
+are ready), median of --repeats x --iters after --warmup. Error: relative L2 of the first output
+(last_hidden_state) against strict fp32 PyTorch (TF32 off), in float64. "casts": Cast nodes in the file.
+
+Baselines get the export that suits them best: the TorchScript exporter on the eager-attention model
+(the patterns the transformers optimizer fuses), falling back to torch.onnx's dynamo exporter. Ours:
+rewriter.convert(precision=fp16) + rewriter.export_onnx(optimize=True) (and optimize=False).
+A variant whose package is missing (onnxconverter-common, onnxruntime.transformers) reads 'n/a'.
+
+    python tools/bench_onnx.py --device cuda --out bench_onnx.json        # BERT-base b32 s128, GPT-2 b8 s512
+    python tools/bench_onnx.py --device cpu --small --out /tmp/smoke.json  # smoke run, tiny configs
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+__all__ = ["main", "build", "rel_l2"]
+
+VARIANTS = ("fp32", "occ-fp16", "ortopt-fp16", "ortopt-fp32", "ours-fp16", "ours-fp16-nofuse")
+
+
+def rel_l2(out, ref) -> float:
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+class _Hidden(nn.Module):
+    """forward(input_ids, attention_mask) -> last_hidden_state: one output, the same for every variant."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def build(name: str, small: bool):
+    """(sdpa model, eager-attention twin with the same weights, inputs dict, shape text, optimizer args)."""
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    if name == "bert":
+        kw = (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+              if small else {})
+        make, cfg_cls, (b, s) = BertModel, BertConfig, ((4, 32) if small else (32, 128))
+        heads, hidden = kw.get("num_attention_heads", 12), kw.get("hidden_size", 768)
+    elif name == "gpt2":
+        kw = dict(n_embd=64, n_layer=2, n_head=4) if small else {}
+        kw["use_cache"] = False
+        make, cfg_cls, (b, s) = GPT2Model, GPT2Config, ((2, 64) if small else (8, 512))
+        heads, hidden = kw.get("n_head", 12), kw.get("n_embd", 768)
+    else:
+        raise SystemExit(f"unknown model {name!r}: use bert or gpt2")
+    model = _Hidden(make(cfg_cls(**kw)).eval()).eval()
+    eager = _Hidden(make(cfg_cls(**kw, attn_implementation="eager")).eval()).eval()
+    eager.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(1)
+    vocab = model.model.config.vocab_size
+    feeds = {"input_ids": torch.randint(0, vocab, (b, s), generator=g),
+             "attention_mask": torch.ones(b, s, dtype=torch.long)}
+    return model, eager, feeds, f"b{b} s{s}", {"model_type": name, "num_heads": heads, "hidden_size": hidden}
+
+
+def _quiet():
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    return stack
+
+
+def _export_fp32(eager, feeds, path) -> str:
+    """fp32 ONNX for the baselines: TorchScript exporter first, dynamo exporter if that fails."""
+    args = (feeds["input_ids"], feeds["attention_mask"])
+    axes = {"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}, "last_hidden_state": {0: "batch"}}
+    with _quiet():
+        try:
+            torch.onnx.export(eager, args, path, dynamo=False, opset_version=17,
+                              input_names=["input_ids", "attention_mask"],
+                              output_names=["last_hidden_state"], dynamic_axes=axes)
+            return "torchscript"
+        except Exception:
+            batch = torch.export.Dim("batch")
+            program = torch.onnx.export(eager, args, dynamo=True, opset_version=18,
+                                        input_names=["input_ids", "attention_mask"],
+                                        output_names=["last_hidden_state"],
+                                        dynamic_shapes={"input_ids": {0: batch}, "attention_mask": {0: batch}})
+            program.save(path)
+            return "dynamo"
+
+
+def _make_variant(label, ctx, workdir):
+    """Write the variant's .onnx; returns (path, note)."""
+    import onnx
+
+    fp32_path = ctx["fp32_path"]
+    out = os.path.join(workdir, f"{ctx['name']}-{label}.onnx")
+    if label == "fp32":
+        return fp32_path, f"export: {ctx['exporter']}"
+    if label == "occ-fp16":
+        from onnxconverter_common import float16
+
+        with _quiet():
+            model = float16.convert_float_to_float16(onnx.load(fp32_path), keep_io_types=True)
+        onnx.save(model, out)
+        return out, "convert_float_to_float16(keep_io_types=True)"
+    if label in ("ortopt-fp16", "ortopt-fp32"):
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        with _quiet():
+            opt = optimize_model(fp32_path, opt_level=0, use_gpu=True, **ctx["opt_args"])
+            fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+            if label == "ortopt-fp16":
+                opt.convert_float_to_float16(keep_io_types=True)
+            opt.save_model_to_file(out)
+        return out, "fused " + ", ".join(f"{k} {v}" for k, v in fused.items())
+    if label.startswith("ours"):
+        import rewriter
+        from backends.onnx_backend import export_onnx
+
+        if "gm" not in ctx:
+            ctx["gm"] = rewriter.convert(ctx["model"], (), dict(ctx["feeds"]), precision="fp16")
+        with _quiet():
+            report = export_onnx(ctx["gm"], out, optimize=not label.endswith("nofuse"))
+        note = f"fused {report.fusions}" if report.fusions else "no fusion"
+        skipped = [n for n in report.fusion_notes if "skipped" in n or "not applied" in n]
+        if skipped:
+            note += "; " + "; ".join(n[:140] for n in skipped)
+        if report.fallbacks:
+            note += f"; {len(report.fallbacks)} fp32 fallbacks"
+        return out, note
+    raise ValueError(label)
+
+
+def _time(session, feeds, warmup, iters, repeats) -> tuple[float, list]:
+    session.bind(**{k: v for k, v in feeds.items()})
+    for _ in range(warmup):
+        session.run_bound()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(iters):
+            session.run_bound()
+        times.append((time.perf_counter() - start) / iters * 1e3)
+    return statistics.median(times), session.bound_outputs()
+
+
+def _reference(model, feeds, device) -> np.ndarray:
+    """Strict fp32 PyTorch output (TF32 off)."""
+    dev = torch.device(device)
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            m = model.to(dev)
+            out = m(**{k: v.to(dev) for k, v in feeds.items()})
+            result = out.double().cpu().numpy()
+        model.to("cpu")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    return result
+
+
+def run_model(name, args, workdir) -> dict:
+    from backends.onnx_backend import count_casts, ort_session
+
+    model, eager, feeds, shape, opt_args = build(name, args.small)
+    ctx = {"name": name, "model": model, "feeds": feeds, "opt_args": opt_args}
+    ref = _reference(model, feeds, args.device if args.device == "cuda" and torch.cuda.is_available() else "cpu")
+    ctx["fp32_path"] = os.path.join(workdir, f"{name}-fp32.onnx")
+    ctx["exporter"] = _export_fp32(eager, feeds, ctx["fp32_path"])
+    result = {"shape": shape, "variants": {}}
+    np_feeds = {k: v.numpy() for k, v in feeds.items()}
+    for label in args.variants:
+        row = {"ms": None, "rel_l2": None, "casts": None, "note": ""}
+        try:
+            path, row["note"] = _make_variant(label, ctx, workdir)
+            row["casts"] = count_casts(path)
+            session = ort_session(path, device=args.device)
+            names = set(session.input_names)
+            ms, outs = _time(session, {k: v for k, v in np_feeds.items() if k in names},
+                             args.warmup, args.iters, args.repeats)
+            idx = session.output_names.index("last_hidden_state") if "last_hidden_state" in \
+                session.output_names else 0
+            row["ms"], row["rel_l2"] = ms, rel_l2(outs[idx], ref)
+            if session.device == "cuda":
+                row["provider"] = session.session.get_providers()[0]
+            del session
+        except ImportError as exc:
+            row["note"] = f"n/a: {exc.name or exc} not installed"
+        except Exception as exc:
+            row["note"] = f"n/a: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+            if args.verbose:
+                traceback.print_exc()
+        result["variants"][label] = row
+        print(f"  {name} {label}: {row['ms'] if row['ms'] is None else round(row['ms'], 3)} ms, "
+              f"err {row['rel_l2']}, casts {row['casts']}  {row['note'][:120]}", file=sys.stderr, flush=True)
+    return result
+
+
+def _table(results: dict) -> str:
+    lines = []
+    for name, res in results["models"].items():
+        lines += [f"\n### {name} {res['shape']} ({results['device']}, {results['onnxruntime']})", "",
+                  "| variant | ms | Cast nodes | rel. L2 error vs strict fp32 | notes |", "|---|---|---|---|---|"]
+        for label, row in res["variants"].items():
+            ms = "n/a" if row["ms"] is None else f"{row['ms']:.3f}"
+            err = "n/a" if row["rel_l2"] is None else f"{row['rel_l2']:.1e}"
+            casts = "n/a" if row["casts"] is None else str(row["casts"])
+            lines.append(f"| {label} | {ms} | {casts} | {err} | {row['note'][:160]} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="bert,gpt2")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--small", action="store_true", help="tiny configs for a CPU smoke run")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workdir", default=None, help="keep the .onnx files here (default: a temp folder)")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--verbose", action="store_true", help="print tracebacks of failed variants")
+    args = p.parse_args(argv)
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        p.error(f"unknown variants {sorted(unknown)}; choose from {','.join(VARIANTS)}")
+    if args.small and args.warmup == 10 and args.iters == 30:
+        args.warmup, args.iters, args.repeats = 2, 5, 3
+
+    import onnxruntime
+
+    from backends.onnx_backend import _ort_package
+
+    results = {"device": args.device, "onnxruntime": _ort_package(), "torch": torch.__version__,
+               "python": platform.python_version(), "small": args.small,
+               "timing": f"median of {args.repeats} x {args.iters} after {args.warmup} warm-up, synchronized",
+               "providers": onnxruntime.get_available_providers(), "models": {}}
+    if args.device == "cuda" and torch.cuda.is_available():
+        results["gpu"] = torch.cuda.get_device_name()
+    with contextlib.ExitStack() as stack:
+        workdir = args.workdir or stack.enter_context(tempfile.TemporaryDirectory())
+        os.makedirs(workdir, exist_ok=True)
+        for name in [m for m in args.models.split(",") if m]:
+            results["models"][name] = run_model(name, args, workdir)
+    print(_table(results))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""Training step time and loss curves: fp32 vs TF32 vs autocast(+GradScaler) vs rewriter mode="train".
+
+One training step = zero_grad, forward with the loss inside the model, backward, AdamW step (fused on
+CUDA), with loss scaling for fp16 (torch.amp.GradScaler for autocast, rewriter.loss_scale for ours).
+Models are built from their configs with random weights (no download):
+
+  bert   BertForMaskedLM (BERT-base: 12 layers, 768 wide), 15 % of tokens masked, batch 32 x 128
+  gpt2   GPT2LMHeadModel (GPT-2 small: 12 layers, 768 wide), next-token loss, batch 8 x 512
+
+Every variant starts from the same initial weights and sees the same batches and dropout masks (the
+seed is set before each step), so its first --curve-steps losses can be compared with fp32's line by
+line. Step time: median over --repeats blocks of --iters steps after --warmup steps, timed with CUDA
+events around synchronised blocks (wall clock on CPU).
+
+    python tools/bench_train.py --device cuda --out out/bench_train.json     # H100: the real numbers
+    python tools/bench_train.py --device cuda --compile                      # + torch.compile variants
+    python tools/bench_train.py --device cpu --small                         # smoke run, no GPU
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+try:
+    import rewriter
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import rewriter
+from rewriter.loss_scale import make_scaler
+
+__all__ = ["WithLoss", "build", "VARIANTS", "bench_model", "main"]
+
+TARGET = 1.1  # the issue's target: ours at least 1.1x faster than autocast at equal loss curves
+
+
+class WithLoss(nn.Module):
+    """A Hugging Face LM head model called as `loss = model(input_ids, labels)`."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, labels):
+        return self.model(input_ids=input_ids, labels=labels).loss
+
+
+def build(name: str, small: bool, device: torch.device, batch: int | None = None, seq: int | None = None,
+          n_batches: int = 4, seed: int = 0):
+    """(model on device in train mode, list of (input_ids, labels) batches) for "bert" or "gpt2"."""
+    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    if name == "bert":
+        cfg = BertConfig() if not small else BertConfig(hidden_size=64, num_hidden_layers=2,
+                                                        num_attention_heads=4, intermediate_size=128)
+        model = BertForMaskedLM(cfg)
+        b, s = batch or (32 if not small else 4), seq or (128 if not small else 32)
+    elif name == "gpt2":
+        cfg = GPT2Config(use_cache=False) if not small else GPT2Config(n_embd=64, n_layer=2, n_head=4,
+                                                                       use_cache=False)
+        model = GPT2LMHeadModel(cfg)
+        b, s = batch or (8 if not small else 4), seq or (512 if not small else 32)
+    else:
+        raise SystemExit(f"unknown model {name!r}: choose bert or gpt2")
+    g = torch.Generator().manual_seed(seed + 1)
+    batches = []
+    for _ in range(n_batches):
+        ids = torch.randint(0, cfg.vocab_size, (b, s), generator=g)
+        if name == "bert":  # MLM: 15 % of positions masked and predicted, the rest ignored
+            masked = torch.rand(b, s, generator=g) < 0.15
+            labels = torch.where(masked, ids, torch.full_like(ids, -100))
+            ids = torch.where(masked, torch.full_like(ids, 103), ids)  # [MASK]
+        else:
+            labels = ids.clone()
+        batches.append((ids.to(device), labels.to(device)))
+    return WithLoss(model).to(device).train(), batches
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    name: str
+    kind: str                    # "eager" | "autocast" | "ours"
+    dtype: torch.dtype | None    # compute dtype of autocast / ours
+    tf32: bool = False
+    compile: bool = False
+
+
+VARIANTS = [
+    Variant("fp32", "eager", None),
+    Variant("tf32", "eager", None, tf32=True),
+    Variant("autocast fp16 + GradScaler", "autocast", torch.float16),
+    Variant("autocast bf16", "autocast", torch.bfloat16),
+    Variant("rewriter fp16 + LossScaler", "ours", torch.float16),
+    Variant("rewriter bf16", "ours", torch.bfloat16),
+]
+
+
+def _compiled(v: Variant) -> Variant:
+    return dataclasses.replace(v, name=v.name + " + compile", compile=True)
+
+
+def _set_tf32(on: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _make_step(v: Variant, model: nn.Module, example: tuple, device: torch.device,
+               lr: float) -> tuple[Callable, dict]:
+    """step(batch) -> loss tensor, and what was built (conversion time, scaler)."""
+    info: dict = {}
+    short = {torch.float16: "fp16", torch.bfloat16: "bf16", None: "fp32"}[v.dtype]
+    if v.kind == "ours":
+        t0 = time.perf_counter()
+        model = rewriter.convert(model, example, precision=short, mode="train")
+        info["convert_s"] = time.perf_counter() - t0
+    run = torch.compile(model) if v.compile else model
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda")
+    if v.kind == "autocast" and v.dtype == torch.float16:
+        scaler = torch.amp.GradScaler(device.type)
+    elif v.kind == "ours":
+        scaler = make_scaler(model, device=device)
+    else:
+        scaler = None
+    info["scaler"] = repr(scaler) if scaler is not None else "none"
+
+    def step(batch):
+        opt.zero_grad(set_to_none=True)
+        if v.kind == "autocast":
+            with torch.autocast(device.type, dtype=v.dtype):
+                loss = run(*batch)
+        else:
+            loss = run(*batch)
+        if isinstance(scaler, torch.amp.GradScaler):
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        elif scaler is not None:  # rewriter.loss_scale.LossScaler (a pass-through for bf16)
+            scaler.backward(loss)
+            scaler.step(opt)
+        else:
+            loss.backward()
+            opt.step()
+        return loss
+
+    info["model"] = model
+    info["scaler_obj"] = scaler
+    return step, info
+
+
+def _time(step, batches, device, warmup: int, iters: int, repeats: int) -> list[float]:
+    """Per-step milliseconds of `repeats` blocks of `iters` steps, after `warmup` steps."""
+    for i in range(warmup):
+        step(batches[i % len(batches)])
+    samples = []
+    for _ in range(repeats):
+        _sync(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for i in range(iters):
+                step(batches[i % len(batches)])
+            end.record()
+            torch.cuda.synchronize(device)
+            samples.append(start.elapsed_time(end) / iters)
+        else:
+            t0 = time.perf_counter()
+            for i in range(iters):
+                step(batches[i % len(batches)])
+            samples.append((time.perf_counter() - t0) * 1e3 / iters)
+    return samples
+
+
+def bench_model(name: str, args, variants: list[Variant]) -> dict:
+    device = torch.device(args.device)
+    base, batches = build(name, args.small, device, args.batch, args.seq, seed=args.seed)
+    init = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    rows = []
+    for v in variants:
+        if v.kind == "autocast" and v.dtype == torch.bfloat16 and device.type == "cuda" \
+                and not torch.cuda.is_bf16_supported():
+            continue
+        print(f"[bench_train] {name}: {v.name}", file=sys.stderr, flush=True)
+        _set_tf32(v.tf32)
+        base.load_state_dict(init)
+        row = {"variant": v.name}
+        try:
+            step, info = _make_step(v, base, batches[0], device, args.lr)
+            losses = []
+            for s in range(args.curve_steps):  # the loss curve: same batches, same dropout masks
+                torch.manual_seed(args.seed + s)
+                losses.append(float(step(batches[s % len(batches)])))
+            samples = _time(step, batches, device, args.warmup, args.iters, args.repeats)
+            scaler = info.pop("scaler_obj")
+            row.update(step_ms=statistics.median(samples), samples_ms=samples, losses=losses,
+                       convert_s=info.get("convert_s"), scaler=info["scaler"],
+                       scale_history=getattr(scaler, "history", None)
+                       or ([(0, float(scaler.get_scale()))] if isinstance(scaler, torch.amp.GradScaler)
+                           else None),
+                       peak_mem_gb=(torch.cuda.max_memory_allocated(device) / 2 ** 30
+                                    if device.type == "cuda" else None))
+            del info, step
+        except Exception as exc:  # report and go on with the other variants
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            print(f"  failed: {row['error']}", file=sys.stderr)
+        rows.append(row)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+    _set_tf32(False)
+    _compare(rows)
+    return {"model": name, "batch": list(batches[0][0].shape), "rows": rows}
+
+
+def _compare(rows: list[dict]) -> None:
+    """Speed-ups and loss-curve deviations: against fp32, and ours against autocast of its dtype."""
+    ok = [r for r in rows if "error" not in r]
+    fp32 = next((r for r in ok if r["variant"] == "fp32"), None)
+    by_name = {r["variant"]: r for r in ok}
+    for r in ok:
+        if fp32 is not None:
+            r["speedup_vs_fp32"] = fp32["step_ms"] / r["step_ms"]
+            r["max_rel_loss_dev_vs_fp32"] = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], fp32["losses"]))
+        if r["variant"].startswith("rewriter"):
+            dtype = "fp16" if "fp16" in r["variant"] else "bf16"
+            suffix = " + compile" if r["variant"].endswith("+ compile") else ""
+            amp = by_name.get(("autocast fp16 + GradScaler" if dtype == "fp16" else "autocast bf16") + suffix)
+            if amp is not None:
+                r["speedup_vs_autocast"] = amp["step_ms"] / r["step_ms"]
+                r["max_rel_loss_dev_vs_autocast"] = max(abs(a - b) / abs(b)
+                                                        for a, b in zip(r["losses"], amp["losses"]))
+                r["meets_target"] = r["speedup_vs_autocast"] >= TARGET
+
+
+def _table(result: dict) -> str:
+    lines = [f"== {result['model']} (batch {result['batch']})",
+             f"  {'variant':32s} {'step ms':>9s} {'vs fp32':>8s} {'vs amp':>7s} {'loss[0]':>8s} "
+             f"{'loss[-1]':>9s} {'dev fp32':>9s} {'dev amp':>8s}"]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"  {r['variant']:32s} failed: {r['error']}")
+            continue
+        amp = r.get("speedup_vs_autocast")
+        dev_amp = r.get("max_rel_loss_dev_vs_autocast")
+        lines.append(
+            f"  {r['variant']:32s} {r['step_ms']:9.2f} {r.get('speedup_vs_fp32', float('nan')):7.2f}x "
+            f"{(f'{amp:6.2f}x' if amp else '      -')} {r['losses'][0]:8.4f} {r['losses'][-1]:9.4f} "
+            f"{100 * r.get('max_rel_loss_dev_vs_fp32', float('nan')):8.3f}% "
+            f"{(f'{100 * dev_amp:7.3f}%' if dev_amp is not None else '       -')}")
+    for r in result["rows"]:
+        if "meets_target" in r:
+            lines.append(f"  target ours >= {TARGET}x autocast: {r['variant']}: {r['speedup_vs_autocast']:.2f}x "
+                         f"-> {'met' if r['meets_target'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", default="bert,gpt2")
+    parser.add_argument("--small", action="store_true", help="tiny configs for a CPU smoke run")
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--seq", type=int)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--curve-steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=None, help="default 10 (small: 1)")
+    parser.add_argument("--iters", type=int, default=None, help="steps per timed block, default 10 (small: 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed blocks, default 5 (small: 2)")
+    parser.add_argument("--variants", default="", help="comma-separated substrings to keep, e.g. 'fp32,fp16'")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile'd autocast and ours")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.small else 10)
+    args.iters = args.iters or (2 if args.small else 10)
+    args.repeats = args.repeats or (2 if args.small else 5)
+    if args.small and args.curve_steps == 20:
+        args.curve_steps = 5
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here; use --device cpu --small for a smoke run")
+    variants = list(VARIANTS)
+    if args.compile:
+        variants += [_compiled(v) for v in VARIANTS if v.kind != "eager"]
+    if args.variants:
+        keep = [k.strip() for k in args.variants.split(",") if k.strip()]
+        variants = [v for v in variants if v.name == "fp32" or any(k in v.name for k in keep)]
+    env = {"torch": torch.__version__, "device": args.device, "python": platform.python_version(),
+           "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
+           "small": args.small, "warmup": args.warmup, "iters": args.iters, "repeats": args.repeats,
+           "curve_steps": args.curve_steps, "lr": args.lr}
+    results = []
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        result = bench_model(name, args, variants)
+        print(_table(result), flush=True)
+        results.append(result)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"env": env, "results": results}, indent=1, default=str))
+        print(f"[bench_train] wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
