@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 
 __all__ = ["OpClass", "op_name", "op_class", "is_exact", "is_known_op", "reads_fp32_params", "CAST_OPS",
-           "MODULE_OPS", "FP32_PARAM_OPS", "INPUT_DTYPE_FACTORIES"]
+           "MODULE_OPS", "FP32_PARAM_OPS", "INPUT_DTYPE_FACTORIES", "NATIVE_PROMOTION_OPS",
+           "promotes_natively"]
 
 
 class OpClass(str, enum.Enum):
@@ -62,6 +63,16 @@ PROMOTE_OPS = frozenset("""
 add sub rsub mul div true_divide floor_divide where cat concat concatenate stack hstack vstack
 addcmul addcdiv index_put index_put_ maximum minimum fmax fmin lerp atan2 cross dot vdot
 tensordot bilinear scatter_add scatter masked_scatter copysign hypot remainder fmod
+broadcast_tensors
+""".split())
+
+# The promote ops whose kernels promote mixed float inputs themselves: add(fp16, fp32) computes in fp32
+# without a cast. The others (index_put, scatter*, masked_scatter, lerp, dot, vdot, cross, tensordot,
+# bilinear) require equal dtypes, and broadcast_tensors returns each input in its own dtype: those need
+# their inputs cast to the widest explicitly (as autocast's promote list does).
+NATIVE_PROMOTION_OPS = frozenset("""
+add sub rsub mul div true_divide floor_divide where cat concat concatenate stack hstack vstack
+addcmul addcdiv maximum minimum fmax fmin atan2 copysign hypot remainder fmod
 """.split())
 
 # Ops whose result does not depend on the precision they run in: cast(op(x)) == op(cast(x)).
@@ -165,6 +176,11 @@ def op_class(name: str) -> tuple[OpClass, str]:
     if name.startswith("module:"):
         return OpClass.FP32, f"opaque module {name[7:]}: kept fp32 (its ops could not be seen)"
     return OpClass.FOLLOW, f"{name} runs in the precision of its input"
+
+
+def promotes_natively(name: str) -> bool:
+    """True when the op's kernel itself computes mixed fp16/fp32 inputs in fp32 (no cast needed)."""
+    return name in NATIVE_PROMOTION_OPS
 
 
 def reads_fp32_params(name: str) -> bool:

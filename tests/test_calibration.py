@@ -85,7 +85,7 @@ class LongSum(nn.Module):
 
 
 def _rel(out, ref) -> float:
-    return float((out.double() - ref.double()).norm() / ref.double().norm())
+    return float((out.detach().double() - ref.detach().double()).norm() / ref.detach().double().norm())
 
 
 def _kept(gm) -> dict[str, tuple[str, str, str]]:
@@ -250,8 +250,10 @@ def _tiny_resnet():
     return model, [(torch.randn(2, 3, 16, 16),) for _ in range(5)], lambda o: o
 
 
-@pytest.mark.parametrize("factory, tolerance", [(_tiny_bert, 2e-3), (_tiny_gpt2, 2e-3),
-                                                (_tiny_resnet, 2e-3)],
+# GPT-2's and the ResNet's budgets lie below their all-fp16 error (1.7e-4, 3.1e-4): the search must
+# keep nodes, and what it kept must hold on batches it never saw.
+@pytest.mark.parametrize("factory, tolerance", [(_tiny_bert, 2e-3), (_tiny_gpt2, 1e-4),
+                                                (_tiny_resnet, 2e-4)],
                          ids=["bert", "gpt2", "resnet"])
 def test_tiny_models_meet_the_budget_on_held_out_batches(factory, tolerance):
     model, batches, pick = factory()
@@ -262,4 +264,6 @@ def test_tiny_models_meet_the_budget_on_held_out_batches(factory, tolerance):
     summary = fast.meta[meta.CALIBRATION]["sensitivity"]
     assert summary["error"] <= 0.8 * tolerance
     assert summary["runs"] <= summary["cap"] + 1
+    if summary["all_low_error"] > 0.8 * tolerance:
+        assert summary["kept"] and summary["runs"] > 2
     _check_held_out(model, fast, held_out, tolerance, pick)

@@ -88,3 +88,25 @@ def test_capture_keeps_the_batch_dimension_dynamic_and_says_how_it_captured():
     captured = capture(_Net().eval(), (torch.randn(4, 16),), {})
     assert captured.method == "torch.export" and captured.dynamic_batch is True
     assert captured.graph_module(torch.randn(9, 16)).shape == (9, 8)
+
+
+def test_captured_graph_does_not_depend_on_traced_strides():
+    # CPU scaled_dot_product_attention with a float bias: the fake tensors export traces with report a
+    # [B, S, H, D] layout, the kernel returns [B, H, S, D]. Decomposing `.contiguous()` on the fake
+    # strides drops the copy and the `.view()` after it fails at run time unless views are reshapes.
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=16, d_ff=64, num_layers=1,
+                                   num_heads=2, use_cache=False, decoder_start_token_id=0)
+    model = transformers.T5Model(config).eval()
+
+    def inputs(batch):
+        return {"input_ids": torch.randint(0, 64, (batch, 16)),
+                "decoder_input_ids": torch.randint(0, 64, (batch, 8))}
+
+    gm = capture(model, (), inputs(4), dynamic_batch=True).graph_module
+    for batch in (4, 7):
+        example = inputs(batch)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(**example).last_hidden_state, model(**example).last_hidden_state,
+                                       rtol=1e-5, atol=1e-5)

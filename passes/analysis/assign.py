@@ -25,6 +25,7 @@ import torch.fx as fx
 
 from passes.graph_utils import float_inputs, is_param, is_tuple_getitem
 from passes.infra import AnalysisPass, PassResult
+from passes.op_tables import promotes_natively
 from rewriter import meta
 from rewriter.config import ConvertConfig, Precision
 
@@ -200,7 +201,8 @@ class Assign(AnalysisPass):
 
 
 def _promotes(node) -> bool:
-    return (meta.get(node, meta.OP_CLASS) or {}).get("class") == "promote"
+    info = meta.get(node, meta.OP_CLASS) or {}
+    return info.get("class") == "promote" and promotes_natively(info.get("op", ""))
 
 
 def _ndim(node) -> int | None:

@@ -46,11 +46,10 @@ from rewriter.errors import InputError
 
 __all__ = ["Ranges"]
 
-_F32 = torch.float32
 _SENTINEL = 0.5 * torch.finfo(torch.float32).max  # finfo(fp32).min / max used as -inf / +inf
-_N_MAX, _N_SUM = 5, 5
-# max-reduced: amax, amax of data (no sentinels), -min_nonzero, flush error, attention-logit amax
-# sum-reduced: non-finite, nonzero, flushed, sentinels, elements
+# Per node, two vectors: max-reduced [amax, amax of data (no sentinels), -min_nonzero, flush error,
+# attention-logit amax] and sum-reduced [non-finite, nonzero, flushed, sentinels, elements].
+_N_SUM = 5
 
 
 class _Recorder(torch.fx.Interpreter):
@@ -223,8 +222,8 @@ class Ranges(AnalysisPass):
         for node, (mx, sm) in stats.items():
             amax, amax_data, neg_min_nz, flush_error, logits = mx
             nonfinite, nonzero, flushed, sentinels, _elements = (int(v) for v in sm)
-            record = {
-                "amax": amax, "min_nonzero": (-neg_min_nz if math.isfinite(neg_min_nz) else None),
+            record = {  # amax leaves masking sentinels out: they are counted under "sentinels"
+                "amax": amax_data, "min_nonzero": (-neg_min_nz if math.isfinite(neg_min_nz) else None),
                 "nonfinite": nonfinite, "flushed": flushed, "flush_error": flush_error,
                 "sentinels": sentinels, "batches": batches, "target": meta.dtype_name(low),
             }

@@ -282,10 +282,15 @@ class Sensitivity(AnalysisPass):
     def _run(self, gm, flats, dtypes) -> list:
         sim = _Simulator(gm, dtypes, self._native)
         outs = []
+        restore = self.config.keep_io_types and dtypes is not None and self._native
         with torch.no_grad():
             for i, flat in enumerate(flats):
                 try:
-                    outs.append(sim.run(*flat, enable_io_processing=False))
+                    out = sim.run(*flat, enable_io_processing=False)
+                    if restore:  # outputs keep their fp32 dtype, as insert_casts makes them
+                        out = pytree.tree_map(lambda v: v.float() if isinstance(v, torch.Tensor)
+                                              and v.dtype in (torch.float16, torch.bfloat16) else v, out)
+                    outs.append(out)
                 except Exception as exc:
                     raise InputError(f"calibration batch {i} failed: {type(exc).__name__}: "
                                      f"{str(exc).splitlines()[0] if str(exc) else ''}. Calibration "

@@ -5,7 +5,8 @@ After:  x(fp32) -> cast(fp16) -> linear(fp16) -> cast(fp32) -> softmax(fp32) -> 
 
 One cast per (value, dtype), placed before the first node that needs it and shared by the others.
 Ops that promote (add, mul, cat, where...) get no cast when PyTorch's own type promotion already
-yields the decided dtype: add(fp16, fp32) reads both and computes in fp32 in one kernel.
+yields the decided dtype: add(fp16, fp32) reads both and computes in fp32 in one kernel. Promote ops
+whose kernels want equal dtypes (index_put, scatter, lerp, dot...) get their inputs cast.
 Graph outputs are cast back to their original dtype unless keep_io_types is off. Each cast records
 which consumer needed it and why (node.meta[CREATED]). Batch norm casts only its input: its
 statistics and affine parameters are read in fp32, as under autocast (op_tables.FP32_PARAM_OPS).
@@ -20,7 +21,7 @@ import torch.fx as fx
 from passes.graph_utils import (explicit_dtype, is_cast, is_metadata_assert, make_cast, natural_promotion,
                                 original_dtype)
 from passes.infra import Pass, PassResult
-from passes.op_tables import reads_fp32_params
+from passes.op_tables import promotes_natively, reads_fp32_params
 from rewriter import meta
 from rewriter.config import ConvertConfig
 
@@ -66,8 +67,9 @@ class InsertCasts(Pass):
             op_class = (meta.get(node, meta.OP_CLASS) or {}).get("class")
             # add(fp16, fp32) already computes in fp32 inside one kernel: an explicit cast would only
             # add a kernel and a round trip through memory, for the same values.
-            absorbed = op_class == "promote" and natural_promotion(node) == want
             op = (meta.get(node, meta.OP_CLASS) or {}).get("op", node.name)
+            absorbed = (op_class == "promote" and promotes_natively(op)
+                        and natural_promotion(node) == want)
             values = [] if absorbed else list(node.all_input_nodes)
             if reads_fp32_params(op):  # batch norm: cast the input, never its fp32 statistics
                 values = [v for v in values if v is node.args[0]]

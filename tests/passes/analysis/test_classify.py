@@ -62,7 +62,7 @@ def test_op_classes_in_graph_order(classified):
     gm, _ = classified
     rows = _table(gm)
     assert _only(rows, {"linear", "gelu", "add", "layer_norm", "softmax", "mse_loss", "transpose",
-                        "zeros_like", "log", "sum", "exp"}) == [
+                        "zeros_like", "log", "sum", "exp", "broadcast_tensors"}) == [
         ("linear", "lowp"),
         ("gelu", "follow"),
         ("add", "promote"),
@@ -70,6 +70,7 @@ def test_op_classes_in_graph_order(classified):
         ("softmax", "fp32"),
         ("exp", "untouched"),     # float64
         ("sum", "untouched"),     # float64
+        ("broadcast_tensors", "promote"),  # mse_loss(prediction, target) broadcasts both first
         ("mse_loss", "fp32"),
         ("transpose", "follow"),
         ("zeros_like", "follow"),

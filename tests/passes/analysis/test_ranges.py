@@ -132,7 +132,7 @@ def test_mask_sentinels_are_not_overflow():
     gm, _ = _measured(_Masked(), batches, precision="fp16")
     assert _kept(gm) == {}
     add = _node(gm, "add")
-    assert add.meta[meta.RANGE]["sentinels"] == 2 * 2 * 2 and add.meta[meta.RANGE]["amax"] > 1e38
+    assert add.meta[meta.RANGE]["sentinels"] == 2 * 2 * 2 and add.meta[meta.RANGE]["amax"] < 100
 
 
 def test_values_that_flush_to_zero_are_kept():

@@ -78,6 +78,33 @@ def test_ops_run_in_their_decided_dtype(precision, low):
             assert meta.dtype_name(meta.value_dtype(node)) == decision["dtype"], node.format_node()
 
 
+def test_losses_reductions_exp_and_log_run_fp32():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 10)
+
+        def forward(self, x, target):
+            logits = self.fc(x)
+            return (F.cross_entropy(logits, target), torch.exp(logits).sum(-1),
+                    torch.log(torch.softmax(logits, -1)), F.mse_loss(logits, torch.zeros_like(logits)))
+
+    gm, cfg = _prepared(Net(), torch.randn(4, 16), torch.randint(0, 10, (4,)))
+    _insert(gm, cfg)
+    rows = [row for row in _trace(gm) if row[0] != "broadcast_tensors"]
+    assert rows == [
+        ("_to_copy", F16), ("linear", F16),
+        ("_to_copy", F32), ("cross_entropy_loss", F32), ("exp", F32), ("sum", F32),
+        ("softmax", F32), ("log", F32),
+        ("zeros_like", F16),                     # made in the dtype of its template, as autocast would
+        ("_to_copy", F32), ("_to_copy", F32), ("mse_loss", F32),
+    ]
+    linear = next(n for n in gm.graph.nodes if _op(n) == "linear")
+    up = [u for u in linear.users if is_cast(u)]
+    assert len(up) == 1   # one fp32 copy of the logits, read by cross_entropy, exp and softmax
+    assert sorted(_op(u) for u in up[0].users) == ["cross_entropy_loss", "exp", "softmax"]
+
+
 def test_second_run_changes_nothing():
     gm, cfg = _prepared(_Mlp(), torch.randn(4, 16))
     assert _insert(gm, cfg).modified is True
@@ -191,22 +218,17 @@ def test_dtype_asserts_follow_the_rewrite():
         def forward(self, x):
             return self.fc(x).float() * 2
 
+    model = Net().eval()
     x = torch.randn(2, 8)
-    gm, cfg = _prepared(Net(), x)
+    gm, cfg = _prepared(model, x)
     assert _insert(gm, cfg).modified is True
     asserts = [n for n in gm.graph.nodes if _op(n) == "_assert_tensor_metadata"]
     assert len(asserts) == 1
     assert meta.value_dtype(asserts[0].args[0]) == torch.float16
     assert torch.float16 in (*asserts[0].args, *asserts[0].kwargs.values())
-    torch.testing.assert_close(gm(x), Net.forward(_reference(gm, Net), x), rtol=2e-3, atol=2e-3)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=2e-3, atol=2e-3)  # runs, and is right
     assert _insert(gm, cfg).modified is False
-
-
-def _reference(gm, cls):
-    """An fp32 module of class `cls` with the captured graph's parameters."""
-    model = cls()
-    model.load_state_dict({k: v.float() for k, v in gm.state_dict().items()}, strict=False)
-    return model
 
 
 def test_tensor_factories_follow_their_templates_dtype():
@@ -227,3 +249,61 @@ def test_tensor_factories_follow_their_templates_dtype():
     outputs = gm(x)
     assert [o.dtype for o in outputs] == [torch.float32, torch.float32]
     torch.testing.assert_close(outputs[0], torch.ones(2, 8), rtol=0, atol=0)
+
+
+class _Lerp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x, y):
+        return torch.lerp(self.fc(x), y, 0.5)
+
+
+class _IndexPut(_Lerp):
+    def forward(self, x, y):
+        return y.index_put((torch.tensor([0, 2]),), self.fc(x)[:2])
+
+
+class _MseLoss(_Lerp):
+    def forward(self, x, y):
+        return F.mse_loss(self.fc(x), y * 1e5)   # targets beyond fp16's range
+
+
+@pytest.mark.parametrize("model_cls, op", [(_Lerp, "lerp"), (_IndexPut, "index_put"),
+                                           (_MseLoss, "broadcast_tensors")])
+def test_promote_ops_that_need_equal_dtypes_get_their_inputs_cast(model_cls, op):
+    # add(fp16, fp32) promotes inside its kernel; lerp, index_put and broadcast_tensors do not, so the
+    # fp16 input is cast up to the widest dtype, as autocast's promote policy does.
+    torch.manual_seed(0)
+    model = model_cls().eval()
+    x, y = torch.randn(8, 16), torch.randn(8, 4)
+    gm, cfg = _prepared(model, x, y)
+    _insert(gm, cfg)
+    node = next(n for n in gm.graph.nodes if _op(n) == op)
+    assert meta.get(node, meta.DECISION)["dtype"] == F32
+    assert {meta.value_dtype(n) for n in node.all_input_nodes if meta.is_float_dtype(meta.value_dtype(n))} \
+        == {torch.float32}
+    with torch.no_grad():
+        got, want = gm(x, y), model(x, y)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+
+
+def test_natively_promoting_ops_read_mixed_inputs_without_a_cast():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, x, y):
+            return torch.where(y > 0, self.fc(x), y) + y
+
+    x, y = torch.randn(8, 16), torch.randn(8, 4)
+    gm, cfg = _prepared(Net(), x, y)
+    _insert(gm, cfg)
+    where = next(n for n in gm.graph.nodes if _op(n) == "where")
+    linear = next(n for n in gm.graph.nodes if _op(n) == "linear")
+    assert linear in where.all_input_nodes                  # reads the fp16 linear directly ...
+    assert meta.value_dtype(where) == torch.float32         # ... and computes in fp32
+    assert gm(x, y).dtype == torch.float32
