@@ -37,7 +37,6 @@ import collections
 import contextlib
 import copy
 import dataclasses
-import inspect
 import io
 import logging
 import os
@@ -239,20 +238,9 @@ def _precision(gm) -> str:
 
 
 def _dynamic_shapes(gm, args, kwargs):
-    batch = torch.export.Dim("batch")
+    from rewriter.capture import batch_dynamic_shapes
 
-    def spec(v):
-        if isinstance(v, torch.Tensor) and v.dim() >= 1:
-            return {0: batch}
-        if isinstance(v, (list, tuple)):
-            return type(v)(spec(x) for x in v)
-        if isinstance(v, dict):
-            return {k: spec(x) for k, x in v.items()}
-        return None
-
-    sig = inspect.signature(gm.forward)
-    bound = sig.bind(*args, **kwargs)
-    return {name: spec(value) for name, value in bound.arguments.items()}
+    return batch_dynamic_shapes(gm.forward, args, kwargs, torch.export.Dim("batch"))
 
 
 def _reexport(gm, args, kwargs, dynamic: bool, notes: list[str]):

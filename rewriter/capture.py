@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from rewriter.errors import CaptureError, InputError
 
-__all__ = ["Captured", "capture", "normalize_inputs"]
+__all__ = ["Captured", "capture", "normalize_inputs", "batch_dynamic_shapes"]
 
 
 @dataclasses.dataclass
@@ -160,21 +160,32 @@ def run_reference(model: nn.Module, args: tuple, kwargs: dict):
             ) from exc
 
 
-def _dynamic_shapes(model, args, kwargs):
-    """Dimension 0 of every tensor input marked Dim.AUTO (dynamic if the model allows it)."""
-    auto = torch.export.Dim.AUTO
+def batch_dynamic_shapes(forward, args: tuple, kwargs: dict, dim=None):
+    """`dynamic_shapes` for torch.export marking dimension 0 of every tensor input as `dim`.
+
+    Args:
+        forward: the function that will be exported (its signature names the inputs).
+        dim: a torch.export.Dim; Dim.AUTO (dynamic where the model allows it) by default.
+
+    Returns:
+        A dict keyed by parameter name, or a tuple of specs when the signature cannot be bound.
+    """
+    dim = torch.export.Dim.AUTO if dim is None else dim
 
     def spec(v):
-        if isinstance(v, torch.Tensor) and v.dim() >= 1:
-            return {0: auto}
+        if isinstance(v, torch.Tensor):
+            return {0: dim} if v.dim() >= 1 else None
         if isinstance(v, (list, tuple)):
             return type(v)(spec(x) for x in v)
         if isinstance(v, dict):
             return {k: spec(x) for k, x in v.items()}
         return None
 
-    sig = inspect.signature(model.forward)
-    bound = sig.bind(*args, **kwargs)
+    try:
+        sig = inspect.signature(forward)
+        bound = sig.bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return tuple(spec(a) for a in args) if not kwargs else None
     shapes = {}
     for name, value in bound.arguments.items():
         kind = sig.parameters[name].kind
@@ -188,7 +199,7 @@ def _dynamic_shapes(model, args, kwargs):
 
 
 def _export(model, args, kwargs, dynamic: bool):
-    shapes = _dynamic_shapes(model, args, kwargs) if dynamic else None
+    shapes = batch_dynamic_shapes(model.forward, args, kwargs) if dynamic else None
     ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
     ep = ep.run_decompositions({})
     return ep

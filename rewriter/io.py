@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import json
 import os
 import tempfile
@@ -42,6 +41,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from rewriter import meta
+from rewriter.capture import batch_dynamic_shapes
 from rewriter.errors import InputError
 
 __all__ = ["save", "load", "prepare", "Prepared", "atomic_write", "check_writable", "PICKLE_SUFFIXES",
@@ -137,36 +137,6 @@ def _is_dynamic(gm: fx.GraphModule) -> bool:
     return False
 
 
-def _batch_dims(gm: fx.GraphModule, args: tuple, kwargs: dict):
-    """dynamic_shapes marking dimension 0 of every tensor input Dim.AUTO (static if the graph fixes it)."""
-    auto = torch.export.Dim.AUTO
-
-    def spec(value):
-        if isinstance(value, torch.Tensor):
-            return {0: auto} if value.dim() >= 1 else None
-        if isinstance(value, (list, tuple)):
-            return type(value)(spec(v) for v in value)
-        if isinstance(value, dict):
-            return {k: spec(v) for k, v in value.items()}
-        return None
-
-    try:
-        sig = inspect.signature(gm.forward)
-        bound = sig.bind(*args, **kwargs)
-    except (TypeError, ValueError):
-        return tuple(spec(a) for a in args) if not kwargs else None
-    shapes = {}
-    for name, value in bound.arguments.items():
-        kind = sig.parameters[name].kind
-        if kind is inspect.Parameter.VAR_POSITIONAL:
-            shapes[name] = tuple(spec(v) for v in value)
-        elif kind is inspect.Parameter.VAR_KEYWORD:
-            shapes[name] = {k: spec(v) for k, v in value.items()}
-        else:
-            shapes[name] = spec(value)
-    return shapes
-
-
 @contextlib.contextmanager
 def _annotations_in_custom(gm: fx.GraphModule) -> Iterator[None]:
     """Copy annotations (and each node's origin) into meta["custom"] for export; undo afterwards."""
@@ -199,7 +169,7 @@ def _first_line(exc: BaseException, limit: int = 300) -> str:
 
 
 def _export(gm: fx.GraphModule, args: tuple, kwargs: dict, dynamic: bool):
-    shapes = _batch_dims(gm, args, kwargs) if dynamic else None
+    shapes = batch_dynamic_shapes(gm.forward, args, kwargs) if dynamic else None
     try:
         return torch.export.export(gm, args, kwargs, dynamic_shapes=shapes, strict=False), dynamic
     except Exception:

@@ -28,11 +28,9 @@ import logging
 from typing import Any, Iterable
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
 
-from rewriter.errors import ConfigError, InputError
-from rewriter.training import TrainEvalGraphModule
+from rewriter.errors import ConfigError, InputError, RewriterError
 
 __all__ = ["LossScaler", "StepInfo", "make_scaler", "needs_loss_scaling"]
 
@@ -172,15 +170,16 @@ def needs_loss_scaling(model_or_precision: Any) -> tuple[bool, str]:
             return True, "fp16 gradients underflow below 2^-24 and overflow above 65504"
         return False, (f"{precision.value} computes in {meta.dtype_name(precision.island_dtype)}, whose "
                        "exponent range is fp32's: gradients neither underflow nor overflow, no scaling")
-    graphs = []
-    if isinstance(model_or_precision, TrainEvalGraphModule):
-        graphs = list(model_or_precision.graphs().values())
-    elif isinstance(model_or_precision, fx.GraphModule):
-        graphs = [model_or_precision.graph]
-    if not graphs:
+    from backends.torch_backend import graph_module_of  # unwraps compile/DDP/torch.compile wrappers
+
+    try:
+        gm = graph_module_of(model_or_precision)
+    except RewriterError:
+        gm = None
+    if gm is None:
         return False, "not a converted model: fp32 gradients need no scaling"
-    fp16 = [n for g in graphs for n in g.nodes
-            if (meta.get(n, meta.DECISION) or {}).get("dtype") == "float16"]
+    # a training conversion's `graph` is its training graph, the one gradients flow through
+    fp16 = [n for n in gm.graph.nodes if (meta.get(n, meta.DECISION) or {}).get("dtype") == "float16"]
     if fp16:
         return True, f"{len(fp16)} nodes compute in fp16: gradients need loss scaling"
     return False, ("no node computes in fp16 (bf16 has fp32's exponent range): gradients neither "

@@ -131,7 +131,8 @@ def convert(model: nn.Module, example_inputs: Any = None, example_kwargs: dict |
     if config.mode is Mode.TRAIN:  # a training and an evaluation graph on one set of fp32 parameters
         from rewriter.training import convert_train
 
-        gm, captured = convert_train(model, args, kwargs, config, calibration=calibration, say=say)
+        gm, captured = convert_train(model, args, kwargs, config, calibration=calibration, say=say,
+                                     fp8=fp8)
     else:
         say("capture", f"tracing {type(model).__name__}")
         captured = capture(model, args, kwargs, dynamic_batch=config.dynamic_batch, train=False)

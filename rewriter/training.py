@@ -75,7 +75,8 @@ class TrainEvalGraphModule(fx.GraphModule):
                  class_name: str = "TrainEvalGraphModule"):
         eval_graph = _repoint(eval_gm, train_gm)
         _init(self, train_gm, train_gm.graph, eval_graph, class_name)
-        self.meta = dict(getattr(train_gm, "meta", {}))
+        # the eval graph's record (calibration summary) too; the training graph's wins on a clash
+        self.meta = {**getattr(eval_gm, "meta", {}), **getattr(train_gm, "meta", {})}
 
     @property
     def eval_graph(self) -> fx.Graph:
@@ -219,8 +220,8 @@ def _repoint(eval_gm: fx.GraphModule, main: fx.GraphModule) -> fx.Graph:
 
 
 def convert_train(model: nn.Module, args: tuple, kwargs: dict, config: ConvertConfig, *,
-                  calibration=None, say: Callable[[str, str], None] = lambda step, text: None
-                  ) -> tuple[TrainEvalGraphModule, Captured]:
+                  calibration=None, say: Callable[[str, str], None] = lambda step, text: None,
+                  fp8=None) -> tuple[TrainEvalGraphModule, Captured]:
     """Capture and convert `model` in training and evaluation mode; one module runs both.
 
     Args:
@@ -229,6 +230,7 @@ def convert_train(model: nn.Module, args: tuple, kwargs: dict, config: ConvertCo
         config: the conversion configuration (mode "train").
         calibration: calibration batches; measured on the evaluation graph, applied to both.
         say: progress callback `say(step, text)`.
+        fp8: Fp8Options for precision="fp8" (FP8 training is not implemented: its GEMMs stay bf16).
 
     Returns:
         (the converted module, the Captured record of the training graph).
@@ -254,13 +256,13 @@ def convert_train(model: nn.Module, args: tuple, kwargs: dict, config: ConvertCo
         return lambda name, s, m: say(f"{mode}:{name}", f"{s:.2f}s{' (modified)' if m else ''}")
 
     eval_gm, train_gm = captured["eval"].graph_module, captured["train"].graph_module
-    PassManager(build_passes(config, calibration=calibration) + [TrainBatchNorm(config)],
-                on_pass=report("eval"))(eval_gm)
+    PassManager(build_passes(config, calibration=calibration, progress=say, fp8=fp8)
+                + [TrainBatchNorm(config)], on_pass=report("eval"))(eval_gm)
     # Measurements are not repeated on the training graph (dropout noise, statistics updates): the
     # decisions made on the eval graph are copied over and Assign applies them with the overrides.
     train_config = dataclasses.replace(config, tolerance=None, metric=None)
-    PassManager([TransferMeasurements(eval_gm)] + build_passes(train_config) + [TrainBatchNorm(config)],
-                on_pass=report("train"))(train_gm)
+    PassManager([TransferMeasurements(eval_gm)] + build_passes(train_config, fp8=fp8)
+                + [TrainBatchNorm(config)], on_pass=report("train"))(train_gm)
     gm = TrainEvalGraphModule(train_gm, eval_gm, class_name=type(model).__name__)
     gm.train(model.training)
     return gm, captured["train"]

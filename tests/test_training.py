@@ -86,6 +86,8 @@ def _rel(a, b):
 def test_parameters_are_fp32_trainable_shared_and_named_like_the_original(net, converted):
     gm = converted["fp16"]
     assert isinstance(gm, TrainEvalGraphModule) and gm.training == net.training
+    # convert ran the model in training mode, yet left its batch-norm statistics alone
+    assert int(net.bn.num_batches_tracked) == 0 and not net.bn.running_mean.any()
     params = dict(gm.named_parameters())
     assert list(params) == [n for n, _ in net.named_parameters()]
     assert set(gm.state_dict()) == set(net.state_dict())
@@ -229,6 +231,36 @@ def test_overrides_apply_to_both_graphs_in_train_mode(net):
     assert all(p.grad is not None for p in gm.parameters())
 
 
+class _Overflow(nn.Module):
+    """`big` produces ~1e5: over fp16's 65504, so calibration must keep it fp32."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.drop, self.big = nn.Linear(16, 32), nn.Dropout(0.1), nn.Linear(32, 32)
+        self.norm, self.head = nn.LayerNorm(32), nn.Linear(32, 4)
+        with torch.no_grad():
+            self.big.weight.mul_(1e5)
+
+    def forward(self, x):
+        return self.head(self.norm(self.big(self.drop(torch.relu(self.fc1(x))))))
+
+
+def test_calibration_decisions_apply_to_both_graphs_in_train_mode():
+    torch.manual_seed(0)
+    model, x = _Overflow(), torch.randn(8, 16)
+    calibration = [(torch.randn(8, 16),) for _ in range(2)]
+    gm = rewriter.convert(model, (x,), precision="fp16", mode="train", calibration=calibration)
+    for graph in gm.graphs().values():
+        linears = {meta.module_path(n): meta.get(n, meta.DECISION) for n in graph.nodes
+                   if n.op == "call_function" and n.target is torch.ops.aten.linear.default}
+        assert (linears["big"]["dtype"], linears["big"]["rule"]) == ("float32", "analysis:range")
+        assert linears["fc1"]["dtype"] == linears["head"]["dtype"] == "float16"
+    out = gm.train()(x)
+    assert out.isfinite().all()
+    out.sum().backward()
+    assert gm.big.weight.grad.isfinite().all()
+
+
 # ---------------------------------------------------------------- loss scaling
 
 
@@ -317,16 +349,32 @@ def test_bf16_needs_no_scaling_and_says_so(converted):
 # ---------------------------------------------------------------- distributed wrapping
 
 
-def test_converted_model_is_wrappable_by_ddp(converted, tmp_path):
+def test_converted_model_is_wrappable_by_ddp_and_fsdp2(converted, tmp_path):
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
+    from torch.distributed.fsdp import fully_shard
+
+    x, y = _data()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         ddp = nn.parallel.DistributedDataParallel(copy.deepcopy(converted["bf16"]).train())
-        x, y = _data()
         F.cross_entropy(ddp(x), y).backward()
         assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in ddp.parameters())
+
+        sharded = fully_shard(copy.deepcopy(converted["bf16"]).train())
+        opt = torch.optim.AdamW(sharded.parameters(), lr=1e-2)
+        losses = []
+        for _ in range(3):
+            opt.zero_grad()
+            loss = F.cross_entropy(sharded(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0]
+        assert [n for n, _ in sharded.named_parameters()] == [n for n, _ in converted["bf16"].named_parameters()]
+        sharded.eval()
+        assert torch.equal(sharded(x), sharded(x))
     finally:
         dist.destroy_process_group()
 

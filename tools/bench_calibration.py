@@ -1,11 +1,11 @@
 """Conversion time with calibration (ranges + accuracy-budget search) and forward runs it used.
 
 A 24-layer BERT-style encoder (transformers' BertModel, tiny width by default, random init) is
-converted to fp16 with `calibration=` and several `tolerance=` budgets (a fixed one, and fractions of
-the all-fp16 error, where the search has to keep nodes); the table shows, per device
-and budget: conversion time in all and of the two measuring passes, forward runs of the search (and
-its bound 6 + 2 k ceil(log2 n)), candidates, nodes kept fp32, and the error on the search batches and
-on held-out batches the conversion never saw (relative L2 of last_hidden_state vs fp32).
+converted to fp16 with `calibration=` and several `tolerance=` budgets: a fixed one, and fractions of
+the all-fp16 error, where the search has to keep nodes. Per device and budget the table shows the
+conversion time in all and of the two measuring passes, the search's forward runs and their cap
+(run_bound(n, 2) = 6 + 4 ceil(log2 n)), candidates, nodes kept fp32, and the error on the search
+batches and on held-out batches the conversion never saw (relative L2 of last_hidden_state vs fp32).
 
     python tools/bench_calibration.py                          # CPU
     python tools/bench_calibration.py --device cuda --width 256 --json out.json
@@ -69,7 +69,7 @@ def run_one(model, calibration, held_out, tolerance: float, device: str) -> dict
     return {
         "device": device, "tolerance": tolerance, "convert_s": round(total, 2),
         "ranges_s": info["ranges"]["seconds"], "search_s": search["seconds"], "runs": search["runs"],
-        "bound": search["bound"], "batch_forwards": search["batch_forwards"],
+        "bound": search["bound"], "cap": search["cap"], "batch_forwards": search["batch_forwards"],
         "candidates": search["candidates"], "kept": len(search["kept"]),
         "range_kept": len(info["ranges"]["kept"]), "all_fp16_error": search["all_low_error"],
         "error": search["error"], "held_out_error": held,
@@ -77,13 +77,13 @@ def run_one(model, calibration, held_out, tolerance: float, device: str) -> dict
 
 
 def _table(rows: list[dict]) -> str:
-    head = ("device", "budget", "convert s", "ranges s", "search s", "runs (bound)", "cands", "kept",
+    head = ("device", "budget", "convert s", "ranges s", "search s", "runs (cap)", "cands", "kept",
             "all-fp16 err", "search err", "held-out err")
     lines = [" | ".join(head), " | ".join("-" * len(h) for h in head)]
     for r in rows:
         lines.append(" | ".join([
             r["device"], f"{r['tolerance']:.0e}", f"{r['convert_s']:.1f}", f"{r['ranges_s']:.1f}",
-            f"{r['search_s']:.1f}", f"{r['runs']} ({r['bound']})", str(r["candidates"]), str(r["kept"]),
+            f"{r['search_s']:.1f}", f"{r['runs']} ({r['cap']})", str(r["candidates"]), str(r["kept"]),
             f"{r['all_fp16_error']:.1e}", f"{r['error']:.1e}", f"{r['held_out_error']:.1e}"]))
     return "\n".join(lines)
 

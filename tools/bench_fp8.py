@@ -122,28 +122,9 @@ def rel_l2(out, ref) -> float:
 
 
 def _timer(device, warmup: int, iters: int, repeats: int):
-    def run(fn) -> float:
-        with torch.no_grad():
-            for _ in range(warmup):
-                fn()
-            samples = []
-            for _ in range(repeats):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    for _ in range(iters):
-                        fn()
-                    end.record()
-                    torch.cuda.synchronize()
-                    samples.append(start.elapsed_time(end) / iters)
-                else:
-                    t0 = time.perf_counter()
-                    for _ in range(iters):
-                        fn()
-                    samples.append((time.perf_counter() - t0) * 1e3 / iters)
-        return statistics.median(samples)
-    return run
+    from bench import _timer as timer  # tools/bench.py: one CUDA-event timer for every benchmark
+
+    return timer(device, warmup, iters, repeats)
 
 
 def _bytes(module: nn.Module) -> int:

@@ -2,6 +2,10 @@
 the failing pass and the passes that ran before it, analysis passes that may not edit the graph."""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.fx as fx
@@ -169,3 +173,13 @@ def test_contract_violations_are_named(bad, reason):
         bad()(_gm())
     with pytest.raises(PassError, match=f"pass {bad.name} failed after \\[nothing\\]"):
         PassManager([bad()])(_gm())
+
+
+def test_passes_can_be_imported_before_rewriter():
+    # rewriter's init imports the pipeline, which imports the passes, which import rewriter.errors:
+    # importing a pass first must not meet a half-initialised passes.infra.
+    root = Path(__file__).resolve().parents[2]
+    for module in ("passes.infra", "passes.op_tables", "passes.rewrite.fold_casts"):
+        done = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=root, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
