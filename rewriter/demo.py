@@ -1,8 +1,9 @@
 """`rewrite demo`: the whole flow on a built-in model, no files and no network.
 
 The built-in model is a small transformer encoder written in plain PyTorch with an L2-normalised
-pooled embedding. Its sum of squares exceeds fp16's 65504 on ordinary inputs, so a blanket `.half()`
-returns inf/NaN while the converted model keeps that reduction in fp32 and stays finite.
+pooled embedding. Its sum of squares exceeds fp16's 65504 on ordinary inputs: under a blanket
+`.half()` it overflows to inf, `rsqrt(inf)` gives 0 and the output is silently wrong (about 58% relative
+error), while the converted model keeps pow/sum/rsqrt in fp32 and matches autocast.
 """
 from __future__ import annotations
 
