@@ -10,7 +10,6 @@ in nn_module_stack. When both fail, a CaptureError names the module and the sour
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import inspect
 import os
@@ -412,8 +411,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, *, dynamic_batch: bool 
     exc, where, _frame = export_error
     notes.append(f"torch.export failed in module '{where}' ({_first_line(exc, 160)}); "
                  "captured with torch.fx.symbolic_trace")
-    gm_copy = gm
-    return Captured(gm_copy, "torch.fx.symbolic_trace", True, notes, args, kwargs)
+    return Captured(gm, "torch.fx.symbolic_trace", True, notes, args, kwargs)
 
 
 def _capture_error(model, export_error, trace_exc) -> CaptureError:
