@@ -8,7 +8,7 @@ from rewriter import meta
 
 __all__ = ["input_nodes", "float_inputs", "is_param", "is_cast", "cast_target", "make_cast",
            "explicit_dtype", "is_tuple_getitem", "original_dtype", "natural_promotion", "ndim",
-           "is_metadata_assert"]
+           "is_metadata_assert", "attr_owner"]
 
 _CAST_TARGETS = (torch.ops.aten._to_copy.default,)
 
@@ -101,3 +101,9 @@ def natural_promotion(node: fx.Node) -> torch.dtype | None:
         dtype = meta.value_dtype(n)
         result = dtype if result is None else torch.promote_types(result, dtype)
     return result
+
+
+def attr_owner(gm: fx.GraphModule, target: str):
+    """(module, attribute name) that hold the tensor a get_attr target ("layer1.0.conv1.weight") names."""
+    path, _, name = str(target).rpartition(".")
+    return (gm.get_submodule(path) if path else gm), name

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from passes.graph_utils import cast_target, is_cast
+from passes.graph_utils import attr_owner, cast_target, is_cast
 from passes.infra import Pass, PassResult
 from rewriter import meta
 from rewriter.config import ConvertConfig, Mode
@@ -43,9 +43,6 @@ def _one_thread():
             torch.set_num_threads(before)
 
 
-def _owner(gm: fx.GraphModule, target: str):
-    path, _, name = target.rpartition(".")
-    return (gm.get_submodule(path) if path else gm), name
 
 
 class CastWeights(Pass):
@@ -68,7 +65,7 @@ class CastWeights(Pass):
                 by_target[str(node.target)].append(node)
         count = 0
         for target, getters in by_target.items():
-            module, name = _owner(gm, target)
+            module, name = attr_owner(gm, target)
             tensor = getattr(module, name, None)
             if not isinstance(tensor, torch.Tensor) or not meta.is_float_dtype(tensor.dtype):
                 continue

@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from passes.graph_utils import attr_owner
 from passes.infra import Pass, PassResult
 from rewriter import meta
 from rewriter.config import ConvertConfig, Mode
@@ -38,8 +39,7 @@ class ChannelsLast(Pass):
             decision = meta.get(node, meta.DECISION) or {}
             if decision.get("dtype") not in ("float16", "bfloat16") or weight.op != "get_attr":
                 continue
-            path, _, name = str(weight.target).rpartition(".")
-            module = gm.get_submodule(path) if path else gm
+            module, name = attr_owner(gm, weight.target)
             tensor = getattr(module, name)
             if tensor.dim() != 4 or tensor.is_contiguous(memory_format=torch.channels_last):
                 continue

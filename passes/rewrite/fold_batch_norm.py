@@ -17,6 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from passes.graph_utils import attr_owner
 from passes.infra import Pass, PassResult
 from rewriter import meta
 from rewriter.config import ConvertConfig, Mode
@@ -34,12 +35,9 @@ def _attr(gm: fx.GraphModule, node) -> torch.Tensor | None:
         return None
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         raise LookupError(node)
-    return getattr(*_owner(gm, node.target))
+    return getattr(*attr_owner(gm, node.target))
 
 
-def _owner(gm, target: str):
-    path, _, name = str(target).rpartition(".")
-    return (gm.get_submodule(path) if path else gm), name
 
 
 def _bn_parts(node):
@@ -97,14 +95,14 @@ class FoldBatchNorm(Pass):
                 new_w = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
                 new_b = ((bias if bias is not None else torch.zeros_like(rmean)) - rmean) * scale
                 new_b = new_b + (beta if beta is not None else 0)
-            module, wname = _owner(gm, conv.args[1].target)
+            module, wname = attr_owner(gm, conv.args[1].target)
             module._parameters[wname] = nn.Parameter(new_w.detach(), requires_grad=False)
             bias_target = f"{conv.args[1].target.rpartition('.')[0]}.bias".lstrip(".")
             if len(conv.args) > 2 and conv.args[2] is not None:
                 bias_target = conv.args[2].target
                 if len(conv.args[2].users) != 1:
                     bias_target += "_folded"
-            bmod, bname = _owner(gm, bias_target)
+            bmod, bname = attr_owner(gm, bias_target)
             bmod._parameters[bname] = nn.Parameter(new_b.detach(), requires_grad=False)
             with graph.inserting_before(conv):
                 bias_node = graph.get_attr(bias_target)
@@ -140,6 +138,6 @@ def _drop_unused_attrs(gm: fx.GraphModule) -> None:
                 dropped.add(str(node.target))
                 graph.erase_node(node)
     for target in dropped - used:
-        module, attr = _owner(gm, target)
+        module, attr = attr_owner(gm, target)
         module._parameters.pop(attr, None)
         module._buffers.pop(attr, None)

@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 
 from passes.analysis.fp8_cost import Fp8Options, gemm_operands, stored_weight
+from passes.graph_utils import attr_owner
 from passes.infra import Pass, PassResult
 from passes.rewrite.fp8_ops import E4M3_MAX, FP8_DTYPE, emulation_reason, fp8_linear_op, quantize_weight
 from rewriter import meta
@@ -36,9 +37,6 @@ from rewriter.config import ConvertConfig, Mode
 __all__ = ["Fp8Rewrite"]
 
 
-def _owner(gm: fx.GraphModule, target: str):
-    path, _, name = str(target).rpartition(".")
-    return (gm.get_submodule(path) if path else gm), name
 
 
 def _fake(shape, dtype) -> torch.Tensor:
@@ -124,7 +122,7 @@ class Fp8Rewrite(Pass):
 
     # ------------------------------------------------------------------ pieces
     def _quantize(self, gm, weight: fx.Node, nk: bool, per_channel: bool):
-        module, name = _owner(gm, weight.target)
+        module, name = attr_owner(gm, weight.target)
         tensor = getattr(module, name)
         w = tensor.detach() if nk else tensor.detach().t()
         w_fp8, w_scale = quantize_weight(w, per_channel)
@@ -154,7 +152,7 @@ class Fp8Rewrite(Pass):
     def _static_scale(self, gm, graph: fx.Graph, weight: fx.Node, record: dict, user: fx.Node) -> fx.Node:
         amax, margin = float(record["amax"]), float(record.get("margin", self.options.margin))
         dequant = torch.tensor(amax * margin / E4M3_MAX, dtype=torch.float32)
-        module, wname = _owner(gm, weight.target)
+        module, wname = attr_owner(gm, weight.target)
         name = _free_name(module, f"{wname}_fp8_x_scale")
         module.register_buffer(name, dequant)
         prefix = str(weight.target).rpartition(".")[0]
@@ -202,7 +200,7 @@ class Fp8Rewrite(Pass):
         """Delete the fp32 original of a quantized weight when no node reads it any more."""
         if any(n.op == "get_attr" and str(n.target) == target for n in gm.graph.nodes):
             return []
-        module, name = _owner(gm, target)
+        module, name = attr_owner(gm, target)
         if name in module._parameters:
             del module._parameters[name]
         elif name in module._buffers:
@@ -221,7 +219,7 @@ class Fp8Rewrite(Pass):
             for arg in n.args[1:3]:
                 if isinstance(arg, fx.Node) and str(arg.target) not in seen:
                     seen.add(str(arg.target))
-                    t = getattr(*_owner(gm, arg.target))
+                    t = getattr(*attr_owner(gm, arg.target))
                     if t.dtype == FP8_DTYPE:
                         fp8_bytes += t.numel()
                     else:
