@@ -6,6 +6,12 @@ layer_norm stay whole. When export fails, torch.fx.symbolic_trace plus shape pro
 parameterised leaf modules (Linear, Conv, norms, Embedding) inlined as functional calls so both paths
 give the same kind of graph: parameters as get_attr nodes, dtype/shape on every node, module path
 in nn_module_stack. When both fail, a CaptureError names the module and the source line.
+
+torch.export runs on a copy of the model in which every eligible nn.MultiheadAttention(batch_first=True)
+computes self-attention batch-first, without the sequence-first transposes and copies of its traced
+path (rewriter/attention_swap.py): same parameters, same module paths, the user's model untouched. The
+attention nodes it produced say so in meta.REWRITTEN ({"pass": "capture", ...}). Should export fail on
+that copy, it is retried on the model as it is.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rewriter.attention_swap import batch_first_copy, record_swaps
 from rewriter.errors import CaptureError, InputError
 
 __all__ = ["Captured", "capture", "normalize_inputs", "batch_dynamic_shapes"]
@@ -34,6 +41,8 @@ class Captured:
     notes: list[str]
     example_args: tuple
     example_kwargs: dict
+    # module paths of the nn.MultiheadAttention modules exported batch-first (attention_swap)
+    batch_first_attention: list[str] = dataclasses.field(default_factory=list)
 
 
 def normalize_inputs(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, dict]:
@@ -382,28 +391,46 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, *, dynamic_batch: bool 
     with _mode(model, train):
         with _buffers_restored(model, train):
             run_reference(model, args, kwargs)
-        export_error = None
-        with _track_modules(model) as tracker:
-            try:
+        # made under _mode, so the copy's modules carry the same train/eval flags
+        swapped_model, swapped = batch_first_copy(model)
+        export_error = swap_error = None
+        for target in ((swapped_model, model) if swapped else (model,)):
+            attempt_notes: list[str] = []
+            with _track_modules(target) as tracker:
                 try:
-                    ep = _export(model, args, kwargs, dynamic_batch)
+                    try:
+                        ep = _export(target, args, kwargs, dynamic_batch)
+                    except Exception as exc:
+                        if not dynamic_batch:
+                            raise
+                        attempt_notes.append(f"dynamic batch export failed ({_first_line(exc, 120)}); "
+                                             "captured with static shapes")
+                        ep = _export(target, args, kwargs, False)
                 except Exception as exc:
-                    if not dynamic_batch:
-                        raise
-                    notes.append(f"dynamic batch export failed ({_first_line(exc, 120)}); "
-                                 "captured with static shapes")
-                    ep = _export(model, args, kwargs, False)
-            except Exception as exc:
-                export_error = (exc, tracker.innermost(), _user_frame(exc))
+                    export_error = (exc, tracker.innermost(), _user_frame(exc))
+            if export_error is None:
+                notes.extend(attempt_notes)
+                if swap_error is not None:
+                    notes.append("export with batch-first nn.MultiheadAttention failed "
+                                 f"({_first_line(swap_error, 120)}); exported the attention as it is")
+                break
+            if target is swapped_model:
+                if not _may_be_the_swap(export_error[1], swapped):
+                    break  # it failed elsewhere: the model as it is would fail the same way
+                swap_error, export_error = export_error[0], None
         if export_error is None:
             gm = ep.module()
             _untie_parameters(gm, model)
             _views_to_reshapes(gm)
+            batch_first = record_swaps(gm, swapped_model) if target is swapped_model and swapped else []
+            if batch_first:
+                notes.append("nn.MultiheadAttention run batch-first (no transposes, same weights) at "
+                             + ", ".join(f"'{p}'" for p in batch_first))
             dynamic = _batch_is_dynamic(gm)
             if dynamic_batch and not dynamic:
                 notes.append("batch dimension is static (the model or an example batch of 1 fixed it); "
                              "use an example batch of 2 or more to keep it dynamic")
-            return Captured(gm, "torch.export", dynamic, notes, args, kwargs)
+            return Captured(gm, "torch.export", dynamic, notes, args, kwargs, batch_first)
         try:
             gm = _symbolic_trace(model, args, kwargs)
         except Exception as exc:
@@ -412,6 +439,14 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, *, dynamic_batch: bool 
     notes.append(f"torch.export failed in module '{where}' ({_first_line(exc, 160)}); "
                  "captured with torch.fx.symbolic_trace")
     return Captured(gm, "torch.fx.symbolic_trace", True, notes, args, kwargs)
+
+
+def _may_be_the_swap(where: str, swapped: list[str]) -> bool:
+    """Whether an export failure in module `where` may come from a batch-first attention module:
+    unless it is known to lie outside all of them, export is retried on the model as it is."""
+    if where == "<top level>":
+        return True
+    return any(where == p or where.startswith(p + ".") for p in swapped)
 
 
 def _capture_error(model, export_error, trace_exc) -> CaptureError:

@@ -9,7 +9,10 @@ module adds only what GradScaler lacks for a converted model:
   * `make_scaler(converted)` decides whether scaling is needed at all: only when some node computes in
     fp16. bf16 has fp32's exponent range, so its scaler is disabled and says why (`.reason`, one log line).
   * `step()` does unscale -> optional gradient clipping on the *unscaled* gradients -> step or skip ->
-    update, in the order the PyTorch AMP recipe requires, and reports what happened.
+    update, in the order the PyTorch AMP recipe requires, and reports what happened. It never waits
+    for the GPU: the scale and the skip flag stay on the device until read (`StepInfo` fields,
+    `.scale`, `.history`, `.skipped`), and are fetched in one transfer at least every 64 steps. With
+    a fused optimizer (AdamW(fused=True)) unscaling happens inside the optimizer kernel.
   * `history` records the scale over time (each change, with the step it happened at) and the skipped
     steps, for logs and plots.
 
@@ -23,7 +26,6 @@ Example:
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any, Iterable
 
@@ -36,10 +38,13 @@ __all__ = ["LossScaler", "StepInfo", "make_scaler", "needs_loss_scaling"]
 
 log = logging.getLogger("rewriter.loss_scale")
 
+_RESOLVE_EVERY = 64  # pending device-side step records are brought to the host at least this often
+_KEEP = 1024  # resolved per-step records kept for StepInfo
 
-@dataclasses.dataclass(frozen=True)
+
 class StepInfo:
-    """What one `LossScaler.step` did.
+    """What one `LossScaler.step` did. Reading a field waits for the GPU (the values live on the device
+    until then, so a training loop that does not read them never synchronises).
 
     Attributes:
         step: index of this step (0-based, counting skipped steps).
@@ -48,10 +53,29 @@ class StepInfo:
         grad_norm: total norm of the unscaled gradients before clipping (None without clipping).
     """
 
-    step: int
-    scale: float
-    skipped: bool
-    grad_norm: float | None = None
+    __slots__ = ("step", "_owner")
+
+    def __init__(self, step: int, owner: "LossScaler"):
+        self.step = step
+        self._owner = owner
+
+    def _record(self) -> dict:
+        return self._owner._record(self.step)
+
+    @property
+    def scale(self) -> float:
+        return self._record()["scale"]
+
+    @property
+    def skipped(self) -> bool:
+        return self._record()["skipped"]
+
+    @property
+    def grad_norm(self) -> float | None:
+        return self._record()["grad_norm"]
+
+    def __repr__(self) -> str:
+        return f"StepInfo(step={self.step}, scale={self.scale:g}, skipped={self.skipped}, grad_norm={self.grad_norm})"
 
 
 class LossScaler:
@@ -87,9 +111,12 @@ class LossScaler:
                                                 growth_factor=growth_factor, backoff_factor=backoff_factor,
                                                 growth_interval=growth_interval, enabled=self.enabled)
         self.steps = 0
-        self._scale = float(init_scale) if self.enabled else 1.0  # host copy, read once per step
-        self.history: list[tuple[int, float]] = [(0, float(init_scale) if self.enabled else 1.0)]
-        self.skipped: list[int] = []
+        self._scale = float(init_scale) if self.enabled else 1.0  # host copy as of the last resolve
+        self._history: list[tuple[int, float]] = [(0, float(init_scale) if self.enabled else 1.0)]
+        self._skipped: list[int] = []
+        # steps whose scale / norm still live on the device: (step, scale used, scale after, norm)
+        self._pending: list[tuple[int, Any, Any, Any]] = []
+        self._records: dict[int, dict] = {}  # resolved steps, the last `_KEEP` of them
         if not self.enabled:
             log.info("loss scaling disabled: %s", self.reason)
 
@@ -100,7 +127,20 @@ class LossScaler:
     @property
     def scale(self) -> float:
         """The current loss scale (1.0 when disabled)."""
+        self._resolve()
         return self._scale
+
+    @property
+    def history(self) -> list[tuple[int, float]]:
+        """[(step, scale)] at the start and at every change of the scale."""
+        self._resolve()
+        return self._history
+
+    @property
+    def skipped(self) -> list[int]:
+        """Indices of the steps skipped on inf/NaN gradients."""
+        self._resolve()
+        return self._skipped
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """`loss * scale` (the loss itself when disabled)."""
@@ -124,30 +164,59 @@ class LossScaler:
         """
         if not optimizers:
             raise InputError("LossScaler.step needs the optimizer(s): scaler.step(optimizer)")
-        used = self.scale
+        used = self.grad_scaler._get_scale_async().clone() if self.enabled else None
         norm = None
-        for opt in optimizers:
-            self.grad_scaler.unscale_(opt)  # no-op when disabled
         if max_grad_norm is not None:
+            for opt in optimizers:
+                self.grad_scaler.unscale_(opt)  # clipping needs unscaled gradients; a no-op when disabled
             params = list(parameters) if parameters is not None else [
                 p for opt in optimizers for group in opt.param_groups for p in group["params"]]
-            norm = float(nn.utils.clip_grad_norm_(params, max_grad_norm))
+            norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
         for opt in optimizers:
-            self.grad_scaler.step(opt)  # skips the step when unscale_ found inf/NaN
+            # Unscales, and skips the step when a gradient is inf/NaN. Fused optimizers (AdamW(fused=True))
+            # do both inside their kernel from device tensors, so no step waits for the GPU here.
+            self.grad_scaler.step(opt)
         self.grad_scaler.update()
-        now = self._scale = float(self.grad_scaler.get_scale()) if self.enabled else 1.0
-        # backoff_factor < 1 is enforced, so the scale drops exactly when inf/NaN was found
-        skipped = self.enabled and now < used
-        if skipped:
-            self.skipped.append(self.steps)
-        info = StepInfo(self.steps, used, skipped, norm)
+        after = self.grad_scaler._get_scale_async().clone() if self.enabled else None
+        self._pending.append((self.steps, used, after, norm))
+        info = StepInfo(self.steps, self)
         self.steps += 1
-        if now != self.history[-1][1]:
-            self.history.append((self.steps, now))
+        if len(self._pending) >= _RESOLVE_EVERY:
+            self._resolve()
         return info
+
+    def _resolve(self) -> None:
+        """Bring the pending steps' scales and norms to the host (one synchronisation for all)."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        tensors = [t for entry in pending for t in entry[1:] if isinstance(t, torch.Tensor)]
+        values = iter(torch.stack([t.reshape(()).float() for t in tensors]).tolist() if tensors else [])
+        for step, used, after, norm in pending:
+            used_f = next(values) if isinstance(used, torch.Tensor) else 1.0
+            after_f = next(values) if isinstance(after, torch.Tensor) else 1.0
+            norm_f = next(values) if isinstance(norm, torch.Tensor) else None
+            # backoff_factor < 1 is enforced, so the scale drops exactly when inf/NaN was found
+            skipped = self.enabled and after_f < used_f
+            if skipped:
+                self._skipped.append(step)
+            if after_f != self._history[-1][1]:
+                self._history.append((step + 1, after_f))
+            self._scale = after_f
+            self._records[step] = {"scale": used_f, "skipped": skipped, "grad_norm": norm_f}
+        for old in [k for k in self._records if k < self.steps - _KEEP]:
+            del self._records[old]
+
+    def _record(self, step: int) -> dict:
+        self._resolve()
+        if step not in self._records:
+            raise InputError(f"step {step}'s record is gone: a LossScaler keeps the last {_KEEP} steps; "
+                             "read StepInfo fields soon after the step, or use .history and .skipped")
+        return self._records[step]
 
     def state_dict(self) -> dict:
         """Everything needed to resume: GradScaler's state plus the history."""
+        self._resolve()
         return {"grad_scaler": self.grad_scaler.state_dict(), "steps": self.steps,
                 "history": list(self.history), "skipped": list(self.skipped)}
 
@@ -155,8 +224,9 @@ class LossScaler:
         self.grad_scaler.load_state_dict(state["grad_scaler"])
         self._scale = float(self.grad_scaler.get_scale()) if self.enabled else 1.0
         self.steps = state["steps"]
-        self.history = [tuple(h) for h in state["history"]]
-        self.skipped = list(state["skipped"])
+        self._pending, self._records = [], {}
+        self._history = [tuple(h) for h in state["history"]]
+        self._skipped = list(state["skipped"])
 
 
 def needs_loss_scaling(model_or_precision: Any) -> tuple[bool, str]:

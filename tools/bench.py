@@ -2,6 +2,9 @@
 
 Every variant runs in the same process on the same inputs and GPU; errors are relative L2 against strict
 fp32 (TF32 off), computed in float64. Latency: CUDA events, median of --repeats x --iters after --warmup.
+Every variant is built and warmed up first and stays alive; then --repeats rounds time one block of
+--iters calls of each variant in turn, and each latency is the median of its blocks, so the ratios
+compare variants measured side by side in time on a noisy shared machine.
 Per row: latency, speedup vs strict fp32 and vs autocast at the same dtype, achieved TFLOP/s and its
 fraction of the bf16 compute ceiling (FLOPs counted once per model and batch with
 torch.utils.flop_counter.FlopCounterMode; ceiling --peak-tflops, 790 = bf16 GEMM measured on an H100),
@@ -13,7 +16,7 @@ model, so a run that is cut off keeps what it measured; --plot writes a PNG (nee
 Variants: fp32 strict, tf32, then per dtype: autocast, .to(dtype), rewriter (eager), rewriter in each
 --modes backend (compile, cuda_graphs), and torch.compile(model.to(dtype)) when --modes has compile.
 
-    python tools/bench.py --device cuda --modes compile,cuda_graphs --batch default,1 \
+    python tools/bench.py --device cuda --modes compile,compile:reduce-overhead,cuda_graphs --batch default,1 \
         --out bench.json --plot bench.png                                 # the README table
     python tools/bench.py --device cpu --small --models bert --iters 2 --repeats 1 --warmup 1   # smoke
 """
@@ -179,14 +182,15 @@ def variants(model, args, kwargs, dtypes, modes, *, compile_mode=None, backend_o
             def ours_mode(dtype=dtype, short=short, mode=mode):
                 from backends.torch_backend import graph_module_of, optimize
 
+                base, _, own_mode = mode.partition(":")  # "compile:reduce-overhead" = compile + CUDA graphs
                 opts = dict(backend_options or {})
-                if mode == "compile" and compile_mode and "compile_mode" not in opts:
-                    opts["compile_mode"] = compile_mode
-                opts = {k: v for k, v in opts.items() if k in _mode_options(mode)}
-                fast = optimize(convert(dtype, short), mode=mode, **opts)
+                if base == "compile" and (own_mode or compile_mode) and "compile_mode" not in opts:
+                    opts["compile_mode"] = own_mode or compile_mode
+                opts = {k: v for k, v in opts.items() if k in _mode_options(base)}
+                fast = optimize(convert(dtype, short), mode=base, **opts)
                 return (lambda: fast(*args, **kwargs)), graph_module_of(fast)
             out.append((f"rewriter {short} {mode}", dtype, ours_mode))
-        if "compile" in modes:
+        if any(m.partition(":")[0] == "compile" for m in modes):
             def compiled(dtype=dtype, bargs=bargs, bkwargs=bkwargs):
                 b = copy.deepcopy(model).to(dtype)
                 c = torch.compile(b, mode=compile_mode)
@@ -207,19 +211,40 @@ def _free(device) -> None:
         torch.cuda.empty_cache()
 
 
-def _measure(fn, module, device, time_it, ref):
+def _prepare(fn, module, device, ref, warmup: int) -> dict:
+    """Error vs `ref` and memory of one variant, measured over its first call and `warmup` more."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
         out = _tensor_of(fn()).float()
-    ms = time_it(fn)
+        row = {"rel_l2": rel_l2(out, ref), "finite": bool(torch.isfinite(out).all())}
+        del out
+        for _ in range(warmup):
+            fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     work = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else 0
     params = _param_bytes(module)
-    return {"ms": ms, "rel_l2": rel_l2(out, ref), "finite": bool(torch.isfinite(out).all()),
-            "param_mb": params / 2**20, "work_mb": work / 2**20,
-            "peak_mb": (params + work) / 2**20 if device.type == "cuda" else None}
+    row.update(param_mb=params / 2**20, work_mb=work / 2**20,
+               peak_mb=(params + work) / 2**20 if device.type == "cuda" else None)
+    return row
+
+
+def _time_round_robin(live: list, time_block, repeats: int) -> None:
+    """Time every live variant in `repeats` rounds of one block each (v1, v2, ..., v1, v2, ...), so
+    machine noise spreads over all variants instead of landing on the ones timed during a slow spell;
+    each row gets the median of its blocks."""
+    samples: dict[int, list[float]] = {id(row): [] for row, _ in live}
+    for _ in range(repeats):
+        for row, fn in live:
+            _set_tf32(row["variant"] == "tf32")
+            samples[id(row)].append(time_block(fn))
+    _set_tf32(False)
+    for row, _ in live:
+        row["ms"] = statistics.median(samples[id(row)])
+        row["samples_ms"] = samples[id(row)]
 
 
 def _ratios(rows, flops, peak_tflops) -> None:
@@ -283,8 +308,9 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="resnet50,vit_b_16,bert,gpt2")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtypes", default="fp16,bf16")
-    p.add_argument("--modes", default="", help="backend modes of ours besides eager: compile,cuda_graphs "
-                   "(compile also adds the torch.compile(model.to(dtype)) baseline)")
+    p.add_argument("--modes", default="", help="backend modes of ours besides eager: compile,cuda_graphs, "
+                   "or compile:<torch.compile mode> for ours only, e.g. compile:reduce-overhead (compile with "
+                   "CUDA graphs); any compile mode also adds the torch.compile(model.to(dtype)) baseline")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode for ours and the baseline, "
                    "e.g. max-autotune-no-cudagraphs")
     p.add_argument("--backend-options", default=None, help='JSON options for our backends, e.g. '
@@ -305,7 +331,7 @@ def main(argv=None) -> int:
     modes = [m for m in a.modes.split(",") if m]
     batches = [None if b.strip() in ("default", "") else int(b) for b in a.batch.split(",")]
     backend_options = json.loads(a.backend_options) if a.backend_options else None
-    time_it = _timer(device, a.warmup, a.iters, a.repeats)
+    time_block = _timer(device, 0, a.iters, 1)  # one block of --iters calls, after _prepare's warm-up
     if modes:
         from torch import _dynamo
 
@@ -324,16 +350,16 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 ref = _tensor_of(model(*args, **kwargs)).float()
             flops = count_flops(model, args, kwargs)
-            rows = []
+            rows, live = [], []
             for vname, dtype, build in variants(model, args, kwargs, dtypes, modes,
                                                 compile_mode=a.compile_mode, backend_options=backend_options):
                 row = {"model": name, "batch": b, "variant": vname, "gflops": flops / 1e9}
                 _set_tf32(vname == "tf32")
                 try:
                     fn, module = build()
-                    row.update(_measure(fn, module, device, time_it, ref))
-                    print(f"  {vname:30s} {row['ms']:8.2f} ms  err {row['rel_l2']:.2e}", file=sys.stderr,
-                          flush=True)
+                    row.update(_prepare(fn, module, device, ref, a.warmup))
+                    live.append((row, fn))
+                    print(f"  {vname:30s} ready, err {row['rel_l2']:.2e}", file=sys.stderr, flush=True)
                 except Exception as exc:  # report and go on: one failing variant must not lose the run
                     row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:500]
                     print(f"  {vname:30s} FAILED {row['error']}", file=sys.stderr, flush=True)
@@ -344,8 +370,12 @@ def main(argv=None) -> int:
                 finally:
                     fn = module = None
                     _set_tf32(False)
-                    _free(device)
                 rows.append(row)
+            _time_round_robin(live, time_block, a.repeats)
+            for row, _ in live:
+                print(f"  {row['variant']:30s} {row['ms']:8.2f} ms  err {row['rel_l2']:.2e}", file=sys.stderr)
+            live.clear()
+            _free(device)
             _ratios(rows, flops, a.peak_tflops)
             results.extend(rows)
             del model, args, kwargs, ref

@@ -10,7 +10,8 @@ Models are built from their configs with random weights (no download):
 Every variant starts from the same initial weights and sees the same batches and dropout masks (the
 seed is set before each step), so its first --curve-steps losses can be compared with fp32's line by
 line. Step time: median over --repeats blocks of --iters steps after --warmup steps, timed with CUDA
-events around synchronised blocks (wall clock on CPU).
+events around synchronised blocks (wall clock on CPU). All variants stay alive and their blocks are
+timed round-robin, so machine noise spreads over every variant instead of landing on one.
 
     python tools/bench_train.py --device cuda --out out/bench_train.json     # H100: the real numbers
     python tools/bench_train.py --device cuda --compile                      # + torch.compile variants
@@ -19,6 +20,7 @@ events around synchronised blocks (wall clock on CPU).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import gc
 import json
@@ -186,44 +188,79 @@ def _time(step, batches, device, warmup: int, iters: int, repeats: int) -> list[
     return samples
 
 
+def _print_kernels(name: str, step, batch, device: torch.device, top: int) -> None:
+    """The `top` kernels of one training step (tools/profile_kernels.py), to see where the time goes."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from profile_kernels import kernel_table
+
+    total, rows = kernel_table(lambda: step(batch), device, steps=3, grad=True)
+    print(f"  {name}: {total / 1e3:.2f} ms of kernels per step, {len(rows)} kinds", file=sys.stderr)
+    for kname, us, n in rows[:top]:
+        print(f"    {us:9.1f} us  x{n:<4d} {kname[:100]}", file=sys.stderr)
+
+
 def bench_model(name: str, args, variants: list[Variant]) -> dict:
+    """Build every variant (loss curve first), then time them in interleaved blocks.
+
+    The device CPU and GPU are shared and noisy, and a training step is partly CPU-bound, so timing one
+    variant after another lets drift land on a single variant. Blocks of --iters steps are therefore
+    taken round-robin (v1, v2, ..., v1, v2, ...) --repeats times, and each variant's median is used:
+    the ratios compare steps measured side by side in time.
+    """
     device = torch.device(args.device)
     base, batches = build(name, args.small, device, args.batch, args.seq, seed=args.seed)
     init = {k: v.detach().clone() for k, v in base.state_dict().items()}
-    rows = []
+    rows, live = [], []
     for v in variants:
         if v.kind == "autocast" and v.dtype == torch.bfloat16 and device.type == "cuda" \
                 and not torch.cuda.is_bf16_supported():
             continue
         print(f"[bench_train] {name}: {v.name}", file=sys.stderr, flush=True)
         _set_tf32(v.tf32)
-        base.load_state_dict(init)
         row = {"variant": v.name}
         try:
-            step, info = _make_step(v, base, batches[0], device, args.lr)
+            # each variant trains its own copy from the same initial weights
+            model = copy.deepcopy(base)
+            model.load_state_dict(init)
+            step, info = _make_step(v, model, batches[0], device, args.lr)
             losses = []
             for s in range(args.curve_steps):  # the loss curve: same batches, same dropout masks
                 torch.manual_seed(args.seed + s)
                 losses.append(float(step(batches[s % len(batches)])))
-            samples = _time(step, batches, device, args.warmup, args.iters, args.repeats)
-            scaler = info.pop("scaler_obj")
-            row.update(step_ms=statistics.median(samples), samples_ms=samples, losses=losses,
-                       convert_s=info.get("convert_s"), scaler=info["scaler"],
-                       scale_history=getattr(scaler, "history", None)
-                       or ([(0, float(scaler.get_scale()))] if isinstance(scaler, torch.amp.GradScaler)
-                           else None),
-                       peak_mem_gb=(torch.cuda.max_memory_allocated(device) / 2 ** 30
-                                    if device.type == "cuda" else None))
-            del info, step
+            for i in range(args.warmup):
+                step(batches[i % len(batches)])
+            row.update(losses=losses, convert_s=info.get("convert_s"), scaler=info["scaler"])
+            live.append((v, row, step, info))
         except Exception as exc:  # report and go on with the other variants
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
             print(f"  failed: {row['error']}", file=sys.stderr)
         rows.append(row)
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
     _set_tf32(False)
+    samples: dict[str, list[float]] = {v.name: [] for v, *_ in live}
+    for r in range(args.repeats):
+        print(f"[bench_train] {name}: timing round {r + 1}/{args.repeats}", file=sys.stderr, flush=True)
+        for v, row, step, info in live:
+            _set_tf32(v.tf32)
+            samples[v.name] += _time(step, batches, device, 0, args.iters, 1)
+    _set_tf32(False)
+    for v, row, step, info in live:
+        scaler = info.get("scaler_obj")
+        row.update(step_ms=statistics.median(samples[v.name]), samples_ms=samples[v.name],
+                   scale_history=getattr(scaler, "history", None)
+                   or ([(0, float(scaler.get_scale()))] if isinstance(scaler, torch.amp.GradScaler) else None))
+        if args.profile:
+            _set_tf32(v.tf32)
+            _print_kernels(v.name, step, batches[0], device, args.profile)
+    _set_tf32(False)
+    if device.type == "cuda":
+        row_peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        print(f"[bench_train] {name}: peak memory of all variants alive together {row_peak:.1f} GiB",
+              file=sys.stderr)
+    live.clear()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     _compare(rows)
     return {"model": name, "batch": list(batches[0][0].shape), "rows": rows}
 
@@ -285,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default="", help="comma-separated substrings to keep, e.g. 'fp32,fp16'")
     parser.add_argument("--compile", action="store_true", help="add torch.compile'd autocast and ours")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also print the N kernels that take the most time in one step of each variant")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.small else 10)
