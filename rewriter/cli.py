@@ -4,13 +4,21 @@
     rewrite convert torchvision.models:resnet18 --input-shape 2,3,64,64 --precision bf16 -o r18.pt2
     rewrite convert model.pt --trust-pickle --precision fp16 -o model-fp16.onnx
     rewrite diff model.pt2 model-fp16.pt2 --html diff.html --json diff.json
+    rewrite convert model.pt2 --precision bf16 --backend compile --compile-mode max-autotune -o m.pt2
     rewrite bench model-fp16.pt2 --reference model.pt2
+    rewrite bench model-fp16.pt2 --backend compile --compile-mode reduce-overhead
     rewrite demo --precision bf16
+    rewrite demo --train                  # fp32 vs fp16 vs bf16 training: digits CNN, small transformer
 
 MODEL is a `.pt2` file (torch.export.save), a factory spec `package.module:callable` (called with no
 arguments; needs --input-shape), or a pickled full module (`.pt`/`.pth`) with --trust-pickle.
 Example inputs of a `.pt2` come from the shapes recorded in its placeholders; --input-shape (one per
 tensor input) overrides them.
+
+--backend eager|compile|cuda_graphs (and --compile-mode) choose how the converted graph runs
+(backends/torch_backend.py). It is a run-time choice: a .pt2 stores the converted graph, not compiled
+code, so `convert --backend` checks the choice, records it in the file's conversion record and `bench`
+applies the recorded backend (in Python: backends.torch_backend.optimize(rewriter.load(path), mode=...)).
 
 Exit codes: 0 success; 2 bad usage or bad input (missing or corrupt file, unknown precision, shape
 that does not fit, an existing output without --force: every `RewriterError`); 1 internal failure.
@@ -41,6 +49,8 @@ __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_INTERNAL", "EXIT_USAGE"]
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
 _PRECISIONS = ("fp16", "bf16", "fp8")
+_BACKENDS = ("eager", "compile", "cuda_graphs")  # = backends.torch_backend.MODES (not imported: --help stays fast)
+_TRAIN_PRECISIONS = ("fp32", "fp16", "bf16")
 _FACTORY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _EXAMPLES_KEY = "rewriter.example_inputs"  # GraphModule.meta key written by convert and io.load
 
@@ -74,6 +84,69 @@ def _dtype(text: str) -> str:
     return _DTYPES[key]
 
 
+def _backend(text: str) -> str:
+    """--backend: a mode of backends.torch_backend.optimize (aliases such as 'cuda-graphs' accepted)."""
+    from backends.torch_backend import check_options
+    from rewriter.errors import ConfigError
+
+    try:
+        return check_options(text)
+    except ConfigError:
+        raise argparse.ArgumentTypeError(
+            f"unknown backend {text!r}: write one of {', '.join(_BACKENDS)} (eager runs the converted "
+            "GraphModule as it is, compile runs it through torch.compile, cuda_graphs replays CUDA "
+            "graphs and needs a CUDA GPU)") from None
+
+
+def _compile_mode(text: str) -> str:
+    """--compile-mode: a torch.compile mode that inductor knows."""
+    from backends.torch_backend import check_options
+    from rewriter.errors import ConfigError
+
+    try:
+        check_options("compile", {"compile_mode": text})
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (torch.compile's mode=...)") from None
+    return text
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
+def _train_precisions(text: str) -> list[str]:
+    """--precisions: a comma-separated list from fp32, fp16, bf16 (order kept, duplicates dropped)."""
+    aliases = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
+    result: list[str] = []
+    for part in (p.strip().lower() for p in text.split(",")):
+        if not part:
+            continue
+        name = aliases.get(part, part)
+        if name not in _TRAIN_PRECISIONS:
+            raise argparse.ArgumentTypeError(
+                f"cannot train in {part!r}: write a comma-separated list from {', '.join(_TRAIN_PRECISIONS)}, "
+                "e.g. --precisions fp32,bf16 (fp32 is the unconverted model)")
+        if name not in result:
+            result.append(name)
+    if not result:
+        raise argparse.ArgumentTypeError("give at least one precision, e.g. --precisions fp32,fp16,bf16")
+    return result
+
+
+def _add_backend(p: argparse.ArgumentParser, help_text: str) -> None:
+    p.add_argument("--backend", type=_backend, default=None, metavar="{eager,compile,cuda_graphs}",
+                   help=help_text)
+    p.add_argument("--compile-mode", type=_compile_mode, default=None, metavar="MODE",
+                   help="torch.compile mode for --backend compile (implied when --backend is not given): "
+                        "default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs")
+
+
 def _add_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-shape", action="append", type=_shape, default=[], metavar="SHAPE",
                    help="shape of one tensor input, e.g. 8,3,224,224; repeat for several inputs")
@@ -105,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.save'd list of input tuples for measured decisions")
     p.add_argument("--tolerance", type=float, metavar="T", help="output error budget (needs --calibration)")
     p.add_argument("--force", action="store_true", help="overwrite OUT and REPORT if they exist")
+    _add_backend(p, "how the converted model is to run: eager (the GraphModule as it is; the default), "
+                    "compile (torch.compile) or cuda_graphs (captured and replayed; needs a CUDA GPU). A "
+                    ".pt2 holds the converted graph, not compiled code: the choice is checked here, "
+                    "recorded in the file, and applied when it runs (`rewrite bench` applies it; in "
+                    "Python backends.torch_backend.optimize(rewriter.load(OUT), mode=...)). .pt2 only")
     _add_inputs(p)
     p.set_defaults(func=_cmd_convert)
 
@@ -130,12 +208,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     p.add_argument("--repeat", type=int, default=20, help="timed runs per variant (20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs first (3)")
+    _add_backend(p, "also time the converted model run through this backend "
+                    "(backends.torch_backend.optimize): compile (torch.compile; the first call compiles, "
+                    "untimed) or cuda_graphs (needs a CUDA GPU and --device cuda); eager times the "
+                    "converted GraphModule only. Default: the backend recorded by `rewrite convert "
+                    "--backend`, else eager")
     _add_inputs(p)
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("demo", help="the whole flow on a built-in model, no files needed")
-    p.add_argument("--precision", choices=_PRECISIONS, default="fp16")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p = sub.add_parser(
+        "demo", help="the whole flow on a built-in model, no files needed; --train: mixed-precision training",
+        description="Convert a built-in transformer and compare it with fp32, torch.autocast and a blanket "
+                    "cast. With --train: train a small CNN on scikit-learn's digits and a small transformer "
+                    "on a synthetic task (reversing sequences) in fp32, fp16 and bf16 with "
+                    "rewriter.convert(mode='train'), from the same initial weights on the same batches, and "
+                    "print the loss curves, the fp16 loss scale over time, final accuracy and step time. "
+                    "The default --train run takes about a minute on a CPU; the digits task needs "
+                    "scikit-learn (pip install scikit-learn).")
+    p.add_argument("--precision", choices=_PRECISIONS, default=None,
+                   help="precision of the conversion demo (fp16); with --train use --precisions")
+    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    g = p.add_argument_group("training demo (--train)")
+    g.add_argument("--train", action="store_true",
+                   help="run the mixed-precision training demo instead of the conversion demo")
+    g.add_argument("--task", choices=("digits", "reverse", "all"), default=None,
+                   help="digits (CNN on scikit-learn's digits), reverse (transformer, synthetic) or all, "
+                        "the default")
+    g.add_argument("--precisions", type=_train_precisions, default=None, metavar="LIST",
+                   help="precisions to train in, comma-separated from fp32,fp16,bf16 (all three; fp32 is the "
+                        "unconverted model)")
+    g.add_argument("--steps", type=_positive_int, default=None, metavar="N",
+                   help="optimizer steps per run (digits 200, reverse 150)")
+    g.add_argument("--log-every", type=_positive_int, default=None, metavar="N",
+                   help="one loss-curve row every N steps, the mean of those steps (25)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="seed of the initial weights, the batches and dropout (0)")
+    g.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="CPU threads while training (on the CPU: 1, the fastest for these small models; "
+                        "else torch's default)")
+    g.add_argument("--growth-interval", type=_positive_int, default=None, metavar="N",
+                   help="clean fp16 steps before the loss scale doubles (50; GradScaler's default, 2000, "
+                        "would not move the scale within a short run)")
+    g.add_argument("--verbose", action="store_true", help="print every training step (to stderr)")
+    g.add_argument("--json", metavar="FILE", help="also write the settings and every run (losses, "
+                                                   "accuracy, step time, loss scale history) as JSON")
+    g.add_argument("--force", action="store_true", help="overwrite the --json file if it exists")
     p.set_defaults(func=_cmd_demo)
     return parser
 
@@ -528,6 +645,13 @@ def _cmd_convert(args, ui: _Ui) -> int:
         raise InputError(f"output {str(out)!r}: unknown file type {suffix or '(no suffix)'!r}; name it "
                          "'*.pt2' (torch.export program) or '*.onnx'")
     report = Path(args.report) if args.report else None
+    backend, backend_opts = _backend_choice(args)
+    if backend is not None and suffix == ".onnx":
+        raise InputError(f"--backend {backend} chooses how PyTorch runs a .pt2; {str(out)!r} is an ONNX file, "
+                         "which ONNX Runtime runs with its own execution providers: drop --backend, or "
+                         "write a .pt2")
+    if backend is not None:
+        _check_backend_here(backend)  # cuda_graphs without a GPU: refused before any work
     _check_outputs(ui, args.model, [(out, "output"), (report, "report")], args.force)
     exporter = _onnx_exporter() if suffix == ".onnx" else None
     calibration = _load_calibration(args.calibration) if args.calibration else None
@@ -544,7 +668,14 @@ def _cmd_convert(args, ui: _Ui) -> int:
         with contextlib.redirect_stderr(_ProgressStream(status, sys.stderr)):
             gm = rewriter.convert(loaded.model, ex_args, ex_kwargs, precision=args.precision,
                                   overrides=args.override or None, calibration=calibration,
-                                  tolerance=args.tolerance, progress=True)
+                                  tolerance=args.tolerance, progress=True, backend=backend or "eager",
+                                  backend_options=backend_opts or None)
+    if backend not in (None, "eager"):
+        from backends.torch_backend import graph_module_of
+
+        # the record (gm.meta["rewriter"]["config"]) names the backend; the checks, the diff and the
+        # file use the converted graph itself (compiling it here would only cost time)
+        gm = graph_module_of(gm)
 
     if loaded.kind == "pt2" and isinstance(gm.meta.get("rewriter"), dict):
         gm.meta["rewriter"]["model"] = _program_name(loaded)
@@ -589,6 +720,12 @@ def _cmd_convert(args, ui: _Ui) -> int:
                   f"{format_bytes(s.param_bytes_after)} (saved {pct:.0f}%)")
     table.add_row("error vs fp32", f"relative L2 {_fmt_err(rel)}, max abs {_fmt_err(max_abs)} "
                   "(example inputs)")
+    if backend not in (None, "eager"):
+        kwargs = "".join(f", {k}={v!r}" for k, v in backend_opts.items())
+        table.add_row("backend", f"{_backend_label(backend, backend_opts)}, recorded in {out.name}. A .pt2 "
+                      f"holds the converted graph, not compiled code: the backend is applied when the model "
+                      f"runs. `rewrite bench {out}` applies it; in Python: "
+                      f"backends.torch_backend.optimize(rewriter.load({str(out)!r}), mode={backend!r}{kwargs})")
     for note in s.notes:
         table.add_row("note", note)
     ui.out.print(table, markup=False, highlight=False)
@@ -632,6 +769,65 @@ def _cmd_diff(args, ui: _Ui) -> int:
 
 
 # ---------------------------------------------------------------------- bench
+
+
+def _device(text: "str | None"):
+    """--device: the torch.device it names (default: cuda when available, else cpu)."""
+    import torch
+
+    from rewriter.errors import InputError
+
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError as exc:
+        raise InputError(f"--device {text!r} is not a device: write cuda, cuda:0 or cpu") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {text}: no CUDA GPU is available here; use --device cpu")
+    if device.type not in ("cuda", "cpu"):
+        raise InputError(f"--device {text}: only cuda and cpu are supported here")
+    return device
+
+
+def _backend_choice(args) -> tuple["str | None", dict]:
+    """(--backend, its options) from --backend and --compile-mode; --compile-mode implies compile."""
+    from rewriter.errors import InputError
+
+    backend, mode = args.backend, args.compile_mode
+    if mode is not None:
+        if backend is None:
+            backend = "compile"
+        elif backend != "compile":
+            raise InputError(f"--compile-mode {mode} is an option of --backend compile, not of --backend "
+                             f"{backend}: drop --compile-mode, or use --backend compile")
+    return backend, ({"compile_mode": mode} if mode is not None else {})
+
+
+def _check_backend_here(backend: str, device=None) -> None:
+    """Refuse a backend this machine (or --device) cannot run, saying why (BackendError/InputError)."""
+    from backends.torch_backend import check_available
+    from rewriter.errors import BackendError, InputError
+
+    try:
+        check_available(backend)
+    except BackendError as exc:  # cuda_graphs without a CUDA GPU: the same reason, in CLI words
+        import torch
+
+        why = (f"this torch {torch.__version__} was built with CUDA {torch.version.cuda} but sees no GPU"
+               if torch.version.cuda else f"this torch {torch.__version__} is a CPU-only build")
+        later = (" To prepare a model for a GPU machine, convert it without --backend and choose the "
+                 "backend where it runs (rewrite bench MODEL --backend cuda_graphs)") if device is None else ""
+        raise BackendError(f"--backend {backend} replays CUDA graphs and needs a CUDA GPU, but "
+                           f"torch.cuda.is_available() is False here ({why}). On the CPU use --backend "
+                           f"eager or --backend compile.{later}") from exc
+    if backend == "cuda_graphs" and device is not None and device.type != "cuda":
+        raise InputError(f"--backend cuda_graphs replays CUDA graphs, so it runs on a GPU only; "
+                         f"--device {device} is not one: use --device cuda, or --backend compile on the CPU")
+
+
+def _backend_label(backend: str, options: dict) -> str:
+    return backend + "".join(f" {v}" if k == "compile_mode" else f" {k}={v}" for k, v in options.items())
 
 
 def _fp32_twin(loaded: _Loaded):
@@ -695,15 +891,10 @@ def _cmd_bench(args, ui: _Ui) -> int:
     from rewriter.errors import InputError
     from rewriter.pipeline import is_converted
 
-    if args.device is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError as exc:
-            raise InputError(f"--device {args.device!r} is not a device: write cuda, cuda:0 or cpu") from exc
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise InputError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
+    device = _device(args.device)
+    backend, backend_opts = _backend_choice(args)
+    if backend is not None:
+        _check_backend_here(backend, device)
     notes = []
     with ui.step(f"loading {args.model}"):
         loaded = _load_model(args.model, trust_pickle=args.trust_pickle)
@@ -731,11 +922,18 @@ def _cmd_bench(args, ui: _Ui) -> int:
             with contextlib.redirect_stderr(_ProgressStream(status, sys.stderr)):
                 converted = rewriter.convert(reference, ex_args, ex_kwargs, precision=precision,
                                              progress=True)
+    if backend is None:  # what `rewrite convert --backend` recorded, if anything
+        backend, backend_opts = _recorded_backend(converted, device, notes)
     low = Precision.parse(precision).island_dtype
     inputs = _to_device((ex_args, ex_kwargs), device)
     b_args, b_kwargs = inputs
     reference = reference.to(device)
     converted = converted.to(device)
+    run_backend = None
+    if backend not in (None, "eager"):
+        from backends.torch_backend import optimize
+
+        run_backend = optimize(converted, mode=backend, **backend_opts)
 
     def autocast_run():
         with torch.autocast(device_type=device.type, dtype=low):
@@ -746,15 +944,23 @@ def _cmd_bench(args, ui: _Ui) -> int:
                  autocast_run),
                 (f"converted {precision}", lambda: converted(*b_args, **b_kwargs))]
     weights = [_param_bytes(reference), _param_bytes(reference), _param_bytes(converted)]
+    if run_backend is not None:
+        variants.append((f"converted {precision} + {_backend_label(backend, backend_opts)}",
+                         lambda: run_backend(*b_args, **b_kwargs)))
+        weights.append(_param_bytes(converted))
     rows = []
     with torch.no_grad():
         expected = reference(*b_args, **b_kwargs)
-        for (name, fn), wbytes in zip(variants, weights):
-            with ui.step(f"measuring {name} on {device}"):
+        for i, ((name, fn), wbytes) in enumerate(zip(variants, weights)):
+            first = " (the first call compiles, untimed)" if i == 3 and backend == "compile" else \
+                " (the first call captures, untimed)" if i == 3 else ""
+            with ui.step(f"measuring {name} on {device}{first}"):
                 try:
                     out = fn()
                 except Exception as exc:
                     rows.append((name, "failed", "", format_bytes(wbytes), f"{type(exc).__name__}", ""))
+                    notes.append(f"{name} failed: {type(exc).__name__}: "
+                                 f"{(str(exc).strip().splitlines() or [''])[0][:400]}")
                     continue
                 rel, max_abs = _errors(expected, out)
                 ms, peak = _time(fn, args.warmup, args.repeat, device)
@@ -777,6 +983,27 @@ def _cmd_bench(args, ui: _Ui) -> int:
     return EXIT_OK
 
 
+def _recorded_backend(converted, device, notes: list) -> tuple["str | None", dict]:
+    """The backend a converted model's record names (`rewrite convert --backend`), if it can run here."""
+    from backends.torch_backend import check_options
+    from rewriter.errors import RewriterError
+
+    config = ((getattr(converted, "meta", None) or {}).get("rewriter") or {}).get("config") or {}
+    backend, options = config.get("backend"), dict(config.get("backend_options") or {})
+    if not backend or backend == "eager":
+        return None, {}
+    try:
+        backend = check_options(backend, options)
+        _check_backend_here(backend, device)
+    except RewriterError as exc:
+        notes.append(f"the model records backend {backend!r}, which cannot run here ({exc}); timed "
+                     "without it (choose one with --backend)")
+        return None, {}
+    notes.append(f"backend {_backend_label(backend, options)}: recorded by `rewrite convert --backend` "
+                 "(pass --backend eager to time the converted GraphModule only)")
+    return backend, options
+
+
 def _param_bytes(module) -> int:
     from rewriter.diff import parameter_bytes
 
@@ -787,13 +1014,123 @@ def _param_bytes(module) -> int:
 
 
 def _cmd_demo(args, ui: _Ui) -> int:
+    from rewriter.errors import InputError
+
+    training = {"--task": args.task, "--precisions": args.precisions, "--steps": args.steps,
+                "--log-every": args.log_every, "--seed": args.seed, "--threads": args.threads,
+                "--growth-interval": args.growth_interval, "--json": args.json,
+                "--verbose": args.verbose or None, "--force": args.force or None}
+    if args.train:
+        if args.precision is not None:
+            raise InputError(f"--precision {args.precision} picks the conversion demo's precision; the "
+                             "training demo trains in several: give them with --precisions, e.g. "
+                             "rewrite demo --train --precisions fp32,bf16")
+        return _cmd_train_demo(args, ui)
+    given = [flag for flag, value in training.items() if value is not None]
+    if given:
+        raise InputError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} to the training "
+                         f"demo: add --train (rewrite demo --train {given[0]} ...)")
     try:
         from rewriter.demo import run_demo
     except ImportError as exc:
         ui.error(f"the demo is not available in this installation ({exc})")
         return EXIT_INTERNAL
-    code = run_demo(precision=args.precision, device=args.device)
+    code = run_demo(precision=args.precision or "fp16", device=args.device)
     return EXIT_OK if code is None else int(code)
+
+
+_GROWTH_INTERVAL = 50   # the training demo's fp16 loss-scale growth interval (GradScaler's default: 2000)
+_LOG_EVERY = 25
+
+
+def _cmd_train_demo(args, ui: _Ui) -> int:
+    """`rewrite demo --train`: rewriter/train_demo.py's tasks, trained per precision, reported."""
+    import json
+    import math
+
+    import torch
+
+    from rewriter import train_demo as td
+    from rewriter.io import check_writable
+
+    device = _device(args.device)
+    names = list(td.TASKS) if args.task in (None, "all") else [args.task]
+    precisions = args.precisions or list(td.PRECISIONS)
+    if "digits" in names:
+        td.require_sklearn()  # before any work: the error names the package and the pip command
+    json_path = Path(args.json) if args.json else None
+    if json_path is not None:
+        check_writable(json_path, force=args.force, what="--json file")
+    seed = 0 if args.seed is None else args.seed
+    log_every = args.log_every or _LOG_EVERY
+    growth = args.growth_interval or _GROWTH_INTERVAL
+    threads = args.threads or (1 if device.type == "cpu" else None)
+    old_threads = torch.get_num_threads()
+    where = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+    sys.stdout.write(f"rewrite demo --train: {' vs '.join(precisions)} training with "
+                     f"rewriter.convert(mode='train') on {where}, torch {torch.__version__}"
+                     + (f", {threads} CPU thread{'s' if threads != 1 else ''}" if threads else "")
+                     + "; every precision starts from the same weights and sees the same batches\n\n")
+    sys.stdout.flush()
+    all_runs: list = []
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        for name in names:
+            with ui.step(f"{name}: preparing the data"):
+                task = td.make_task(name, seed=seed)
+            steps = args.steps or td.TASKS[name][1]
+            runs = [_train_one(ui, td, task, precision, steps, device, seed, growth, args.verbose)
+                    for precision in precisions]
+            sys.stdout.write(td.report(runs, log_every, task.title) + "\n\n")
+            sys.stdout.flush()
+            all_runs += runs
+    finally:
+        torch.set_num_threads(old_threads)
+    notes = []
+    if "fp16" in precisions:
+        notes.append(f"fp16 loss scale: dynamic (torch.amp.GradScaler through rewriter.loss_scale): it starts "
+                     f"at 65536, doubles after {growth} clean steps (--growth-interval; GradScaler's "
+                     "default, 2000, would not move within a short run) and halves on an inf/NaN "
+                     "gradient, whose step is skipped. bf16 and fp32 need no scaling.")
+    if device.type == "cpu":
+        notes.append("step times are measured on the CPU, where 16-bit kernels (fp16 above all) are often "
+                     "slower than fp32. Loss curves and accuracy are meaningful on any device.")
+    else:
+        notes.append("these models are tiny: their steps are bound by kernel launches, not arithmetic, so "
+                     "16-bit steps are not faster here; tools/bench_train.py times realistic sizes.")
+    bad = [r for r in all_runs if not all(math.isfinite(v) for v in r.losses[-1:])]
+    for r in bad:
+        notes.append(f"{r.task} {r.precision}: the final loss is not finite ({r.losses[-1]})")
+    for note in notes:
+        ui.out.print(f"note: {note}", markup=False, highlight=False)
+    if json_path is not None:
+        payload = {"device": str(device), "torch": torch.__version__, "threads": threads, "seed": seed,
+                   "growth_interval": growth, "precisions": precisions,
+                   "runs": [dataclasses.asdict(r) for r in all_runs]}
+        with _staged(json_path, args.force, "--json file") as tmp:
+            tmp.write_text(json.dumps(payload, indent=1), encoding="utf-8")
+        ui.out.print(f"wrote {json_path}", markup=False, highlight=False)
+    return EXIT_INTERNAL if bad else EXIT_OK
+
+
+def _train_one(ui: _Ui, td, task, precision: str, steps: int, device, seed: int, growth: int,
+               verbose: bool):
+    """One training run, with a progress line on stderr (a live step counter on a terminal)."""
+    label = f"{task.name}: training in {precision} on {device}, {steps} step{'s' if steps != 1 else ''}"
+    start = time.perf_counter()
+    with ui.err.status(_esc(label + " (converting)" if precision != "fp32" else label)) as status:
+        def on_step(step: int, loss: float, scale: float) -> None:
+            if step % 10 == 0 or step == steps - 1:
+                status.update(_esc(f"{label}: step {step + 1}/{steps}, loss {loss:.4f}"
+                                   + (f", loss scale {scale:g}" if precision == "fp16" else "")))
+
+        log = (lambda line: ui.err.print(line, markup=False, highlight=False)) if verbose else None
+        run = td.train(task, precision, steps=steps, device=device, seed=seed, growth_interval=growth,
+                       log=log, on_step=on_step)
+    ui.err.print(f"[green]\u2713[/green] {_esc(label)}: final loss {run.losses[-1]:.4f}, accuracy "
+                 f"{100 * run.accuracy:.1f}% [dim]({time.perf_counter() - start:.1f}s)[/dim]", highlight=False)
+    return run
 
 
 # ---------------------------------------------------------------------- entry point

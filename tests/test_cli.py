@@ -385,3 +385,151 @@ def test_help_and_usage_exit_codes(capsys):
     assert main(["--help"]) == 0
     assert main(["convert"]) == 2          # MODEL and -o missing
     assert main(["frobnicate"]) == 2
+
+
+# ---------------------------------------------------------------------- demo --train
+
+
+def test_demo_train_smallest_run_reports_each_precision(tmp_path, capsys):
+    """`rewrite demo --train` from the package (no tools/ on sys.path): the smallest digits run."""
+    js = tmp_path / "train.json"
+    threads = torch.get_num_threads()
+    code = main(["demo", "--train", "--task", "digits", "--steps", "2", "--log-every", "1",
+                 "--device", "cpu", "--json", str(js)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert torch.get_num_threads() == threads, "the demo left torch's thread count changed"
+    out = captured.out
+    assert "== digits" in out and "accuracy" in out and "loss scale" in out
+    for precision in ("fp32", "fp16", "bf16"):
+        assert any(line.strip().startswith(precision) and "%" in line for line in out.splitlines()), \
+            f"no accuracy row for {precision}:\n{out}"
+    assert "dynamic: 65536" in out          # fp16 scales the loss, bf16 says why it does not
+    assert "exponent range" in out
+    assert "digits: training in fp16" in captured.err     # progress lines on stderr
+    data = json.loads(js.read_text())
+    assert [r["precision"] for r in data["runs"]] == ["fp32", "fp16", "bf16"]
+    assert all(len(r["losses"]) == 2 and 0 <= r["accuracy"] <= 1 for r in data["runs"])
+    assert data["runs"][1]["scale_history"][0] == [0, 65536.0]
+    assert _leftovers(tmp_path) == []
+
+
+def test_demo_train_without_scikit_learn_exits_2_naming_the_package(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # `import sklearn` raises ImportError
+    assert main(["demo", "--train", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "scikit-learn" in err and "pip install scikit-learn" in err and "--task reverse" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["demo", "--steps", "3"], "add --train"),
+    (["demo", "--json", "x.json"], "add --train"),
+    (["demo", "--train", "--precision", "bf16"], "--precisions"),
+    (["demo", "--train", "--precisions", "fp8"], "cannot train in 'fp8'"),
+    (["demo", "--train", "--steps", "0"], "not a whole number"),
+    (["demo", "--train", "--task", "imagenet"], "invalid choice"),
+])
+def test_demo_train_bad_usage_exits_2(argv, expected, capsys):
+    assert main(argv) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_demo_train_json_is_not_overwritten_without_force(tmp_path, capsys):
+    js = tmp_path / "train.json"
+    js.write_text("precious")
+    assert main(["demo", "--train", "--task", "reverse", "--steps", "1", "--json", str(js)]) == 2
+    assert "already exists" in capsys.readouterr().err and js.read_text() == "precious"
+
+
+def test_tools_train_demo_is_a_thin_wrapper_of_the_command(monkeypatch):
+    import importlib.util
+
+    import rewriter.cli
+    import rewriter.train_demo as package
+
+    spec = importlib.util.spec_from_file_location("tools_train_demo", ROOT / "tools" / "train_demo.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.train is package.train and tool.digits_task is package.digits_task  # no copy
+    calls = []
+    monkeypatch.setattr(rewriter.cli, "main", lambda argv: calls.append(argv) or 0)
+    assert tool.main(["--steps", "5"]) == 0
+    assert calls == [["demo", "--train", "--steps", "5"]]
+
+
+# ---------------------------------------------------------------------- --backend / --compile-mode
+
+
+def test_backend_flags_parse_with_aliases():
+    from backends.torch_backend import MODES
+    from rewriter.cli import _BACKENDS, build_parser
+
+    assert _BACKENDS == MODES
+    parser = build_parser()
+    args = parser.parse_args(["bench", "m.pt2", "--backend", "cuda-graphs"])
+    assert args.backend == "cuda_graphs" and args.compile_mode is None
+    args = parser.parse_args(["convert", "m.pt2", "-o", "o.pt2", "--compile-mode", "max-autotune"])
+    assert args.backend is None and args.compile_mode == "max-autotune"  # implies compile, see below
+    for mode in MODES:
+        assert parser.parse_args(["bench", "m.pt2", "--backend", mode]).backend == mode
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["bench", MLP, "--input-shape", "4,16", "--backend", "tensorrt"], "unknown backend 'tensorrt'"),
+    (["bench", MLP, "--input-shape", "4,16", "--compile-mode", "turbo"], "unknown compile_mode 'turbo'"),
+    (["bench", MLP, "--input-shape", "4,16", "--backend", "eager", "--compile-mode", "max-autotune"],
+     "is an option of --backend compile"),
+    (["convert", MLP, "--input-shape", "4,16", "--backend", "compile", "-o", "{tmp}/m.onnx"],
+     "ONNX Runtime"),
+])
+def test_bad_backend_flags_exit_2(argv, expected, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cuda_graphs_without_a_gpu_is_refused_clearly(tmp_path, capsys):
+    out = tmp_path / "m.pt2"
+    if torch.cuda.is_available():  # a GPU machine: the CPU device is what cannot replay CUDA graphs
+        argv, expected = ["bench", MLP, "--input-shape", "4,16", "--backend", "cuda_graphs",
+                          "--device", "cpu"], "--device cpu"
+    else:
+        argv, expected = ["convert", MLP, "--input-shape", "4,16", "--backend", "cuda_graphs",
+                          "-o", str(out)], "needs a CUDA GPU"
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "--backend" in err, err
+    assert not out.exists()
+
+
+def _have_cxx() -> bool:
+    import shutil
+
+    return any(shutil.which(c) for c in filter(None, (os.environ.get("CXX"), "g++", "c++", "clang++")))
+
+
+@pytest.mark.skipif(not _have_cxx(), reason="torch.compile on the CPU needs a C++ compiler")
+def test_convert_records_the_backend_and_bench_applies_it(tmp_path, capsys):
+    out = tmp_path / "m.pt2"
+    assert main(["convert", MLP, "--input-shape", "4,16", "--compile-mode", "default", "-o", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "recorded in m.pt2" in stdout and "optimize(rewriter.load(" in stdout
+    gm = rewriter.load(out)                         # load still gives the converted GraphModule
+    assert isinstance(gm, torch.fx.GraphModule)
+    config = gm.meta["rewriter"]["config"]
+    assert config["backend"] == "compile" and config["backend_options"] == {"compile_mode": "default"}
+
+    # bench applies the recorded backend: an extra row, timed through torch.compile (tiny model: seconds)
+    assert main(["bench", str(out), "--repeat", "2", "--warmup", "1", "--device", "cpu"]) == 0
+    stdout = capsys.readouterr().out
+    row = [line for line in stdout.splitlines() if "converted fp16 + compile default" in line]
+    assert row and "failed" not in row[0], stdout
+    assert "recorded by `rewrite convert --backend`" in stdout
+
+    # --backend eager times the converted GraphModule only
+    assert main(["bench", str(out), "--repeat", "1", "--warmup", "0", "--device", "cpu",
+                 "--backend", "eager"]) == 0
+    assert "+ compile" not in capsys.readouterr().out
