@@ -580,13 +580,26 @@ def _rename_nodes(model, origin: dict) -> dict:
     return names
 
 
+def _static_values(model) -> set:
+    """Values that depend on no graph input's data: initializers, constants, shapes, and what nodes
+    compute from those alone (the exporter builds e.g. SDPA's is_causal mask this way, in fp32)."""
+    static = set(model.graph.initializers.values())
+    for node in model.graph:  # topological order
+        if node.op_type in ("Shape", "Size") or all(v is None or v in static for v in node.inputs):
+            static.update(v for v in node.outputs if v is not None)
+    return static
+
+
 def _check_decisions(model, origin: dict) -> list[str]:
     """ONNX nodes whose floating inputs/outputs are not in the dtype the rewriter decided."""
     problems = []
+    static = _static_values(model)
     for node in model.graph:
         gm_node = origin.get(node)
         if gm_node is None or _is_cast(node):
             continue
+        if all(v is None or v in static for v in node.inputs):
+            continue  # built from constants and shapes only (e.g. the causal mask of is_causal=True)
         decision = meta.get(gm_node, meta.DECISION)
         if not decision or gm_node.target is torch.ops.aten._to_copy.default:
             continue

@@ -11,7 +11,8 @@ from passes.analysis import Assign, Classify, Ranges, Sensitivity
 from passes.analysis._calibration import as_batches
 from passes.analysis.fp8_cost import Fp8Cost, Fp8Options
 from passes.infra import Pass, PassManager
-from passes.rewrite import CastWeights, ChannelsLast, FoldBatchNorm, FoldCasts, InsertCasts
+from passes.rewrite import (CastWeights, CausalAttention, ChannelsLast, FoldBatchNorm, FoldCasts, FuseGelu,
+                            InsertCasts)
 from rewriter import meta
 from rewriter.capture import capture, normalize_inputs
 from rewriter.config import ConvertConfig, Mode, Precision
@@ -47,7 +48,8 @@ def build_passes(config: ConvertConfig, *, calibration=None, reference_fn=None, 
     receives their per-batch and per-run progress. precision="fp8" adds Fp8Cost after Assign and the
     Fp8 rewrite before CastWeights, configured by `fp8` (passes/analysis/fp8_cost.Fp8Options).
     """
-    analysis: list[Pass] = [FoldBatchNorm(config), Classify()]
+    # canonicalisations first (exact rewrites of the captured graph), then batch-norm folding
+    analysis: list[Pass] = [CausalAttention(), FuseGelu(), FoldBatchNorm(config), Classify()]
     if calibration is not None:
         batches = as_batches(calibration)  # once, so a generator can feed both passes
         analysis.append(Ranges(batches, config, progress=progress))

@@ -236,6 +236,7 @@ def convert_train(model: nn.Module, args: tuple, kwargs: dict, config: ConvertCo
         (the converted module, the Captured record of the training graph).
     """
     from passes.analysis.transfer import TransferMeasurements
+    from passes.rewrite import FoldBatchNorm
     from passes.infra import PassManager
     from passes.rewrite.train_batch_norm import TrainBatchNorm
     from rewriter.pipeline import build_passes  # pipeline imports this module lazily
@@ -261,8 +262,11 @@ def convert_train(model: nn.Module, args: tuple, kwargs: dict, config: ConvertCo
     # Measurements are not repeated on the training graph (dropout noise, statistics updates): the
     # decisions made on the eval graph are copied over and Assign applies them with the overrides.
     train_config = dataclasses.replace(config, tolerance=None, metric=None)
-    PassManager([TransferMeasurements(eval_gm)] + build_passes(train_config, fp8=fp8)
-                + [TrainBatchNorm(config)], on_pass=report("train"))(train_gm)
+    passes = build_passes(train_config, fp8=fp8)
+    # after the canonicalisations (causal_attention, fuse_gelu), so both graphs have the same fused nodes
+    at = next(i for i, p in enumerate(passes) if isinstance(p, FoldBatchNorm))
+    passes.insert(at, TransferMeasurements(eval_gm))
+    PassManager(passes + [TrainBatchNorm(config)], on_pass=report("train"))(train_gm)
     gm = TrainEvalGraphModule(train_gm, eval_gm, class_name=type(model).__name__)
     gm.train(model.training)
     return gm, captured["train"]

@@ -1,8 +1,11 @@
 """Rewrite passes: edit the graph from the annotations written by the analysis passes."""
 from passes.rewrite.cast_weights import CastWeights
+from passes.rewrite.causal_attention import CausalAttention
 from passes.rewrite.channels_last import ChannelsLast
 from passes.rewrite.fold_batch_norm import FoldBatchNorm
 from passes.rewrite.fold_casts import FoldCasts
+from passes.rewrite.fuse_gelu import FuseGelu
 from passes.rewrite.insert_casts import InsertCasts
 
-__all__ = ["FoldBatchNorm", "InsertCasts", "FoldCasts", "CastWeights", "ChannelsLast"]
+__all__ = ["CausalAttention", "FuseGelu", "FoldBatchNorm", "InsertCasts", "FoldCasts", "CastWeights",
+           "ChannelsLast"]
