@@ -80,6 +80,17 @@ def _rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+def assert_grads_like_autocast(ours: dict, ref: dict, amp: dict, precision: str) -> None:
+    """Every gradient is fp32 (master weights), within GRAD_FLOOR of fp32's and no more than
+    VS_AUTOCAST times autocast's error."""
+    assert set(ours) == set(ref)
+    for name in ref:
+        assert ours[name].dtype == torch.float32, name
+        err, amp_err = _rel(ours[name], ref[name]), _rel(amp[name], ref[name])
+        assert err <= GRAD_FLOOR[precision], (name, err)
+        assert err <= VS_AUTOCAST * amp_err + 1e-4, (name, err, amp_err)
+
+
 # ---------------------------------------------------------------- master weights and structure
 
 
@@ -113,12 +124,7 @@ def test_gradients_match_fp32_as_closely_as_autocast(net, converted, precision, 
     ref = _grads(model, x, y)
     amp = _grads(model, x, y, autocast_dtype=dtype)
     ours = _grads(copy.deepcopy(converted[precision]).train(), x, y)
-    assert set(ours) == set(ref)
-    for name in ref:
-        assert ours[name].dtype == torch.float32, name
-        err, amp_err = _rel(ours[name], ref[name]), _rel(amp[name], ref[name])
-        assert err <= GRAD_FLOOR[precision], (name, err)
-        assert err <= VS_AUTOCAST * amp_err + 1e-4, (name, err, amp_err)
+    assert_grads_like_autocast(ours, ref, amp, precision)
 
 
 def test_master_weights_stay_fp32_after_optimizer_steps(net, converted):
