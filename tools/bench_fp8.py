@@ -8,7 +8,8 @@ Models (random init; --small swaps in tiny configs for a CPU smoke run):
     bert_base    BERT-base, b32 s128                      the cost model must keep BF16: >= 1.0x
     vit_b_16     ViT-B/16, b64                            the cost model must keep BF16: >= 1.0x
 
-Variants per model (each built, timed and freed in turn; a variant that fails is reported, the others run):
+Variants per model (all built and warmed up first, then timed round-robin, one block of --iters calls
+of each in turn, --repeats rounds, median per variant; a variant that fails is reported, the others run):
     fp32 strict              reference for the error (TF32 off)
     ours bf16                rewriter.convert(precision="bf16")
     ours fp8                 rewriter.convert(precision="fp8"): the cost model decides per GEMM (eager costs)
@@ -122,9 +123,14 @@ def rel_l2(out, ref) -> float:
 
 
 def _timer(device, warmup: int, iters: int, repeats: int):
+    """timer(fn) -> ms (warm-up, then the median of `repeats` blocks), plus `.block(fn)`: one block of
+    `iters` calls without warm-up, and the settings, for round-robin timing of whole models."""
     from bench import _timer as timer  # tools/bench.py: one CUDA-event timer for every benchmark
 
-    return timer(device, warmup, iters, repeats)
+    run = timer(device, warmup, iters, repeats)
+    run.block = timer(device, 0, iters, 1)
+    run.warmup, run.repeats = warmup, repeats
+    return run
 
 
 def _bytes(module: nn.Module) -> int:
@@ -177,8 +183,7 @@ def _variants(model, args, kwargs, small: bool, compile_on: bool):
 
     def convert(precision, fp8=None):
         key = (precision, fp8)
-        if key not in cache:
-            cache.clear()  # one converted model alive at a time (the bf16 one serves eager and compile)
+        if key not in cache:  # the bf16 model serves eager and compile; all stay alive for the timing rounds
             t0 = time.perf_counter()
             cache[key] = rewriter.convert(model, args, kwargs, precision=precision, fp8=fp8)
             print(f"    converted {precision}{' ' + str(fp8) if fp8 else ''} in "
@@ -219,13 +224,15 @@ def _variants(model, args, kwargs, small: bool, compile_on: bool):
 
 
 def _bench_model(name, args_ns, device, timer):
+    """Build every variant (error, FP8 counts, warm-up), then time them round-robin (tools/bench.py)."""
+    from bench import _time_round_robin
+
     model, args, kwargs = build(name, args_ns.small, device)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     with torch.no_grad():
         reference = model(*args, **kwargs)
-    rows = []
-    base: dict = {}
+    rows, live = [], []
     for label, mode, make in _variants(model, args, kwargs, args_ns.small, args_ns.compile_on):
         row = {"model": name, "variant": label, "mode": mode}
         try:
@@ -234,9 +241,11 @@ def _bench_model(name, args_ns, device, timer):
                 fn, module, extra = make()
                 with torch.no_grad():
                     out = fn()
-                row["error_vs_fp32"] = rel_l2(out, reference)
-                row["finite"] = bool(torch.isfinite(_tensor(out).float()).all())
-                row["ms"] = timer(fn)
+                    row["error_vs_fp32"] = rel_l2(out, reference)
+                    row["finite"] = bool(torch.isfinite(_tensor(out).float()).all())
+                    del out
+                    for _ in range(timer.warmup):
+                        fn()
             row["weight_bytes"] = _bytes(module)
             if label.startswith("ours fp8"):
                 fp8, gemms, rules = _fp8_counts(extra)
@@ -244,8 +253,7 @@ def _bench_model(name, args_ns, device, timer):
                             "emulated": bool(extra.meta.get("rewriter.fp8", {}).get("emulated"))})
             elif label.startswith("torchao"):
                 row["fp8_gemms"] = extra
-            if label.startswith("ours bf16"):
-                base[mode] = row["ms"]
+            live.append((row, fn))
         except ImportError as exc:
             row["error"] = f"n/a ({exc.name or exc} not installed)"
         except Exception as exc:  # noqa: BLE001 - one failing variant must not hide the others
@@ -254,11 +262,15 @@ def _bench_model(name, args_ns, device, timer):
                 traceback.print_exc()
         finally:
             fn = module = extra = None  # noqa: F841
-            _free(device)
         rows.append(row)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _time_round_robin(live, timer.block, timer.repeats)
+    base = {row["mode"]: row["ms"] for row, _ in live if row["variant"].startswith("ours bf16")}
     for row in rows:
         if "ms" in row and row["mode"] in base and row["variant"] != "fp32 strict":
             row["speedup_vs_ours_bf16"] = base[row["mode"]] / row["ms"]
+    live.clear()
     del model
     _free(device)
     return rows
