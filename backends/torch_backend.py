@@ -61,6 +61,7 @@ __all__ = [
     "graph_module_of",
     "check_options",
     "check_available",
+    "no_gpu_reason",
     "input_signature",
     "capture_problems",
     "TorchBackendModule",
@@ -158,10 +159,15 @@ def check_available(mode: Any) -> None:
     `rewriter.convert` calls it before capturing, so a conversion is not wasted.
     """
     if _mode_name(mode) == "cuda_graphs" and not torch.cuda.is_available():
-        why = (f"this torch {torch.__version__} was built with CUDA {torch.version.cuda} but sees no GPU"
-               if torch.version.cuda else f"this torch {torch.__version__} is a CPU-only build")
         raise BackendError(f"backend 'cuda_graphs' needs a CUDA GPU: torch.cuda.is_available() is False "
-                           f"({why}). On the CPU use backend='eager' or backend='compile'.")
+                           f"({no_gpu_reason()}). On the CPU use backend='eager' or backend='compile'.")
+
+
+def no_gpu_reason() -> str:
+    """Why torch sees no CUDA GPU here, in one clause (for error messages)."""
+    if torch.version.cuda:
+        return f"this torch {torch.__version__} was built with CUDA {torch.version.cuda} but sees no GPU"
+    return f"this torch {torch.__version__} is a CPU-only build"
 
 
 def optimize(gm: Any, mode: str = "eager", **opts: Any) -> nn.Module:

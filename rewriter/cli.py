@@ -806,16 +806,13 @@ def _backend_choice(args) -> tuple["str | None", dict]:
 
 def _check_backend_here(backend: str, device=None) -> None:
     """Refuse a backend this machine (or --device) cannot run, saying why (BackendError/InputError)."""
-    from backends.torch_backend import check_available
+    from backends.torch_backend import check_available, no_gpu_reason
     from rewriter.errors import BackendError, InputError
 
     try:
         check_available(backend)
     except BackendError as exc:  # cuda_graphs without a CUDA GPU: the same reason, in CLI words
-        import torch
-
-        why = (f"this torch {torch.__version__} was built with CUDA {torch.version.cuda} but sees no GPU"
-               if torch.version.cuda else f"this torch {torch.__version__} is a CPU-only build")
+        why = no_gpu_reason()
         later = (" To prepare a model for a GPU machine, convert it without --backend and choose the "
                  "backend where it runs (rewrite bench MODEL --backend cuda_graphs)") if device is None else ""
         raise BackendError(f"--backend {backend} replays CUDA graphs and needs a CUDA GPU, but "

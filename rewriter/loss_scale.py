@@ -114,8 +114,9 @@ class LossScaler:
         self._scale = float(init_scale) if self.enabled else 1.0  # host copy as of the last resolve
         self._history: list[tuple[int, float]] = [(0, float(init_scale) if self.enabled else 1.0)]
         self._skipped: list[int] = []
-        # steps whose scale / norm still live on the device: (step, scale used, scale after, norm)
-        self._pending: list[tuple[int, Any, Any, Any]] = []
+        # steps whose results still live on the device: (step, scale after the step's update, norm);
+        # the scale a step used is the one after the step before (or init_scale)
+        self._pending: list[tuple[int, Any, Any]] = []
         self._records: dict[int, dict] = {}  # resolved steps, the last `_KEEP` of them
         if not self.enabled:
             log.info("loss scaling disabled: %s", self.reason)
@@ -164,7 +165,6 @@ class LossScaler:
         """
         if not optimizers:
             raise InputError("LossScaler.step needs the optimizer(s): scaler.step(optimizer)")
-        used = self.grad_scaler._get_scale_async().clone() if self.enabled else None
         norm = None
         if max_grad_norm is not None:
             for opt in optimizers:
@@ -178,7 +178,7 @@ class LossScaler:
             self.grad_scaler.step(opt)
         self.grad_scaler.update()
         after = self.grad_scaler._get_scale_async().clone() if self.enabled else None
-        self._pending.append((self.steps, used, after, norm))
+        self._pending.append((self.steps, after, norm))
         info = StepInfo(self.steps, self)
         self.steps += 1
         if len(self._pending) >= _RESOLVE_EVERY:
@@ -192,8 +192,8 @@ class LossScaler:
         pending, self._pending = self._pending, []
         tensors = [t for entry in pending for t in entry[1:] if isinstance(t, torch.Tensor)]
         values = iter(torch.stack([t.reshape(()).float() for t in tensors]).tolist() if tensors else [])
-        for step, used, after, norm in pending:
-            used_f = next(values) if isinstance(used, torch.Tensor) else 1.0
+        for step, after, norm in pending:
+            used_f = self._scale
             after_f = next(values) if isinstance(after, torch.Tensor) else 1.0
             norm_f = next(values) if isinstance(norm, torch.Tensor) else None
             # backoff_factor < 1 is enforced, so the scale drops exactly when inf/NaN was found

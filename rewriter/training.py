@@ -236,8 +236,8 @@ def convert_train(model: nn.Module, args: tuple, kwargs: dict, config: ConvertCo
         (the converted module, the Captured record of the training graph).
     """
     from passes.analysis.transfer import TransferMeasurements
-    from passes.rewrite import FoldBatchNorm
     from passes.infra import PassManager
+    from passes.rewrite import FoldBatchNorm
     from passes.rewrite.train_batch_norm import TrainBatchNorm
     from rewriter.pipeline import build_passes  # pipeline imports this module lazily
 

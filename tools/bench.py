@@ -232,18 +232,21 @@ def _prepare(fn, module, device, ref, warmup: int) -> dict:
     return row
 
 
-def _time_round_robin(live: list, time_block, repeats: int) -> None:
-    """Time every live variant in `repeats` rounds of one block each (v1, v2, ..., v1, v2, ...), so
+def _time_round_robin(live: list, time_block, repeats: int, *, key: str = "ms", on_round=None) -> None:
+    """Time every live (row, fn) in `repeats` rounds of one block each (v1, v2, ..., v1, v2, ...), so
     machine noise spreads over all variants instead of landing on the ones timed during a slow spell;
-    each row gets the median of its blocks."""
+    each row gets the median of its blocks as row[key] and the blocks as row["samples_ms"]. A row named
+    "tf32" runs with TF32 on. `on_round(i)` is called before round i (progress)."""
     samples: dict[int, list[float]] = {id(row): [] for row, _ in live}
-    for _ in range(repeats):
+    for i in range(repeats):
+        if on_round is not None:
+            on_round(i)
         for row, fn in live:
             _set_tf32(row["variant"] == "tf32")
             samples[id(row)].append(time_block(fn))
     _set_tf32(False)
     for row, _ in live:
-        row["ms"] = statistics.median(samples[id(row)])
+        row[key] = statistics.median(samples[id(row)])
         row["samples_ms"] = samples[id(row)]
 
 

@@ -33,7 +33,6 @@ import copy
 import gc
 import json
 import os
-import statistics
 import sys
 import time
 import traceback

@@ -25,7 +25,6 @@ import dataclasses
 import gc
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -190,7 +189,6 @@ def _time(step, batches, device, warmup: int, iters: int, repeats: int) -> list[
 
 def _print_kernels(name: str, step, batch, device: torch.device, top: int) -> None:
     """The `top` kernels of one training step (tools/profile_kernels.py), to see where the time goes."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from profile_kernels import kernel_table
 
     total, rows = kernel_table(lambda: step(batch), device, steps=3, grad=True)
@@ -236,25 +234,28 @@ def bench_model(name: str, args, variants: list[Variant]) -> dict:
             print(f"  failed: {row['error']}", file=sys.stderr)
         rows.append(row)
     _set_tf32(False)
-    samples: dict[str, list[float]] = {v.name: [] for v, *_ in live}
-    for r in range(args.repeats):
-        print(f"[bench_train] {name}: timing round {r + 1}/{args.repeats}", file=sys.stderr, flush=True)
-        for v, row, step, info in live:
-            _set_tf32(v.tf32)
-            samples[v.name] += _time(step, batches, device, 0, args.iters, 1)
-    _set_tf32(False)
+    from bench import _time_round_robin  # tools/bench.py: one round-robin timer for every benchmark
+
+    def block(step) -> float:
+        return _time(step, batches, device, 0, args.iters, 1)[0]
+
+    def progress(i: int) -> None:
+        print(f"[bench_train] {name}: timing round {i + 1}/{args.repeats}", file=sys.stderr, flush=True)
+
+    _time_round_robin([(row, step) for v, row, step, info in live], block, args.repeats, key="step_ms",
+                      on_round=progress)
     for v, row, step, info in live:
         scaler = info.get("scaler_obj")
-        row.update(step_ms=statistics.median(samples[v.name]), samples_ms=samples[v.name],
-                   scale_history=getattr(scaler, "history", None)
-                   or ([(0, float(scaler.get_scale()))] if isinstance(scaler, torch.amp.GradScaler) else None))
+        row["scale_history"] = (getattr(scaler, "history", None)
+                                or ([(0, float(scaler.get_scale()))]
+                                    if isinstance(scaler, torch.amp.GradScaler) else None))
         if args.profile:
             _set_tf32(v.tf32)
             _print_kernels(v.name, step, batches[0], device, args.profile)
     _set_tf32(False)
     if device.type == "cuda":
-        row_peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
-        print(f"[bench_train] {name}: peak memory of all variants alive together {row_peak:.1f} GiB",
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        print(f"[bench_train] {name}: peak memory of all variants alive together {peak:.1f} GiB",
               file=sys.stderr)
     live.clear()
     gc.collect()

@@ -30,7 +30,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from passes.graph_utils import is_metadata_assert
+from passes.graph_utils import is_metadata_assert, original_dtype
 from passes.infra import Pass, PassResult
 from passes.op_tables import OpClass, is_exact, op_class, op_name
 from rewriter import meta
@@ -176,8 +176,7 @@ def _match(act: fx.Node):
     nodes = [*nodes, act, *more]
     if x in nodes or final in nodes or any(len(n.users) != 1 for n in nodes):
         return None  # an intermediate value is read elsewhere: it must stay
-    x_dtype = getattr(x.meta.get("val", x.meta.get("tensor_meta")), "dtype", None)
-    out_dtype = getattr(final.meta.get("val", final.meta.get("tensor_meta")), "dtype", None)
+    x_dtype, out_dtype = original_dtype(x), original_dtype(final)
     if x_dtype is None or x_dtype != out_dtype or not x_dtype.is_floating_point:
         return None
     readers = _tensor_core_readers(final)
