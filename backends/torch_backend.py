@@ -8,7 +8,9 @@
 The same choice is `rewriter.convert(..., backend="compile", backend_options={...})`.
 
 Modes:
-  eager        the converted `torch.fx.GraphModule` itself (no wrapper). Takes no options.
+  eager        the converted `torch.fx.GraphModule` itself (no wrapper), given the fast forward of
+               backends/fast_forward.py: the same graph and kernels without the per-op Python
+               overhead of the standard fx forward (which still runs under tracing). Takes no options.
   compile      `torch.compile` of the converted graph (fullgraph by default: a graph break is an error,
                never a silent partial fallback). When the conversion kept the batch dimension dynamic,
                dimension 0 of every tensor input is marked dynamic, so a new batch size does not
@@ -53,6 +55,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
+from backends import fast_forward
 from rewriter.errors import BackendError, ConfigError, InputError, describe_node
 
 __all__ = [
@@ -196,6 +199,7 @@ def optimize(gm: Any, mode: str = "eager", **opts: Any) -> nn.Module:
     name = check_options(mode, opts)
     gm = graph_module_of(gm)
     if name == "eager":
+        fast_forward.install(gm)
         return gm
     if name == "compile":
         return CompiledModule(gm, **opts)

@@ -387,6 +387,10 @@ def _load_program(path: Path) -> fx.GraphModule:
     if ep.example_inputs is not None:  # the inputs the program was exported with
         args, kwargs = ep.example_inputs
         gm.meta[_EXAMPLES_KEY] = (tuple(args), dict(kwargs))
+    if text:  # a converted model runs eagerly as convert() returned it: with the fast forward
+        from backends import fast_forward
+
+        fast_forward.install(gm)
     return gm
 
 
@@ -421,8 +425,8 @@ def load(path: "str | os.PathLike", *, trust_pickle: bool = False) -> nn.Module:
 
     Returns:
         For `.pt2`: a torch.fx.GraphModule called like the original model; for a converted model its
-        nodes carry the rewriter's annotations and `gm.meta["rewriter"]` the conversion record.
-        For a pickle: the module it holds.
+        nodes carry the rewriter's annotations and `gm.meta["rewriter"]` the conversion record, and
+        it runs with the eager fast forward (backends/fast_forward.py). For a pickle: the module it holds.
 
     Example:
         >>> gm = rewriter.load("model-fp16.pt2")

@@ -157,13 +157,11 @@ def convert(model: nn.Module, example_inputs: Any = None, example_kwargs: dict |
 
 
 def _apply_backend(model, config: ConvertConfig):
-    """The converted GraphModule run by `config.backend`: itself for eager, else a wrapper of it."""
+    """The converted GraphModule run by `config.backend`: itself for eager (with the fast forward of
+    backends/fast_forward.py), else a wrapper of it."""
     from backends.torch_backend import graph_module_of, optimize
 
-    gm = graph_module_of(model)
-    if config.backend == "eager" and model is gm:
-        return gm
-    return optimize(gm, mode=config.backend, **config.backend_kwargs())
+    return optimize(graph_module_of(model), mode=config.backend, **config.backend_kwargs())
 
 
 def _reporter(enabled: bool):
