@@ -13,6 +13,11 @@ Before: x(fp32) -> _to_copy(fp16) -> linear(fp16) -> _to_copy(fp32) -> layer_nor
 After:  x(fp32) -> Cast(to=FLOAT16) -> MatMul/Add(fp16, fp16 initializers) -> Cast(to=FLOAT)
         -> LayerNormalization(fp32)
 
+The fusions read the form ONNX Runtime's own exports have, so the onnxscript step first rewrites (dtypes
+untouched): Reshape -> Gemm -> Reshape (addmm on a flattened activation, GPT-2's Conv1D) as MatMul + Add,
+and Shape(intermediate) as Shape(graph input) where the dims allow (the is_causal mask reads Shape(q));
+after it, MatMul + Add + Split + MultiHeadAttention becomes one packed-QKV Attention.
+
 Every ONNX node is renamed "<module path>/<fx node>[/<OpType>]" after the node of the converted
 GraphModule it came from, so `rewrite diff` output and the ONNX graph can be read side by side.
 After the export each ONNX node is checked against the DECISION of its fx node: a node that computes
@@ -719,7 +724,7 @@ def _runs_like(before, after, feeds: dict) -> str | None:
     try:
         fused = ort.InferenceSession(after.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        return f"the fused graph does not load in ONNX Runtime ({str(exc).strip().splitlines()[0][:200]})"
+        return f"the fused graph does not load in ONNX Runtime ({str(exc).strip().splitlines()[0][:400]})"
     if not feeds:
         return None
     try:
@@ -774,6 +779,288 @@ def _name_fused_nodes(before, after) -> None:
         node.name = name
 
 
+def _const_ints(value) -> list[int] | None:
+    """The values of a constant 1-D int tensor (a Reshape's shape), else None."""
+    tensor = None if value is None else value.const_value
+    if tensor is None:
+        return None
+    try:
+        data = tensor.numpy()
+    except Exception:  # a tensor type numpy cannot read
+        return None
+    return [int(d) for d in data.reshape(-1)] if data.ndim == 1 else None
+
+
+def _same_dims(a, b) -> bool:
+    """Two dimensions known equal: equal ints, or the same named symbolic dimension."""
+    if isinstance(a, int) or isinstance(b, int):
+        return a == b
+    return getattr(a, "value", None) is not None and getattr(a, "value", None) == getattr(b, "value", None)
+
+
+def _flattened_gemm(gemm):
+    """(x, w, bias, out_reshape, shape) when `gemm` is Reshape(x, [-1, K]) -> Gemm(., W[, C]) ->
+    Reshape(., shape[:-1] + [N]) with plain attributes (alpha=beta=1, no transposes, W 2-D, C 1-D):
+    MatMul(Reshape(x, shape), W) + C then computes the same values, `shape` (leading dims and K) None when
+    x already has it. Else None."""
+    attrs = {k: v.value for k, v in gemm.attributes.items()}
+    if gemm.domain not in ("", "ai.onnx") or attrs.get("transA", 0) or attrs.get("transB", 0) \
+            or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+        return None
+    flat, w = gemm.inputs[0], gemm.inputs[1]
+    bias = gemm.inputs[2] if len(gemm.inputs) > 2 else None
+    reshape = flat.producer() if flat is not None else None
+    if reshape is None or reshape.op_type != "Reshape" or len(flat.uses()) != 1 or w is None \
+            or w.shape is None or w.shape.rank() != 2 or not isinstance(w.shape[0], int):
+        return None
+    if bias is not None and (bias.shape is None or bias.shape.rank() > 1):
+        return None  # a 2-D bias may differ per row: it does not broadcast like a MatMul output
+    if _const_ints(reshape.inputs[1]) != [-1, w.shape[0]]:
+        return None
+    uses = list(gemm.outputs[0].uses())
+    if len(uses) != 1 or uses[0].node.op_type != "Reshape" or uses[0].idx != 0:
+        return None
+    out_reshape = uses[0].node
+    target = _const_ints(out_reshape.inputs[1])
+    # the output Reshape splits the flattened rows again: a -1 (or ints) before the last dim, which is N
+    if target is None or len(target) < 3 or target[-1] != w.shape[1] or 0 in target \
+            or target.count(-1) > 1 or -1 in target[-1:]:
+        return None
+    x = reshape.inputs[0]
+    shape = target[:-1] + [w.shape[0]]
+    if x is not None and x.shape is not None and x.shape.rank() == len(shape) and all(
+            t == -1 or _same_dims(t, d) for t, d in zip(shape, x.shape.dims)) and _same_dims(x.shape[-1], shape[-1]):
+        shape = None  # x is already (rows..., K): no Reshape needed
+    return x, w, bias, out_reshape, shape
+
+
+def _take_over(old, new) -> None:
+    """`new` replaces `old` for every reader and as a graph output, under `old`'s name."""
+    name = old.name
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    old.name, new.name = f"{name}__unused", name
+
+
+def _unflatten_gemms(model) -> int:
+    """Rewrite Reshape(x, [-1, K]) -> Gemm(W, C) -> Reshape(rows..., N) as MatMul(x', W) -> Add(C), with x'
+    x viewed as (rows..., K).
+
+    torch's addmm on a flattened activation (GPT-2's Conv1D) exports as the Gemm form; ONNX Runtime's
+    fusions read the MatMul form: the attention fusions match up to the Reshape before the output
+    projection and then feed it a (B, S, D) tensor, which a Gemm (rank 2 only) refuses, and the bias
+    fusions (SkipLayerNormalization, FastGelu, attention bias) look for MatMul + Add. Same dtype, same
+    kernel (a MatMul of a 3-D input by a 2-D weight is one GEMM). Returns how many were rewritten.
+    """
+    import numpy as np
+    import onnx_ir as ir
+
+    graph = model.graph
+    count = 0
+    for gemm in [n for n in graph if n.op_type == "Gemm"]:
+        found = _flattened_gemm(gemm)
+        if found is None:
+            continue
+        x, w, bias, out_reshape, shape = found
+        result, flat_reshape = out_reshape.outputs[0], gemm.inputs[0].producer()
+        new_nodes = []
+        if shape is not None:
+            const = ir.Value(name=f"{result.name}__rows_k", const_value=ir.tensor(np.array(shape, np.int64)))
+            graph.register_initializer(const)
+            view = ir.node("Reshape", [x, const], name=f"{flat_reshape.name}/Reshape")
+            view.outputs[0].dtype = x.dtype
+            new_nodes.append(view)
+            x = view.outputs[0]
+            x.name = f"{result.name}__in"
+        matmul = ir.node("MatMul", [x, w], name=f"{gemm.name}/MatMul")
+        new_nodes.append(matmul)
+        value = matmul.outputs[0]
+        if bias is not None:
+            add = ir.node("Add", [value, bias], name=f"{gemm.name}/Add")
+            new_nodes.append(add)
+            value.name, value.dtype, value.shape = f"{result.name}__matmul", result.dtype, result.shape
+            value = add.outputs[0]
+        value.dtype, value.shape = result.dtype, result.shape
+        graph.insert_after(out_reshape, new_nodes)
+        _take_over(result, value)
+        for node in (out_reshape, gemm, flat_reshape):
+            if not any(o.uses() or o.is_graph_output() for o in node.outputs):
+                graph.remove(node, safe=True)
+        count += 1
+    return count
+
+
+def _shape_pieces(value, start, end, sources: dict):
+    """The dims `Shape(value, start, end)` returns, as ints or (graph input, axis) of the same named
+    dimension; None when a dim is neither (unknown, or a symbol no graph input has)."""
+    if value is None or value.shape is None:
+        return None
+    dims = list(value.shape.dims)
+    rank = len(dims)
+    lo = max(0, min(rank, start + rank if start < 0 else start))
+    hi = rank if end is None else max(0, min(rank, end + rank if end < 0 else end))
+    pieces = []
+    for d in dims[lo:hi]:
+        if isinstance(d, int):
+            pieces.append(d)
+        elif getattr(d, "value", None) in sources:
+            pieces.append(sources[d.value])
+        else:
+            return None
+    return pieces
+
+
+def _shapes_from_inputs(model) -> int:
+    """Read each Shape of an intermediate tensor from the graph inputs instead, when every dimension it
+    returns is a number or a named dimension of an input ('batch').
+
+    The exporter builds masks from shapes, e.g. the causal mask of SDPA(is_causal=True) from Shape(q) and
+    Shape(k): those extra readers of q and k keep the fusions from replacing the attention subgraph
+    ("matched nodes have other uses"). Integers only: no float value changes. Returns how many Shapes
+    were rewritten.
+    """
+    import numpy as np
+    import onnx_ir as ir
+
+    graph = model.graph
+    sources: dict = {}
+    for value in graph.inputs:
+        for axis, d in enumerate(value.shape.dims if value.shape is not None else ()):
+            if getattr(d, "value", None):
+                sources.setdefault(d.value, (value, axis))
+    count = 0
+    for node in [n for n in graph if n.op_type == "Shape" and n.domain in ("", "ai.onnx")]:
+        value = node.inputs[0]
+        if value is None or value.producer() is None:
+            continue  # a graph input or an initializer already
+        start = node.attributes["start"].as_int() if "start" in node.attributes else 0
+        end = node.attributes["end"].as_int() if "end" in node.attributes else None
+        pieces = _shape_pieces(value, start, end, sources)
+        if not pieces:
+            continue
+        parts, new_nodes = [], []
+        for k, piece in enumerate(pieces):
+            if isinstance(piece, int):
+                const = ir.Value(name=f"{node.outputs[0].name}__dim{k}",
+                                 const_value=ir.tensor(np.array([piece], np.int64)))
+                graph.register_initializer(const)
+                parts.append(const)
+            else:
+                inp, axis = piece
+                shape = ir.node("Shape", [inp], {"start": axis, "end": axis + 1}, name=f"{node.name}/dim{k}")
+                new_nodes.append(shape)
+                parts.append(shape.outputs[0])
+        if len(parts) == 1 and new_nodes:
+            result = parts[0]
+        else:
+            concat = ir.node("Concat", parts, {"axis": 0}, name=f"{node.name}/from_inputs")
+            new_nodes.append(concat)
+            result = concat.outputs[0]
+        for v in (n.outputs[0] for n in new_nodes):
+            v.dtype = ir.DataType.INT64
+        result.shape = node.outputs[0].shape
+        graph.insert_before(node, new_nodes)
+        _take_over(node.outputs[0], result)
+        graph.remove(node, safe=True)
+        count += 1
+    return count
+
+
+def _packed_qkv(mha):
+    """(x, w, bias, nodes) when the q, k, v of MultiHeadAttention `mha` are the three equal parts of one
+    Split of MatMul(x, W) [+ bias] and nothing else reads them (`nodes`: that Split, Add, MatMul); else None."""
+    import onnx_ir as ir
+
+    if mha.domain != "com.microsoft" or len(mha.inputs) < 3 or any(
+            v is not None for i, v in enumerate(mha.inputs) if i in (3, 4) or i >= 6):
+        return None  # a packed bias, key padding mask, past or cache already set: not the plain form
+    q, k, v = mha.inputs[:3]
+    split = q.producer() if q is not None else None
+    if split is None or split.op_type != "Split" or list(split.outputs) != [q, k, v] \
+            or any(len(o.uses()) != 1 for o in split.outputs):
+        return None
+    y = split.inputs[0]
+    axis = split.attributes["axis"].as_int() if "axis" in split.attributes else 0
+    if y is None or y.shape is None or y.shape.rank() != 3 or axis not in (2, -1) \
+            or not isinstance(y.shape[2], int) or y.shape[2] % 3 or len(y.uses()) != 1:
+        return None
+    width = y.shape[2]
+    sizes = _const_ints(split.inputs[1]) if len(split.inputs) > 1 and split.inputs[1] is not None else None
+    if sizes is not None and sizes != [width // 3] * 3:
+        return None
+    nodes, bias, producer = [split], None, y.producer()
+    if producer is not None and producer.op_type == "Add":
+        a, b = producer.inputs
+        a, b = (a, b) if b is not None and b.const_value is not None else (b, a)
+        if a is None or b is None or b.const_value is None or b.shape is None or list(b.shape.dims) != [width] \
+                or len(a.uses()) != 1:
+            return None
+        nodes.append(producer)
+        bias, producer = b, a.producer()
+    if producer is None or producer.op_type != "MatMul":
+        return None
+    nodes.append(producer)
+    x, w = producer.inputs
+    if x is None or w is None or w.const_value is None or w.shape is None or list(w.shape.dims)[1:] != [width] \
+            or x.shape is None or x.shape.rank() != 3 or w.dtype != x.dtype \
+            or x.dtype not in (ir.DataType.FLOAT16, ir.DataType.FLOAT) or (bias is not None and bias.dtype != x.dtype):
+        return None
+    return x, w, bias, nodes
+
+
+def _pack_attention(model) -> int:
+    """MatMul(x, W_qkv) [+ b] -> Split(3) -> MultiHeadAttention(q, k, v, mask) as one Attention(x, W_qkv, b,
+    mask): ONNX Runtime's packed-QKV attention (the form BERT fuses to), which adds the bias while it
+    lays out q, k, v for the attention kernel instead of an Add and a Split over the whole projection.
+    Same dtype everywhere (the inputs', checked); a zero bias of that dtype where the model has none.
+    Returns how many were packed."""
+    import numpy as np
+    import onnx_ir as ir
+
+    graph = model.graph
+    count = 0
+    for mha in [n for n in graph if n.op_type == "MultiHeadAttention"]:
+        found = _packed_qkv(mha)
+        if found is None:
+            continue
+        x, w, bias, nodes = found
+        if bias is None:
+            zeros = np.zeros(w.shape[1], np.float16 if x.dtype == ir.DataType.FLOAT16 else np.float32)
+            bias = ir.Value(name=f"{mha.outputs[0].name}__qkv_bias", const_value=ir.tensor(zeros))
+            graph.register_initializer(bias)
+        mask = mha.inputs[5] if len(mha.inputs) > 5 else None
+        attrs = {"num_heads": mha.attributes["num_heads"].as_int()}
+        if "scale" in mha.attributes:
+            attrs["scale"] = mha.attributes["scale"].as_float()
+        if "mask_filter_value" in mha.attributes:
+            attrs["mask_filter_value"] = mha.attributes["mask_filter_value"].as_float()
+        attention = ir.node("Attention", [x, w, bias, None, None, mask], attrs, domain="com.microsoft",
+                            name=mha.name.replace("MultiHeadAttention", "Attention"))
+        out, new = mha.outputs[0], attention.outputs[0]
+        new.dtype, new.shape = out.dtype, out.shape
+        graph.insert_before(mha, attention)
+        _take_over(out, new)
+        for node in [mha] + nodes:  # readers first: Split, Add, MatMul
+            if not any(o.uses() or o.is_graph_output() for o in node.outputs):
+                graph.remove(node, safe=True)
+        count += 1
+    return count
+
+
+# Standard ONNX ops a fusion may produce; every op of another domain (com.microsoft) counts as fused.
+_FUSED_STANDARD_OPS = frozenset({"LayerNormalization", "Gelu", "RMSNormalization", "Attention"})
+
+
+def _fused_ops_added(before, after) -> dict[str, int]:
+    """{fused op: how many more `after` has}: contrib ops and the standard ops fusions produce, not the
+    MatMul/Add a rewrite into the fusions' input form adds."""
+    def fused(proto):
+        return collections.Counter(n.op_type for n in proto.graph.node
+                                   if n.domain not in ("", "ai.onnx") or n.op_type in _FUSED_STANDARD_OPS)
+
+    b, a = fused(before), fused(after)
+    return {op: a[op] - b[op] for op in a if a[op] > b[op]}
+
+
 def _fuse(model, gm, report: ExportReport, feeds: dict):
     """ONNX Runtime fusions, each step kept only when it keeps the precision decisions and the outputs."""
     import onnx_ir as ir
@@ -785,19 +1072,30 @@ def _fuse(model, gm, report: ExportReport, feeds: dict):
         from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
         m = ir.serde.deserialize_model(p)
+        rewritten = _unflatten_gemms(m)
+        _shapes_from_inputs(m)
         with _quiet():
             result = optimize_for_ort(m)
         stats = result[1] if isinstance(result, tuple) else {}
         m = result[0] if isinstance(result, tuple) else m
-        return ir.serde.serialize_model(m), {k: v for k, v in stats.items() if v}
+        stats = {k: v for k, v in stats.items() if v}
+        if rewritten:
+            stats["gemm_as_matmul"] = rewritten
+        stats["packed_attention"] = _pack_attention(m)
+        return ir.serde.serialize_model(m), stats
 
     def transformers_step(p):
         from onnxruntime.transformers.optimizer import optimize_model
 
+        m = ir.serde.deserialize_model(p)
+        rewritten = _unflatten_gemms(m)
+        p = ir.serde.serialize_model(m) if rewritten else copy.deepcopy(p)
         with _quiet():
-            opt = optimize_model(copy.deepcopy(p), model_type=_model_type(gm), num_heads=0, hidden_size=0,
+            opt = optimize_model(p, model_type=_model_type(gm), num_heads=0, hidden_size=0,
                                  opt_level=0, use_gpu=True, only_onnxruntime=False)
         stats = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+        if rewritten:
+            stats["gemm_as_matmul"] = rewritten
         fused = opt.model
         declared = {o.domain for o in fused.opset_import}
         for domain in sorted({n.domain for n in fused.graph.node} - declared - {"ai.onnx"}):
@@ -816,9 +1114,7 @@ def _fuse(model, gm, report: ExportReport, feeds: dict):
             report.fusion_notes.append(f"{label}: not applied, it failed ({type(exc).__name__}: "
                                        f"{str(exc).strip()[:160]})")
             continue
-        before_ops = collections.Counter(n.op_type for n in proto.graph.node)
-        after_ops = collections.Counter(n.op_type for n in fused.graph.node)
-        added = {op: after_ops[op] - before_ops[op] for op in after_ops if after_ops[op] > before_ops[op]}
+        added = _fused_ops_added(proto, fused)
         if not added:
             report.fusion_notes.append(f"{label}: nothing to fuse")
             continue
@@ -830,7 +1126,9 @@ def _fuse(model, gm, report: ExportReport, feeds: dict):
         proto = fused
         for op, n in added.items():
             report.fusions[op] = report.fusions.get(op, 0) + n
+        rewritten = stats.get("gemm_as_matmul")
         report.fusion_notes.append(f"{label}: fused " + ", ".join(f"{k} {v}" for k, v in added.items())
+                                   + (f" ({rewritten} flattened Gemm read as MatMul first)" if rewritten else "")
                                    + " (precision decisions kept)")
     return ir.serde.deserialize_model(proto)
 

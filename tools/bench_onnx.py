@@ -13,6 +13,12 @@ A variant whose package is missing (onnxconverter-common, onnxruntime.transforme
 
     python tools/bench_onnx.py --device cuda --out bench_onnx.json        # BERT-base b32 s128, GPT-2 b8 s512
     python tools/bench_onnx.py --device cpu --small --out /tmp/smoke.json  # smoke run, tiny configs
+    python tools/bench_onnx.py --device cuda --profile --out bench_onnx.json  # + where the time goes
+
+--profile: each variant also runs in a separate ONNX Runtime session with profiling on (a fresh process,
+tools/profile_onnx.py, with CUDA_LAUNCH_BLOCKING=1 on CUDA so node time includes the kernels): time per
+op type and output dtype, and the 15 slowest nodes, printed and stored in the results under "profile".
+Profiled times are for comparing variants, not latencies: synchronized launches add a few us per node.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +41,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/profile_onnx.py
 
 __all__ = ["main", "build", "rel_l2"]
 
@@ -56,7 +64,21 @@ class _Hidden(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
-def build(name: str, small: bool):
+def _checkpoint_like(model: nn.Module) -> None:
+    """Random biases and LayerNorm affine parameters, as in a trained checkpoint: random init leaves biases
+    at zero and LayerNorm at (1, 0), which lets an export drop bias Adds a real model has."""
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.weight.copy_(1 + 0.05 * torch.randn(module.weight.shape, generator=g))
+                module.bias.copy_(0.02 * torch.randn(module.bias.shape, generator=g))
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and "LayerNorm" not in name and ".ln_" not in name:
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+
+
+def build(name: str, small: bool, random_bias: bool = False):
     """(sdpa model, eager-attention twin with the same weights, inputs dict, shape text, optimizer args)."""
     from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 
@@ -74,6 +96,8 @@ def build(name: str, small: bool):
     else:
         raise SystemExit(f"unknown model {name!r}: use bert or gpt2")
     model = _Hidden(make(cfg_cls(**kw)).eval()).eval()
+    if random_bias:
+        _checkpoint_like(model)
     eager = _Hidden(make(cfg_cls(**kw, attn_implementation="eager")).eval()).eval()
     eager.load_state_dict(model.state_dict())
     g = torch.Generator().manual_seed(1)
@@ -183,16 +207,68 @@ def _reference(model, feeds, device) -> np.ndarray:
     return result
 
 
+def _profile(path, feeds_path, args) -> dict:
+    """tools/profile_onnx.py on one variant in a fresh process; its summary, or {"error": ...}."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profile_onnx.py")
+    out = path + ".profile.json"
+    cmd = [sys.executable, script, path, "--device", args.device, "--inputs", feeds_path, "--runs",
+           str(args.profile_runs), "--warmup", str(max(2, min(args.warmup, 5))), "--json", out, "--quiet"]
+    env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1") if args.device == "cuda" else None
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": "profiling took over 600 s"}
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()
+        return {"error": tail[-1][:300] if tail else f"exit code {done.returncode}"}
+    with open(out) as f:
+        return json.load(f)
+
+
+def _profile_table(name: str, profiles: dict, ops: int = 14) -> str:
+    """Op types (the slowest across variants) x variants: profiled ms per run, dtypes of the biggest."""
+    ok = {label: p for label, p in profiles.items() if "by_op" in p}
+    if not ok:
+        return ""
+    total: dict = {}
+    for p in ok.values():
+        for op, v in p["by_op"].items():
+            total[op] = max(total.get(op, 0.0), v["ms"])
+    chosen = sorted(total, key=lambda op: -total[op])[:ops]
+    short = {"float16": "f16", "float32": "f32", "bfloat16": "bf16", "int64": "i64", "bool": "b"}
+    lines = [f"\n### {name}: profiled time per op type, ms per run ({next(iter(ok.values()))['source']} time)", "",
+             "| op | " + " | ".join(ok) + " |", "|---|" + "---|" * len(ok)]
+    for op in chosen:
+        cells = []
+        for p in ok.values():
+            v = p["by_op"].get(op)
+            if v is None:
+                cells.append("-")
+                continue
+            dtypes = "/".join(short.get(d, d) for d in p["by_op_dtype"][op])
+            cells.append(f"{v['ms']:.3f} ({v['count']} {dtypes})")
+        lines.append(f"| {op} | " + " | ".join(cells) + " |")
+    lines.append("| total | " + " | ".join(f"{p['total_ms']:.3f}" for p in ok.values()) + " |")
+    for label, p in profiles.items():
+        if "error" in p:
+            lines.append(f"\n{label}: profiling failed ({p['error']})")
+    return "\n".join(lines)
+
+
 def run_model(name, args, workdir) -> dict:
     from backends.onnx_backend import count_casts, ort_session
 
-    model, eager, feeds, shape, opt_args = build(name, args.small)
+    model, eager, feeds, shape, opt_args = build(name, args.small, args.random_bias)
     ctx = {"name": name, "model": model, "feeds": feeds, "opt_args": opt_args}
     ref = _reference(model, feeds, args.device if args.device == "cuda" and torch.cuda.is_available() else "cpu")
     ctx["fp32_path"] = os.path.join(workdir, f"{name}-fp32.onnx")
     ctx["exporter"] = _export_fp32(eager, feeds, ctx["fp32_path"])
     result = {"shape": shape, "variants": {}}
     np_feeds = {k: v.numpy() for k, v in feeds.items()}
+    feeds_path = os.path.join(workdir, f"{name}-feeds.npz")
+    if args.profile:
+        np.savez(feeds_path, **np_feeds)
+        result["profile"] = {}
     for label in args.variants:
         row = {"ms": None, "rel_l2": None, "casts": None, "note": ""}
         try:
@@ -208,6 +284,8 @@ def run_model(name, args, workdir) -> dict:
             if session.device == "cuda":
                 row["provider"] = session.session.get_providers()[0]
             del session
+            if args.profile:
+                result["profile"][label] = _profile(path, feeds_path, args)
         except ImportError as exc:
             row["note"] = f"n/a: {exc.name or exc} not installed"
         except Exception as exc:
@@ -217,6 +295,14 @@ def run_model(name, args, workdir) -> dict:
         result["variants"][label] = row
         print(f"  {name} {label}: {row['ms'] if row['ms'] is None else round(row['ms'], 3)} ms, "
               f"err {row['rel_l2']}, casts {row['casts']}  {row['note'][:120]}", file=sys.stderr, flush=True)
+        summary = result.get("profile", {}).get(label)
+        if summary and "by_op" in summary:
+            from profile_onnx import format_summary
+
+            print(format_summary(summary, f"{name} {label}", ops=10, nodes=15 if args.verbose else 5),
+                  file=sys.stderr, flush=True)
+        elif summary:
+            print(f"  {name} {label}: profiling failed ({summary.get('error')})", file=sys.stderr, flush=True)
     return result
 
 
@@ -230,6 +316,8 @@ def _table(results: dict) -> str:
             err = "n/a" if row["rel_l2"] is None else f"{row['rel_l2']:.1e}"
             casts = "n/a" if row["casts"] is None else str(row["casts"])
             lines.append(f"| {label} | {ms} | {casts} | {err} | {row['note'][:160]} |")
+        if res.get("profile"):
+            lines.append(_profile_table(name, res["profile"]))
     return "\n".join(lines)
 
 
@@ -244,7 +332,14 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workdir", default=None, help="keep the .onnx files here (default: a temp folder)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--verbose", action="store_true", help="print tracebacks of failed variants")
+    p.add_argument("--verbose", action="store_true",
+                   help="print tracebacks of failed variants (and the 15 slowest nodes with --profile)")
+    p.add_argument("--random-bias", action="store_true",
+                   help="random biases and LayerNorm parameters (checkpoint-like; random init has zero biases)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile each variant with ONNX Runtime: time by op type, dtype and node")
+    p.add_argument("--profile-runs", type=int, default=None,
+                   help="profiled runs per variant (default 20; 5 with --small)")
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
     unknown = set(args.variants) - set(VARIANTS)
@@ -252,13 +347,15 @@ def main(argv=None) -> int:
         p.error(f"unknown variants {sorted(unknown)}; choose from {','.join(VARIANTS)}")
     if args.small and args.warmup == 10 and args.iters == 30:
         args.warmup, args.iters, args.repeats = 2, 5, 3
+    if args.profile_runs is None:
+        args.profile_runs = 5 if args.small else 20
 
     import onnxruntime
 
     from backends.onnx_backend import _ort_package
 
     results = {"device": args.device, "onnxruntime": _ort_package(), "torch": torch.__version__,
-               "python": platform.python_version(), "small": args.small,
+               "python": platform.python_version(), "small": args.small, "random_bias": args.random_bias,
                "timing": f"median of {args.repeats} x {args.iters} after {args.warmup} warm-up, synchronized",
                "providers": onnxruntime.get_available_providers(), "models": {}}
     if args.device == "cuda" and torch.cuda.is_available():
