@@ -16,6 +16,8 @@ of each in turn, --repeats rounds, median per variant; a variant that fails is r
     ours fp8 all             Fp8Options.always(): every eligible GEMM in FP8 (what the cost model saves us from)
     ours bf16 compile        torch.compile of our bf16 model
     ours fp8 compile         precision="fp8" with Fp8Options(fused_quantization=True), then torch.compile
+    ours fp8 compile static  the same with calibration (the example and one more random batch): static
+                             activation scales, whose quantization inductor fuses into the producer
     torchao fp8 / + compile  Float8DynamicActivationFloat8WeightConfig on model.bfloat16() (n/a without torchao)
 Per variant: median latency (CUDA events, --repeats x --iters after --warmup), speed-up over our bf16 in the
 same mode (eager vs eager, compiled vs compiled), relative L2 error of the output vs fp32 strict (float64),
@@ -180,11 +182,13 @@ def _variants(model, args, kwargs, small: bool, compile_on: bool):
 
     cache: dict = {}
 
-    def convert(precision, fp8=None):
-        key = (precision, fp8)
+    def convert(precision, fp8=None, calibrated=False):
+        key = (precision, fp8, calibrated)
         if key not in cache:  # the bf16 model serves eager and compile; all stay alive for the timing rounds
             t0 = time.perf_counter()
-            cache[key] = rewriter.convert(model, args, kwargs, precision=precision, fp8=fp8)
+            calibration = _calibration_batches(args, kwargs) if calibrated else None
+            cache[key] = rewriter.convert(model, args, kwargs, precision=precision, fp8=fp8,
+                                          calibration=calibration)
             print(f"    converted {precision}{' ' + str(fp8) if fp8 else ''} in "
                   f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
         return cache[key]
@@ -193,9 +197,9 @@ def _variants(model, args, kwargs, small: bool, compile_on: bool):
     bf_kwargs = {k: (v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v)
                  for k, v in kwargs.items()}
 
-    def ours(precision, fp8=None, compiled=False):
+    def ours(precision, fp8=None, compiled=False, calibrated=False):
         def make():
-            gm = convert(precision, fp8)
+            gm = convert(precision, fp8, calibrated)
             fn = torch.compile(gm) if compiled else gm
             return (lambda: fn(*args, **kwargs)), gm, gm
         return make
@@ -216,10 +220,31 @@ def _variants(model, args, kwargs, small: bool, compile_on: bool):
     if compile_on:
         fused = Fp8Options(fused_quantization=True)
         out.append(("ours fp8 compile", "compile", ours("fp8", fused, compiled=True)))
+        out.append(("ours fp8 compile static", "compile", ours("fp8", fused, compiled=True, calibrated=True)))
     out.append(("torchao fp8", "eager", torchao()))
     if compile_on:
         out.append(("torchao fp8 compile", "compile", torchao(compiled=True)))
     return out
+
+
+def _calibration_batches(args, kwargs, count: int = 2) -> list:
+    """`count` batches like the example for static scales: the example itself, then fresh draws (floats
+    from N(0, 1), token ids from the example's range; masks and other 0/1 tensors kept)."""
+    def redraw(x, gen):
+        if not torch.is_tensor(x):
+            return x
+        if x.is_floating_point():
+            return torch.randn(x.shape, generator=gen).to(x)
+        if int(x.max()) <= 1:
+            return x
+        return torch.randint(0, int(x.max()) + 1, x.shape, generator=gen).to(x)
+
+    batches = [args if not kwargs else dict(kwargs)]
+    for i in range(1, count):
+        gen = torch.Generator().manual_seed(1000 + i)
+        batches.append(tuple(redraw(a, gen) for a in args) if not kwargs
+                       else {k: redraw(v, gen) for k, v in kwargs.items()})
+    return batches
 
 
 def _bench_model(name, args_ns, device, timer):
@@ -232,7 +257,10 @@ def _bench_model(name, args_ns, device, timer):
     with torch.no_grad():
         reference = model(*args, **kwargs)
     rows, live = [], []
+    wanted = {v.strip() for v in args_ns.variants.split(",")} if args_ns.variants else None
     for label, mode, make in _variants(model, args, kwargs, args_ns.small, args_ns.compile_on):
+        if wanted is not None and label not in wanted and label != "fp32 strict":
+            continue
         row = {"model": name, "variant": label, "mode": mode}
         try:
             with warnings.catch_warnings():
@@ -344,7 +372,7 @@ def _print_models(rows) -> None:
 def _verdicts(rows, device) -> list[str]:
     lines = []
     for name, target in TARGETS.items():
-        for variant in ("ours fp8", "ours fp8 compile"):
+        for variant in ("ours fp8", "ours fp8 compile", "ours fp8 compile static"):
             r = next((r for r in rows if r["model"] == name and r["variant"] == variant and "ms" in r), None)
             if r is None or "speedup_vs_ours_bf16" not in r:
                 continue
@@ -355,7 +383,7 @@ def _verdicts(rows, device) -> list[str]:
                         if target <= 1.0 else "FAIL (the cost model kept every GEMM bf16)")
             if device.type != "cuda" or r.get("emulated"):
                 what = "n/a (not an FP8 GPU)"
-            lines.append(f"{name:12s} {variant:18s} {r['speedup_vs_ours_bf16']:.2f}x vs target >= {target:g}x: {what}")
+            lines.append(f"{name:12s} {variant:24s} {r['speedup_vs_ours_bf16']:.2f}x vs target >= {target:g}x: {what}")
     return lines
 
 
@@ -371,6 +399,9 @@ def main(argv=None) -> int:
                    help="also torch.compile variants (default: on for cuda, off for cpu)")
     p.add_argument("--no-compile", dest="compile_on", action="store_false")
     p.add_argument("--no-gemms", dest="gemms", action="store_false", help="skip the per-shape GEMM table")
+    p.add_argument("--variants", default=None,
+                   help="comma list of variant names to run (e.g. 'ours bf16 compile,ours fp8 compile static'); "
+                        "default: all")
     p.add_argument("--out", default=None, help="write the results as JSON")
     p.add_argument("--verbose", action="store_true")
     ns = p.parse_args(argv)

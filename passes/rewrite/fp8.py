@@ -103,7 +103,7 @@ class Fp8Rewrite(Pass):
                 s_node = self._getter(graph, getters, s_target, w_scale, node)
                 x_scale_node = None
                 if record.get("scaling") == "static":
-                    x_scale_node = self._static_scale(gm, graph, weight, record, node)
+                    x_scale_node = self._static_scale(gm, graph, weight, record, node, w_fp8.device)
             out_dtype = meta.dtype_from_name((meta.get(node, meta.DECISION) or {}).get("dtype")) \
                 or torch.bfloat16
             op = (meta.get(node, meta.OP_CLASS) or {}).get("op", node.name)
@@ -149,10 +149,13 @@ class Fp8Rewrite(Pass):
         getters[target] = node
         return node
 
-    def _static_scale(self, gm, graph: fx.Graph, weight: fx.Node, record: dict, user: fx.Node) -> fx.Node:
+    def _static_scale(self, gm, graph: fx.Graph, weight: fx.Node, record: dict, user: fx.Node,
+                      device: torch.device) -> fx.Node:
         amax, margin = float(record["amax"]), float(record.get("margin", self.options.margin))
-        dequant = torch.tensor(amax * margin / E4M3_MAX, dtype=torch.float32)
         module, wname = attr_owner(gm, weight.target)
+        # on the weight's device: torch._scaled_mm (and inductor's fake-tensor checks) want every
+        # scale beside its GEMM's operands
+        dequant = torch.tensor(amax * margin / E4M3_MAX, dtype=torch.float32, device=device)
         name = _free_name(module, f"{wname}_fp8_x_scale")
         module.register_buffer(name, dequant)
         prefix = str(weight.target).rpartition(".")[0]
