@@ -1377,7 +1377,7 @@ def _cpu_fallbacks(optimized_path: str, original_path: str) -> list[str]:
 
 
 def ort_session(path: str | os.PathLike, device: str = "cuda", *, device_id: int = 0,
-                threads: int | None = None) -> OrtSession:
+                threads: int | None = None, profile_prefix: str | None = None) -> OrtSession:
     """A ready ONNX Runtime session for an exported model.
 
     Args:
@@ -1385,6 +1385,8 @@ def ort_session(path: str | os.PathLike, device: str = "cuda", *, device_id: int
         device: "cuda" (CUDA execution provider, IO binding) or "cpu".
         device_id: the GPU to use with device="cuda".
         threads: intra-op threads (default: ONNX Runtime's choice).
+        profile_prefix: turn ONNX Runtime's profiler on, writing its trace to files starting with this
+            path (`session.session.end_profiling()` returns the file; tools/profile_onnx.py reads it).
 
     Returns:
         OrtSession; call it with the model's inputs.
@@ -1411,6 +1413,9 @@ def ort_session(path: str | os.PathLike, device: str = "cuda", *, device_id: int
     if threads:
         options.intra_op_num_threads = int(threads)
     options.log_severity_level = 3
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     tmp = None
     if device == "cuda":
         available = ort.get_available_providers()

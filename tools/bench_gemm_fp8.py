@@ -56,7 +56,6 @@ import gc
 import json
 import math
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -66,9 +65,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+_TOOLS = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_TOOLS)
+for _path in (_ROOT, _TOOLS):  # the project, and tools/bench.py's round-robin timer
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 __all__ = ["main", "DEFAULT_SHAPES", "EAGER_VARIANTS", "PRODUCERS", "MODES", "variant_names", "shape_list"]
 
@@ -247,7 +248,6 @@ class _Live:
     def __init__(self, name: str, fn, row: dict):
         self.name, self.fn, self.row = name, fn, row
         self.graph = None
-        self.samples = {"stream": [], "graph": []}
 
 
 def _capture(fn, iters: int, n_inputs: int):
@@ -287,20 +287,20 @@ def _block(live: _Live, mode: str, device: torch.device, iters: int, n_inputs: i
 
 
 def _time_round_robin(lives: list[_Live], device, ns) -> None:
+    """Round-robin timing by tools/bench.py's timer: each round times one block of every variant in
+    every mode (CUDA graph replay, then launched from Python) in turn; medians per variant and mode."""
+    from bench import _time_round_robin as round_robin
+
     modes = ["graph", "stream"] if device.type == "cuda" and ns.cuda_graph else ["stream"]
+    entries = [({"variant": live.name}, (live, mode)) for live in lives for mode in modes
+               if mode == "stream" or live.graph is not None]
     with torch.no_grad():
-        for r in range(ns.rounds):
-            for live in lives:
-                for mode in modes:
-                    if mode == "graph" and live.graph is None:
-                        continue
-                    live.samples[mode].append(_block(live, mode, device, ns.iters, ns.inputs))
+        round_robin(entries, lambda lm: _block(lm[0], lm[1], device, ns.iters, ns.inputs), ns.rounds)
+    for sub, (live, mode) in entries:
+        live.row[f"ms_{mode}"] = sub["ms"]
+        live.row[f"samples_ms_{mode}"] = [round(s, 5) for s in sub["samples_ms"]]
     for live in lives:
         row = live.row
-        for mode in modes:
-            if live.samples[mode]:
-                row[f"ms_{mode}"] = statistics.median(live.samples[mode])
-                row[f"samples_ms_{mode}"] = [round(s, 5) for s in live.samples[mode]]
         row["ms"] = row.get("ms_graph", row.get("ms_stream"))
         row["timing"] = "cuda graph" if "ms_graph" in row else ("stream" if device.type == "cuda" else "cpu wall")
 

@@ -27,6 +27,8 @@ import statistics
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project (backends/)
+
 __all__ = ["summarize", "profile_model", "op_counts", "random_feeds", "format_summary", "main"]
 
 _ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 11: "float64", 7: "int64", 6: "int32",
@@ -215,55 +217,6 @@ def random_feeds(inputs, dims: dict | None = None, seed: int = 0) -> dict:
     return feeds
 
 
-def _session(path: str, device: str, profile_prefix: str | None, threads: int | None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = int(threads)
-    if profile_prefix:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile_prefix
-    if device == "cuda":
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise RuntimeError(f"device='cuda' but this onnxruntime has only {ort.get_available_providers()}: "
-                               "install onnxruntime-gpu, or profile with --device cpu")
-        if hasattr(ort, "preload_dlls"):
-            try:
-                ort.preload_dlls()
-            except Exception:  # the libraries may already be on the library path
-                pass
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    elif device == "cpu":
-        providers = ["CPUExecutionProvider"]
-    else:
-        raise ValueError(f"device={device!r}: write 'cpu' or 'cuda'")
-    return ort.InferenceSession(os.fspath(path), options, providers=providers)
-
-
-def _runner(session, feeds: dict, device: str):
-    """A no-argument callable that runs the session once; CUDA: inputs bound on the device once."""
-    import onnxruntime as ort
-
-    if device != "cuda":
-        return lambda: session.run(None, feeds)
-    binding = session.io_binding()
-    keep = []
-    for name, array in feeds.items():
-        value = ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0)
-        keep.append(value)
-        binding.bind_ortvalue_input(name, value)
-    for out in session.get_outputs():
-        binding.bind_output(out.name, "cuda")
-
-    def run():
-        session.run_with_iobinding(binding)
-        binding.synchronize_outputs()
-    run.keep = keep  # the bound inputs live as long as the runner
-    return run
-
-
 def profile_model(path, *, device: str = "cpu", feeds: dict | None = None, dims: dict | None = None,
                   runs: int = 10, warmup: int = 3, threads: int | None = None, sync: bool = True,
                   top: int = 15, keep_trace: str | None = None) -> dict:
@@ -282,12 +235,14 @@ def profile_model(path, *, device: str = "cpu", feeds: dict | None = None, dims:
 
     if device == "cuda" and sync:
         os.environ.setdefault("CUDA_LAUNCH_BLOCKING", "1")
+    from backends.onnx_backend import ort_session
+
     with tempfile.TemporaryDirectory() as tmp:
-        session = _session(path, device, os.path.join(tmp, "ort_profile"), threads)
-        feeds = feeds if feeds is not None else random_feeds(session.get_inputs(), dims)
-        run = _runner(session, feeds, device)
+        runner = ort_session(path, device, threads=threads, profile_prefix=os.path.join(tmp, "ort_profile"))
+        session = runner.session
+        runner.bind(**(feeds if feeds is not None else random_feeds(session.get_inputs(), dims)))
         for _ in range(warmup + runs):
-            run()
+            runner.run_bound()  # CUDA: inputs bound on the device once (IO binding)
         trace = session.end_profiling()
         if keep_trace:
             shutil.copyfile(trace, keep_trace)
