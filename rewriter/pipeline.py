@@ -12,7 +12,7 @@ from passes.analysis._calibration import as_batches
 from passes.analysis.fp8_cost import Fp8Cost, Fp8Options
 from passes.infra import Pass, PassManager
 from passes.rewrite import (CastWeights, CausalAttention, ChannelsLast, FoldBatchNorm, FoldCasts, FuseGelu,
-                            InsertCasts)
+                            FuseLinears, InsertCasts)
 from rewriter import meta
 from rewriter.capture import capture, normalize_inputs
 from rewriter.config import ConvertConfig, Mode, Precision
@@ -56,6 +56,7 @@ def build_passes(config: ConvertConfig, *, calibration=None, reference_fn=None, 
         if config.tolerance is not None:
             analysis.append(Sensitivity(batches, config, held_out=held_out, progress=progress))
     analysis.append(Assign(config))
+    analysis.append(FuseLinears(config))  # after the per-linear decisions, before fp8_cost sizes GEMMs
     rewrite: list[Pass] = [InsertCasts(config), FoldCasts(), CastWeights(config), ChannelsLast(config)]
     if config.precision is Precision.FP8:
         from passes.rewrite.fp8 import Fp8Rewrite

@@ -5,7 +5,8 @@ from passes.rewrite.channels_last import ChannelsLast
 from passes.rewrite.fold_batch_norm import FoldBatchNorm
 from passes.rewrite.fold_casts import FoldCasts
 from passes.rewrite.fuse_gelu import FuseGelu
+from passes.rewrite.fuse_linears import FuseLinears
 from passes.rewrite.insert_casts import InsertCasts
 
-__all__ = ["CausalAttention", "FuseGelu", "FoldBatchNorm", "InsertCasts", "FoldCasts", "CastWeights",
+__all__ = ["CausalAttention", "FuseGelu", "FuseLinears", "FoldBatchNorm", "InsertCasts", "FoldCasts", "CastWeights",
            "ChannelsLast"]
