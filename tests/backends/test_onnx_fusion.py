@@ -22,8 +22,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import rewriter
-from backends.onnx_backend import (_pack_attention, _shapes_from_inputs, _unflatten_gemms, cast_chains, export_onnx,
-                                   ort_session)
+from backends.onnx_backend import cast_chains, export_onnx, ort_session
+from backends.onnx_fusion import _pack_attention, _shapes_from_inputs, _unflatten_gemms
 
 transformers = pytest.importorskip("transformers")
 ort = pytest.importorskip("onnxruntime")
