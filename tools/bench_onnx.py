@@ -3,8 +3,10 @@ optimizer (fp16 and fp32) vs a plain fp32 export, in one process, on BERT-base a
 
 Every variant runs on the same inputs through one `ort_session` (CUDA EP with IO binding on a GPU, inputs
 bound on the device once). Latency: synchronized wall time per run (ONNX Runtime returns when the outputs
-are ready), median of --repeats x --iters after --warmup. Error: relative L2 of the first output
-(last_hidden_state) against strict fp32 PyTorch (TF32 off), in float64. "casts": Cast nodes in the file.
+are ready). Every variant's session is built and warmed up (--warmup runs) first; then --repeats rounds
+time one block of --iters runs of each variant in turn, and each latency is the median of its blocks, so
+the ratios compare variants measured side by side in time on a noisy shared machine. Error: relative L2
+of the first output (last_hidden_state) against strict fp32 PyTorch (TF32 off), in float64. "casts": Cast nodes in the file.
 
 Baselines get the export that suits them best: the TorchScript exporter on the eager-attention model
 (the patterns the transformers optimizer fuses), falling back to torch.onnx's dynamo exporter. Ours:
@@ -186,17 +188,20 @@ def _make_variant(label, ctx, workdir):
     raise ValueError(label)
 
 
-def _time(session, feeds, warmup, iters, repeats) -> tuple[float, list]:
-    session.bind(**{k: v for k, v in feeds.items()})
-    for _ in range(warmup):
+def _warm(session, feeds, warmup) -> list:
+    """Bind the inputs on the device once, run `warmup` times; the outputs of the last run."""
+    session.bind(**feeds)
+    for _ in range(max(1, warmup)):
         session.run_bound()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(iters):
-            session.run_bound()
-        times.append((time.perf_counter() - start) / iters * 1e3)
-    return statistics.median(times), session.bound_outputs()
+    return session.bound_outputs()
+
+
+def _block(session, iters) -> float:
+    """ms per run over one block of `iters` runs (ONNX Runtime returns when the outputs are ready)."""
+    start = time.perf_counter()
+    for _ in range(iters):
+        session.run_bound()
+    return (time.perf_counter() - start) / iters * 1e3
 
 
 def _reference(model, feeds, device) -> np.ndarray:
@@ -277,39 +282,49 @@ def run_model(name, args, workdir) -> dict:
     if args.profile:
         np.savez(feeds_path, **np_feeds)
         result["profile"] = {}
+    live = []  # (label, row, session, feeds): every variant built first, then timed round-robin
     for label in args.variants:
         row = {"ms": None, "rel_l2": None, "casts": None, "note": ""}
+        result["variants"][label] = row
         try:
             path, row["note"] = _make_variant(label, ctx, workdir)
             row["casts"] = count_casts(path)
             session = ort_session(path, device=args.device)
             names = set(session.input_names)
-            ms, outs = _time(session, {k: v for k, v in np_feeds.items() if k in names},
-                             args.warmup, args.iters, args.repeats)
+            bound = {k: v for k, v in np_feeds.items() if k in names}
+            outs = _warm(session, bound, args.warmup)
             idx = session.output_names.index("last_hidden_state") if "last_hidden_state" in \
                 session.output_names else 0
-            row["ms"], row["rel_l2"] = ms, rel_l2(outs[idx], ref)
+            row["rel_l2"] = rel_l2(outs[idx], ref)
             if session.device == "cuda":
                 row["provider"] = session.session.get_providers()[0]
-            del session
-            if args.profile:
-                result["profile"][label] = _profile(path, feeds_path, args)
+            live.append((label, row, session, path))
         except ImportError as exc:
             row["note"] = f"n/a: {exc.name or exc} not installed"
         except Exception as exc:
             row["note"] = f"n/a: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
             if args.verbose:
                 traceback.print_exc()
-        result["variants"][label] = row
+    samples = {label: [] for label, *_ in live}
+    for _ in range(args.repeats):  # one block of each variant in turn: drift lands on all of them
+        for label, row, session, _ in live:
+            samples[label].append(_block(session, args.iters))
+    paths = {label: path for label, _, _, path in live}
+    for label, row, session, path in live:
+        row["ms"], row["samples_ms"] = statistics.median(samples[label]), samples[label]
+    del live
+    for label, row in result["variants"].items():
         print(f"  {name} {label}: {row['ms'] if row['ms'] is None else round(row['ms'], 3)} ms, "
               f"err {row['rel_l2']}, casts {row['casts']}  {row['note'][:120]}", file=sys.stderr, flush=True)
-        summary = result.get("profile", {}).get(label)
-        if summary and "by_op" in summary:
+        if not args.profile or row["ms"] is None:
+            continue
+        summary = result["profile"][label] = _profile(paths[label], feeds_path, args)
+        if "by_op" in summary:
             from profile_onnx import format_summary
 
             print(format_summary(summary, f"{name} {label}", ops=10, nodes=15 if args.verbose else 5),
                   file=sys.stderr, flush=True)
-        elif summary:
+        else:
             print(f"  {name} {label}: profiling failed ({summary.get('error')})", file=sys.stderr, flush=True)
     return result
 
@@ -364,7 +379,8 @@ def main(argv=None) -> int:
 
     results = {"device": args.device, "onnxruntime": _ort_package(), "torch": torch.__version__,
                "python": platform.python_version(), "small": args.small, "random_bias": args.random_bias,
-               "timing": f"median of {args.repeats} x {args.iters} after {args.warmup} warm-up, synchronized",
+               "timing": f"round-robin: median of {args.repeats} blocks of {args.iters} runs per variant, "
+                         f"after {args.warmup} warm-up runs, synchronized",
                "providers": onnxruntime.get_available_providers(), "models": {}}
     if args.device == "cuda" and torch.cuda.is_available():
         results["gpu"] = torch.cuda.get_device_name()
