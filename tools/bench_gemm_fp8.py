@@ -349,7 +349,7 @@ def predictions(m: int, k: int, n: int, target) -> dict:
                         "decided_by": "Fp8Cost pass"})
         except Exception as exc:  # noqa: BLE001 - the pass changed: fall back to its documented rules
             rule = ("dims" if k % fp8_cost.FP8_DIM_MULTIPLE or n % fp8_cost.FP8_DIM_MULTIPLE else
-                    "size" if m * n * k < fp8_cost.FP8_MIN_MNK else
+                    "size" if m * n * k < fp8_cost.FP8_MIN_MNK or m < fp8_cost.FP8_MIN_ROWS else
                     "cost" if est < fp8_cost.FP8_MIN_SPEEDUP else "fp8")
             rec.update({"use_fp8": rule == "fp8", "rule": rule, "reason": f"bench replica of the rules ({rule})",
                         "decided_by": f"replica (Fp8Cost failed: {type(exc).__name__}: {exc})"})
@@ -360,7 +360,7 @@ def predictions(m: int, k: int, n: int, target) -> dict:
 def cost_model_constants() -> dict:
     from passes.analysis import fp8_cost
 
-    names = ("FP8_ROOFLINE_EFFICIENCY", "FP8_MIN_SPEEDUP", "FP8_MIN_MNK", "BF16_FLOPS", "FP8_FLOPS",
+    names = ("FP8_ROOFLINE_EFFICIENCY", "FP8_MIN_SPEEDUP", "FP8_MIN_MNK", "FP8_MIN_ROWS", "BF16_FLOPS", "FP8_FLOPS",
              "HBM_BYTES_PER_S", "KERNEL_LAUNCH_S", "_QUANT_KERNELS")
     out = {}
     for name in names:

@@ -12,7 +12,8 @@ is the reason):
   dims       K and N multiples of 16 (`torch._scaled_mm`: mat1 [M, K] and mat2 [K, N], ScaledBlas.cpp)
   hardware   the target GPU has FP8 tensor cores: compute capability 8.9+ (`torch._scaled_mm`)
   size       M*N*K >= FP8_MIN_MNK (FP8 loses on small GEMMs: torchao Float8Linear 0.80x at
-             M,K,N = 1024,2048,1024 on H100; pytorch/ao#1297, TransformerEngine#445)
+             M,K,N = 1024,2048,1024 on H100; pytorch/ao#1297, TransformerEngine#445), and
+             M >= FP8_MIN_ROWS (measured end to end: see that constant)
   cost       estimate FP8_ROOFLINE_EFFICIENCY x t_bf16 / (t_fp8 + t_quantize) >= FP8_MIN_SPEEDUP
 
 M is the example's batch*seq (rows of the activation in the captured example); a model traced at a
@@ -53,7 +54,7 @@ from rewriter.config import ConvertConfig, Mode
 from rewriter.errors import ConfigError
 
 __all__ = ["Fp8Options", "Fp8Cost", "GemmShape", "estimate_speedup", "gemm_operands", "stored_weight",
-           "target_capability", "FP8_MIN_MNK", "FP8_MIN_SPEEDUP", "FP8_ROOFLINE_EFFICIENCY",
+           "target_capability", "FP8_MIN_MNK", "FP8_MIN_ROWS", "FP8_MIN_SPEEDUP", "FP8_ROOFLINE_EFFICIENCY",
            "FP8_AMAX_MARGIN", "FP8_DIM_MULTIPLE", "FP8_MIN_CAPABILITY", "BF16_FLOPS", "FP8_FLOPS",
            "HBM_BYTES_PER_S", "KERNEL_LAUNCH_S", "FP8_GEMM_OPS"]
 
@@ -68,6 +69,14 @@ FP8_MIN_CAPABILITY = (8, 9)
 FP8_MIN_MNK = 2 ** 31
 """Smallest M*N*K rewritten: torchao Float8Linear runs at 0.80x BF16 at M,K,N = 1024,2048,1024
 (= 2^31) on an H100, 1.39x at 4096,8192,16384 (shared/ANCHORS.md, torchao float8 README)."""
+
+FP8_MIN_ROWS = 8192
+"""Fewest activation rows M (batch x seq) rewritten. Measured end to end on the H100 (tools/bench_fp8.py,
+compiled, static scales, tools/results/bench_fp8_base_vit_fused_h100.json): BERT-base b32 s128
+(M=4096) ran 0.90x its bf16 model with FP8 on the fused q/k/v and FFN-up GEMMs, although the estimate
+below said each wins alone (1.1-1.3x); every end-to-end win was at M >= 8192 (GPT-2 medium b8 s1024, the
+Llama MLP at 8192 rows, BERT-large and ViT-B at about 12,300). Until that loss is profiled, FP8 needs the
+rows where it was seen to pay."""
 
 FP8_ROOFLINE_EFFICIENCY = 0.8
 """Share of the roofline speed-up an FP8 GEMM reaches, measured on the H100 at the GEMM shapes of
@@ -124,6 +133,7 @@ class Fp8Options:
         margin: static activation scales are 448 / (amax * margin).
         static_scales: use calibrated amax when the ranges pass measured it (else always dynamic).
         min_mnk: GEMMs with M*N*K below this stay bf16.
+        min_rows: GEMMs whose activation has fewer rows M (batch x seq of the example) stay bf16.
         min_speedup: GEMMs whose estimated speed-up is below this stay bf16 (0 disables the estimate).
         fused_quantization: estimate for a model run under torch.compile, which fuses the activation
             quantization into its producer (eager otherwise).
@@ -141,6 +151,7 @@ class Fp8Options:
     margin: float = FP8_AMAX_MARGIN
     static_scales: bool = True
     min_mnk: int = FP8_MIN_MNK
+    min_rows: int = FP8_MIN_ROWS
     min_speedup: float = FP8_MIN_SPEEDUP
     fused_quantization: bool = False
     target: "str | tuple[int, int] | None" = None
@@ -156,6 +167,9 @@ class Fp8Options:
         if not isinstance(self.min_mnk, int) or self.min_mnk < 0:
             raise ConfigError(f"Fp8Options(min_mnk={self.min_mnk!r}): write a non-negative integer such as "
                               f"{FP8_MIN_MNK} (0 rewrites GEMMs of any size)")
+        if not isinstance(self.min_rows, int) or self.min_rows < 0:
+            raise ConfigError(f"Fp8Options(min_rows={self.min_rows!r}): write a non-negative integer such as "
+                              f"{FP8_MIN_ROWS} (0 rewrites GEMMs at any batch x seq)")
         if not isinstance(self.min_speedup, (int, float)) or self.min_speedup < 0:
             raise ConfigError(f"Fp8Options(min_speedup={self.min_speedup!r}): write a number >= 0 such as "
                               f"{FP8_MIN_SPEEDUP} (0 disables the estimate)")
@@ -164,8 +178,8 @@ class Fp8Options:
     @classmethod
     def always(cls, **changes) -> "Fp8Options":
         """Options that rewrite every eligible GEMM whatever its size (tests, emulation, accuracy
-        studies): min_mnk=0, min_speedup=0."""
-        return cls(**{"min_mnk": 0, "min_speedup": 0.0, **changes})
+        studies): min_mnk=0, min_rows=0, min_speedup=0."""
+        return cls(**{"min_mnk": 0, "min_rows": 0, "min_speedup": 0.0, **changes})
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -411,6 +425,9 @@ class Fp8Cost(AnalysisPass):
         if shape.mnk < opts.min_mnk:
             return keep("size", f"M*N*K = {_fmt(shape.mnk)} < {_fmt(opts.min_mnk)} ({sizes}): FP8 loses on "
                         "small GEMMs (torchao Float8Linear 0.80x at 1024x2048x1024 on H100)", **dims)
+        if m < opts.min_rows:
+            return keep("size", f"M = {m} rows < {opts.min_rows} ({sizes}): measured on an H100, BERT-base at "
+                        "M=4096 ran 0.90x bf16 end to end with FP8 GEMMs that win alone", **dims)
         mode = "fused quantization (torch.compile)" if opts.fused_quantization else "eager"
         estimate = (f"estimated {speedup:.2f}x vs bf16 on an H100, {mode} (roofline {detail['roofline']:.2f}x x "
                     f"{FP8_ROOFLINE_EFFICIENCY:g}: bf16 GEMM {detail['bf16_us']} us, fp8 GEMM {detail['fp8_us']} us "
@@ -420,11 +437,13 @@ class Fp8Cost(AnalysisPass):
         forced = []
         if shape.mnk < FP8_MIN_MNK:
             forced.append(f"M*N*K {_fmt(shape.mnk)} < default {_fmt(FP8_MIN_MNK)}")
+        if m < FP8_MIN_ROWS:
+            forced.append(f"M {m} < default {FP8_MIN_ROWS} rows")
         if speedup < FP8_MIN_SPEEDUP:
             forced.append(f"{speedup:.2f}x < default {FP8_MIN_SPEEDUP:g}x")
         if forced:
             estimate += (f"; rewritten although {' and '.join(forced)}, because Fp8Options(min_mnk="
-                         f"{opts.min_mnk}, min_speedup={opts.min_speedup:g})")
+                         f"{opts.min_mnk}, min_rows={opts.min_rows}, min_speedup={opts.min_speedup:g})")
         how = (f"static activation scale 448/(amax {_fmt(amax)} x margin {opts.margin:g})" if static
                else f"dynamic per-{'row' if opts.granularity == 'row' else 'tensor'} activation scale "
                     f"({scaling_note})")

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from passes.analysis import Assign, Classify
-from passes.analysis.fp8_cost import (FP8_MIN_MNK, Fp8Cost, Fp8Options, GemmShape, estimate_speedup,
+from passes.analysis.fp8_cost import (FP8_MIN_MNK, FP8_MIN_ROWS, Fp8Cost, Fp8Options, GemmShape, estimate_speedup,
                                       target_capability)
 from passes.infra import PassManager
 from passes.rewrite import CastWeights, FoldCasts, InsertCasts
@@ -243,6 +243,11 @@ def test_kept_layers_say_why(captured_mlp):
         assert all(words in r["reason"] for r in records.values() if r["rule"] == "hardware")
     records = _analyse(gm, options=Fp8Options.always(target="sm_90"))
     assert sum(r["use"] for r in records.values()) == 3
+    # the row floor (FP8_MIN_ROWS, measured end to end) applies on its own: M = 64 rows here
+    records = _analyse(gm, options=Fp8Options.always(target="sm_90", min_rows=128))
+    kept = [r for r in records.values() if r["rule"] == "size"]
+    assert len(kept) == 3 and all("M = 64 rows < 128" in r["reason"] for r in kept)
+    assert Fp8Options().min_rows == FP8_MIN_ROWS == 8192
 
 
 def test_fp32_override_and_training_mode_keep_bf16(captured_mlp):
@@ -280,6 +285,8 @@ def test_options_are_validated():
         Fp8Options(granularity="channel")
     with pytest.raises(ConfigError, match="margin"):
         Fp8Options(margin=0.5)
+    with pytest.raises(ConfigError, match="min_rows=-1"):
+        Fp8Options(min_rows=-1)
     with pytest.raises(ConfigError, match="sm_90"):
         Fp8Options(target="h100")
     assert target_capability("sm_89") == (8, 9) and target_capability("9.0") == (9, 0)
