@@ -12,7 +12,7 @@ from passes.analysis._calibration import as_batches
 from passes.analysis.fp8_cost import Fp8Cost, Fp8Options
 from passes.infra import Pass, PassManager
 from passes.rewrite import (CastWeights, CausalAttention, ChannelsLast, FoldBatchNorm, FoldCasts, FuseGelu,
-                            FuseLinears, InsertCasts)
+                            FuseLinears, InsertCasts, PaddingMask)
 from rewriter import meta
 from rewriter.capture import capture, normalize_inputs
 from rewriter.config import ConvertConfig, Mode, Precision
@@ -49,7 +49,7 @@ def build_passes(config: ConvertConfig, *, calibration=None, reference_fn=None, 
     Fp8 rewrite before CastWeights, configured by `fp8` (passes/analysis/fp8_cost.Fp8Options).
     """
     # canonicalisations first (exact rewrites of the captured graph), then batch-norm folding
-    analysis: list[Pass] = [CausalAttention(), FuseGelu(), FoldBatchNorm(config), Classify()]
+    analysis: list[Pass] = [CausalAttention(), PaddingMask(), FuseGelu(), FoldBatchNorm(config), Classify()]
     if calibration is not None:
         batches = as_batches(calibration)  # once, so a generator can feed both passes
         analysis.append(Ranges(batches, config, progress=progress))

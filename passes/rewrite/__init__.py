@@ -7,6 +7,7 @@ from passes.rewrite.fold_casts import FoldCasts
 from passes.rewrite.fuse_gelu import FuseGelu
 from passes.rewrite.fuse_linears import FuseLinears
 from passes.rewrite.insert_casts import InsertCasts
+from passes.rewrite.padding_mask import PaddingMask
 
 __all__ = ["CausalAttention", "FuseGelu", "FuseLinears", "FoldBatchNorm", "InsertCasts", "FoldCasts", "CastWeights",
-           "ChannelsLast"]
+           "ChannelsLast", "PaddingMask"]

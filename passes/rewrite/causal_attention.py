@@ -31,119 +31,13 @@ from __future__ import annotations
 import sympy
 import torch
 import torch.fx as fx
-import torch.nn as nn
-import torch.nn.functional as F
 
-from passes.graph_utils import attr_owner, is_metadata_assert
+from passes.attention_masks import (SDPA, SIZE_READS, NotShapeOnly, ancestors, batch_symbols, concrete,
+                                    evaluate, mask_arg, remove_dead)
 from passes.infra import Pass, PassResult
 from rewriter import meta
 
 __all__ = ["CausalAttention"]
-
-_SDPA = (torch.ops.aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention)
-_SIZE_READS = (torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int)
-
-
-class _NotShapeOnly(Exception):
-    """The mask depends on something other than shapes and constants."""
-
-
-def _mask_arg(node: fx.Node):
-    """(attn_mask, is_causal, where the mask sits: ("arg", 3) or ("kwarg", "attn_mask"))."""
-    if len(node.args) > 3:
-        mask, where = node.args[3], ("arg", 3)
-    else:
-        mask, where = node.kwargs.get("attn_mask"), ("kwarg", "attn_mask")
-    causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
-    return mask, bool(causal), where
-
-
-def _is_mutated(gm: fx.GraphModule, target: str) -> bool:
-    """True when some op of the graph writes the buffer `target` (copy_, an in-place op)."""
-    for node in gm.graph.nodes:
-        schema = getattr(node.target, "_schema", None)
-        if node.op != "call_function" or schema is None or not schema.is_mutable:
-            continue
-        if any(isinstance(a, fx.Node) and a.op == "get_attr" and a.target == target
-               for a in node.all_input_nodes):
-            return True
-    return False
-
-
-def _ancestors(gm: fx.GraphModule, mask: fx.Node) -> list[fx.Node]:
-    """The nodes computing `mask`, in graph order; size reads are leaves. Raises _NotShapeOnly."""
-    seen: set[fx.Node] = set()
-    stack = [mask]
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node.op == "placeholder":
-            raise _NotShapeOnly(f"reads input '{node.name}'")
-        if node.op == "get_attr":
-            value = getattr(*attr_owner(gm, node.target))
-            if isinstance(value, nn.Parameter) or _is_mutated(gm, str(node.target)):
-                raise _NotShapeOnly(f"reads parameter or mutable buffer '{node.target}'")
-            continue
-        if node.op != "call_function":
-            raise _NotShapeOnly(f"{node.op} '{node.name}'")
-        if node.is_impure():
-            raise _NotShapeOnly(f"'{node.name}' is random or has side effects")
-        if node.target in _SIZE_READS:
-            continue  # a size: its value comes from the symbolic shape, not from the tensor
-        stack.extend(node.all_input_nodes)
-    return [n for n in gm.graph.nodes if n in seen]
-
-
-def _symbol_values(value: torch.SymInt) -> dict:
-    """{symbol: example value} of the shape environment `value` belongs to."""
-    env = value.node.shape_env
-    return dict(getattr(env, "backed_var_to_val", None) or env.var_to_val)  # renamed in torch 2.14
-
-
-def _concrete(value, subs: dict) -> int:
-    """An int or SymInt as an int: its example value, with the symbols in `subs` replaced."""
-    if isinstance(value, int):
-        return value
-    if not isinstance(value, torch.SymInt):
-        raise _NotShapeOnly(f"size of unknown kind {type(value).__name__}")
-    values = _symbol_values(value)
-    values.update(subs)
-    result = value.node.expr.xreplace(values)
-    if result.free_symbols:
-        raise _NotShapeOnly(f"size {value} has no example value")
-    return int(result)
-
-
-def _batch_symbols(gm: fx.GraphModule) -> dict:
-    """{symbol: example value} of dimension 0 of every tensor input."""
-    symbols = {}
-    for node in gm.graph.nodes:
-        val = node.meta.get("val")
-        if node.op != "placeholder" or not isinstance(val, torch.Tensor) or val.dim() == 0:
-            continue
-        size = val.shape[0]
-        if isinstance(size, torch.SymInt) and len(size.node.expr.free_symbols) == 1:
-            symbol = next(iter(size.node.expr.free_symbols))
-            symbols[symbol] = _concrete(size, {})
-    return symbols
-
-
-def _evaluate(gm: fx.GraphModule, nodes: list[fx.Node], subs: dict) -> dict:
-    """Run the mask subgraph on concrete values; size reads take their (substituted) example value."""
-    env: dict[fx.Node, object] = {}
-    with torch.no_grad():
-        for node in nodes:
-            if node.op == "get_attr":
-                env[node] = getattr(*attr_owner(gm, node.target))
-            elif node.target in _SIZE_READS:
-                env[node] = _concrete(node.meta.get("val"), subs)
-            else:
-                args = fx.node.map_arg(node.args, lambda n: env[n])
-                kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
-                env[node] = node.target(*args, **kwargs)
-    return env
 
 
 def _mask_kind(mask, length: int, keys: int) -> str | None:
@@ -170,8 +64,8 @@ def _mask_kind(mask, length: int, keys: int) -> str | None:
 def _seq_lengths(node: fx.Node, subs: dict) -> tuple[int, int]:
     q, k = node.args[0].meta.get("val"), node.args[1].meta.get("val")
     if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or q.dim() < 2 or k.dim() < 2:
-        raise _NotShapeOnly("query or key has no recorded shape")
-    return _concrete(q.shape[-2], subs), _concrete(k.shape[-2], subs)
+        raise NotShapeOnly("query or key has no recorded shape")
+    return concrete(q.shape[-2], subs), concrete(k.shape[-2], subs)
 
 
 class CausalAttention(Pass):
@@ -185,15 +79,15 @@ class CausalAttention(Pass):
         values: dict[tuple, object] = {}  # (mask, batch sizes) -> the mask's concrete value
         dropped: set[fx.Node] = set()  # masks no longer read by the rewritten attention nodes
         for node in list(graph.nodes):
-            if node.op != "call_function" or node.target not in _SDPA:
+            if node.op != "call_function" or node.target not in SDPA:
                 continue
-            mask, causal, where = _mask_arg(node)
+            mask, causal, where = mask_arg(node)
             if causal or not isinstance(mask, fx.Node):
                 continue
             if mask not in subgraphs:
                 try:
-                    subgraphs[mask] = _ancestors(gm, mask)
-                except _NotShapeOnly:
+                    subgraphs[mask] = ancestors(gm, mask)
+                except NotShapeOnly:
                     subgraphs[mask] = None
             if subgraphs[mask] is None:
                 continue
@@ -229,7 +123,7 @@ class CausalAttention(Pass):
             meta.put(node, meta.REWRITTEN, notes)
             dropped.add(mask)
         if dropped:
-            _remove_dead({n for mask in dropped for n in subgraphs[mask]}, graph)
+            remove_dead({n for mask in dropped for n in subgraphs[mask]}, graph)
         return PassResult(gm, bool(dropped))
 
 
@@ -237,10 +131,10 @@ def _verify(gm: fx.GraphModule, node: fx.Node, mask: fx.Node, nodes: list[fx.Nod
             values: dict) -> tuple[str, str] | None:
     """("causal" | "full", how it was verified: "verified at batch 8 and 1, 512x512"), or None.
     `values` caches the mask's concrete values: several attention layers share one mask."""
-    batch = _batch_symbols(gm)
+    batch = batch_symbols(gm)
     used = set()
     for n in nodes:
-        val = n.meta.get("val") if n.target in _SIZE_READS else None
+        val = n.meta.get("val") if n.target in SIZE_READS else None
         if isinstance(val, torch.SymInt):
             used |= val.node.expr.free_symbols
     varied = {s: sympy.Integer(1 if v != 1 else 2) for s, v in batch.items() if s in used}
@@ -248,7 +142,7 @@ def _verify(gm: fx.GraphModule, node: fx.Node, mask: fx.Node, nodes: list[fx.Nod
     for subs in [{}] + ([varied] if varied else []):
         key = (mask, tuple(sorted((str(k), int(v)) for k, v in subs.items())))
         if key not in values:
-            values[key] = _evaluate(gm, nodes, subs)[mask]
+            values[key] = evaluate(gm, nodes, subs)[mask]
         value = values[key]
         length, keys = _seq_lengths(node, subs)
         kinds.add(_mask_kind(value, length, keys))
@@ -261,16 +155,3 @@ def _verify(gm: fx.GraphModule, node: fx.Node, mask: fx.Node, nodes: list[fx.Nod
     first = sorted({int(v) for s, v in batch.items() if s in used})
     second = sorted({int(v) for v in varied.values()})
     return kind, f"verified at batch {', '.join(map(str, first))} and {', '.join(map(str, second))}, {shape}"
-
-
-def _remove_dead(candidates: set[fx.Node], graph: fx.Graph) -> None:
-    """Erase the candidates nobody reads any more, with the metadata asserts that only checked them."""
-    for node in reversed([n for n in graph.nodes if n in candidates]):
-        if node.op in ("placeholder", "output"):
-            continue
-        users = list(node.users)
-        if any(not is_metadata_assert(u) for u in users):
-            continue
-        for user in users:
-            graph.erase_node(user)
-        graph.erase_node(node)
