@@ -242,6 +242,26 @@ def test_bert_embeddings_fused_matches(bert):
     assert _rel_l2(got, want.float().numpy()) <= TOLERANCE
 
 
+def test_bert_fused_export_keeps_any_padding(bert):
+    """Right and left padding give PyTorch's outputs at every attended position: the export keeps the
+    mask as a key padding mask (no sequence-length shortcut, which assumes right padding)."""
+    kind, gm, _, fused = bert
+    session = ort_session(fused.path, device="cpu")
+    for side in ("right", "left"):
+        feeds = _bert_inputs(kind, 2, 7)
+        feeds["attention_mask"][:] = 1
+        if side == "right":
+            feeds["attention_mask"][0, 20:] = 0
+        else:
+            feeds["attention_mask"][0, :12] = 0
+        got = session(**feeds)[0]
+        with torch.no_grad():
+            want = gm(**feeds)
+        want = (want[0] if isinstance(want, (tuple, list)) else want).float().numpy()
+        valid = feeds["attention_mask"].bool().numpy()
+        assert _rel_l2(got[valid], want[valid]) <= TOLERANCE, side
+
+
 def test_bert_position_ids_from_input_not_fused(tmp_path):
     """Position ids read from an input are data, not arange(S): the embeddings stay as they are."""
     model = _WithInput(_bench_onnx().build("bert", small=True, random_bias=True)[0].model, "position_ids").eval()
