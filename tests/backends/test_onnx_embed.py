@@ -26,6 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 import rewriter
 from backends.onnx_backend import cast_chains, export_onnx, ort_session
 from backends.onnx_fusion import _fuse_embed_layer_norm, _precision_kept, _runs_like
+from tests.backends.onnx_checks import op_counts, rel_l2, run_cpu
 
 transformers = pytest.importorskip("transformers")
 ort = pytest.importorskip("onnxruntime")
@@ -34,23 +35,6 @@ ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = 3e-3  # relative L2 vs the converted PyTorch model and vs the unfused export, as the other ONNX tests
 RAISED = ("LayerNorm computes in fp32, more precise than the fp16 decision; ORT's EmbedLayerNormalization has "
           "no mixed-dtype form")
-
-
-def _rel_l2(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
-
-
-def _run(model: onnx.ModelProto, feeds: dict) -> list:
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
-
-
-def _ops(model) -> dict:
-    nodes = model.graph if isinstance(model, ir.Model) else model.graph.node
-    counts: dict = {}
-    for n in nodes:
-        counts[n.op_type] = counts.get(n.op_type, 0) + 1
-    return counts
 
 
 # ------------------------------------------------------------------------- hand-built graphs (unit)
@@ -125,7 +109,7 @@ def test_embeddings_fused(ln16, token_type):
     assert _fuse_embed_layer_norm(m, notes) == 1
     after = ir.serde.serialize_model(m)
     onnx.checker.check_model(after, full_check=True)
-    ops = _ops(after)
+    ops = op_counts(after)
     # one node; Cast(input_ids) [and Cast(token_type_ids)] to int32 [and the LayerNorm's fp16 Cast after it]
     assert ops == {"EmbedLayerNormalization": 1, "Cast": 1 + (token_type == "input") + ln16}
     eln = next(n for n in after.graph.node if n.op_type == "EmbedLayerNormalization")
@@ -140,9 +124,9 @@ def test_embeddings_fused(ln16, token_type):
     assert notes == ([f"embeddings.LayerNorm/EmbedLayerNormalization: {RAISED} (the Cast to fp16 now follows it)"]
                      if ln16 else [])
     feeds = _feeds(before)
-    got, want = _run(after, feeds)[0], _run(before, feeds)[0]
+    got, want = run_cpu(after, feeds)[0], run_cpu(before, feeds)[0]
     assert got.dtype == want.dtype and got.shape == want.shape == (3, S, H)
-    assert _rel_l2(got, want) < (2e-3 if ln16 else 1e-5)
+    assert rel_l2(got, want) < (2e-3 if ln16 else 1e-5)
     # the guards _fuse applies accept it: same float Casts (the fp16 one moved after the node), same outputs
     assert _precision_kept(before, after) is None
     assert _runs_like(before, after, feeds) is None
@@ -154,7 +138,7 @@ def test_embeddings_left_alone(case):
               "sum_read_elsewhere": dict(residual=True)}[case]
     m = ir.serde.deserialize_model(_embeddings(**kwargs))
     assert _fuse_embed_layer_norm(m) == 0
-    assert _ops(m)["LayerNormalization"] == 1 and _ops(m)["Gather"] == 3
+    assert op_counts(m)["LayerNormalization"] == 1 and op_counts(m)["Gather"] == 3
 
 
 # ------------------------------------------------------------------------- small BERT end to end
@@ -212,7 +196,7 @@ def test_bert_embeddings_fused(bert):
     kind, _, plain, fused = bert
     proto = onnx.load(fused.path)
     onnx.checker.check_model(proto, full_check=True)
-    ops = _ops(proto)
+    ops = op_counts(proto)
     assert ops.get("EmbedLayerNormalization") == 1 and fused.fusions.get("EmbedLayerNormalization") == 1
     tables = {i.name for i in proto.graph.initializer if len(i.dims) == 2 and "embeddings" in i.name}
     assert not [n.name for n in proto.graph.node if n.op_type == "Gather" and n.input[0] in tables]
@@ -238,8 +222,8 @@ def test_bert_embeddings_fused_matches(bert):
         want = gm(**feeds)
     want = want[0] if isinstance(want, (tuple, list)) else want
     assert got.dtype == np.float32 and got.shape == tuple(want.shape)
-    assert _rel_l2(got, unfused) <= TOLERANCE
-    assert _rel_l2(got, want.float().numpy()) <= TOLERANCE
+    assert rel_l2(got, unfused) <= TOLERANCE
+    assert rel_l2(got, want.float().numpy()) <= TOLERANCE
 
 
 def test_bert_fused_export_keeps_any_padding(bert):
@@ -259,7 +243,7 @@ def test_bert_fused_export_keeps_any_padding(bert):
             want = gm(**feeds)
         want = (want[0] if isinstance(want, (tuple, list)) else want).float().numpy()
         valid = feeds["attention_mask"].bool().numpy()
-        assert _rel_l2(got[valid], want[valid]) <= TOLERANCE, side
+        assert rel_l2(got[valid], want[valid]) <= TOLERANCE, side
 
 
 def test_bert_position_ids_from_input_not_fused(tmp_path):
@@ -273,15 +257,15 @@ def test_bert_position_ids_from_input_not_fused(tmp_path):
         report = export_onnx(gm, tmp_path / "fused.onnx", optimize=True)
     # the embeddings' LayerNormalization over the three Gathers, as the fusion step would see it
     m = ir.serde.deserialize_model(onnx.load(plain.path))
-    assert _ops(m)["LayerNormalization"] == 5 and _fuse_embed_layer_norm(m) == 0
-    ops = _ops(onnx.load(report.path))
+    assert op_counts(m)["LayerNormalization"] == 5 and _fuse_embed_layer_norm(m) == 0
+    ops = op_counts(onnx.load(report.path))
     assert "EmbedLayerNormalization" not in report.fusions and "EmbedLayerNormalization" not in ops
     assert ops["Gather"] == 3  # (its position Gather is [B, S, H]: the onnxscript step makes it a SkipLayerNorm)
     assert report.fusions.get("Attention") == 2  # the other fusions still apply
     got = ort_session(report.path, device="cpu")(**feeds)[0]
     with torch.no_grad():
         want = gm(**feeds)
-    assert _rel_l2(got, want.float().numpy()) <= TOLERANCE
+    assert rel_l2(got, want.float().numpy()) <= TOLERANCE
 
 
 def test_gpt2_embeddings_not_fused(tmp_path):
@@ -294,4 +278,4 @@ def test_gpt2_embeddings_not_fused(tmp_path):
         report = export_onnx(gm, tmp_path / "gpt2.onnx", optimize=True)
     assert "EmbedLayerNormalization" not in report.fusions
     assert report.fusions.get("Attention") == 2 and report.fusions.get("SkipLayerNormalization") == 4
-    assert _ops(onnx.load(report.path))["Gather"] == 2
+    assert op_counts(onnx.load(report.path))["Gather"] == 2

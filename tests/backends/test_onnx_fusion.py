@@ -24,28 +24,12 @@ from onnx import TensorProto, helper, numpy_helper
 import rewriter
 from backends.onnx_backend import cast_chains, export_onnx, ort_session
 from backends.onnx_fusion import _pack_attention, _shapes_from_inputs, _unflatten_gemms
+from tests.backends.onnx_checks import op_counts, rel_l2, run_cpu
 
 transformers = pytest.importorskip("transformers")
 ort = pytest.importorskip("onnxruntime")
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _rel_l2(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
-
-
-def _run(model: onnx.ModelProto, feeds: dict) -> list:
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
-
-
-def _ops(model) -> dict:
-    nodes = model.graph if isinstance(model, ir.Model) else model.graph.node
-    counts: dict = {}
-    for n in nodes:
-        counts[n.op_type] = counts.get(n.op_type, 0) + 1
-    return counts
 
 
 # ------------------------------------------------------------------------- Gemm -> MatMul (unit)
@@ -78,15 +62,15 @@ def test_flattened_gemm_becomes_matmul(x_shape, bias):
     assert _unflatten_gemms(model) == 1
     after = ir.serde.serialize_model(model)
     onnx.checker.check_model(after, full_check=True)
-    ops = _ops(after)
+    ops = op_counts(after)
     assert "Gemm" not in ops and ops["MatMul"] == 1 and ops.get("Add", 0) == int(bias)
     # a rank-3 x feeds the MatMul as it is; a rank-4 one is viewed as (rows..., K) by one Reshape
     assert ops.get("Reshape", 0) == (0 if len(x_shape) == 3 else 1)
     assert [o.name for o in after.graph.output] == ["y"]
     x = np.random.default_rng(1).standard_normal([3 if d == "batch" else d for d in x_shape]).astype(np.float16)
-    got, want = _run(after, {"x": x})[0], _run(before, {"x": x})[0]
+    got, want = run_cpu(after, {"x": x})[0], run_cpu(before, {"x": x})[0]
     assert got.dtype == np.float16 and got.shape == (3, 4, 6)
-    assert _rel_l2(got, want) < 2e-3
+    assert rel_l2(got, want) < 2e-3
 
 
 def test_flattened_gemm_rows_regrouped_still_equivalent():
@@ -96,8 +80,8 @@ def test_flattened_gemm_rows_regrouped_still_equivalent():
     assert _unflatten_gemms(model) == 1
     after = ir.serde.serialize_model(model)
     x = np.random.default_rng(1).standard_normal((2, 4, 8)).astype(np.float16)
-    got, want = _run(after, {"x": x})[0], _run(before, {"x": x})[0]
-    assert got.shape == want.shape == (4, 2, 6) and _rel_l2(got, want) < 2e-3
+    got, want = run_cpu(after, {"x": x})[0], run_cpu(before, {"x": x})[0]
+    assert got.shape == want.shape == (4, 2, 6) and rel_l2(got, want) < 2e-3
 
 
 @pytest.mark.parametrize("case", ["transB", "columns_mixed_into_rows", "flatten_not_to_rows"])
@@ -110,7 +94,7 @@ def test_flattened_gemm_left_alone_when_not_equivalent(case):
         model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones((16, 6), np.float16), "W"))
     m = ir.serde.deserialize_model(model)
     assert _unflatten_gemms(m) == 0
-    assert _ops(m)["Gemm"] == 1
+    assert op_counts(m)["Gemm"] == 1
 
 
 def test_shape_of_intermediate_read_from_inputs():
@@ -129,7 +113,7 @@ def test_shape_of_intermediate_read_from_inputs():
     transposed = {n.output[0] for n in after.graph.node if n.op_type == "Transpose"}
     assert not any(i in transposed for n in after.graph.node if n.op_type == "Shape" for i in n.input)
     x = np.zeros((4, 3, 5), np.float32)
-    assert _run(after, {"x": x})[1].tolist() == [4, 5] == _run(before, {"x": x})[1].tolist()
+    assert run_cpu(after, {"x": x})[1].tolist() == [4, 5] == run_cpu(before, {"x": x})[1].tolist()
 
 
 # ------------------------------------------------------------------------- packed attention (unit)
@@ -162,20 +146,20 @@ def test_split_multihead_attention_packed_into_attention():
     m = ir.serde.deserialize_model(before)
     assert _pack_attention(m) == 1
     after = ir.serde.serialize_model(m)
-    assert _ops(after) == {"Attention": 1}
+    assert op_counts(after) == {"Attention": 1}
     node = after.graph.node[0]
     assert list(node.input[:3]) == ["x", "W", "b"] and node.input[5] == "mask"
     rng = np.random.default_rng(2)
     causal = np.triu(np.full((5, 5), -10000.0, np.float32), 1)
     feeds = {"x": rng.standard_normal((3, 5, 8)).astype(np.float32),
              "mask": np.broadcast_to(causal, (3, 1, 5, 5)).copy()}
-    assert _rel_l2(_run(after, feeds)[0], _run(before, feeds)[0]) < 1e-5
+    assert rel_l2(run_cpu(after, feeds)[0], run_cpu(before, feeds)[0]) < 1e-5
 
 
 def test_split_read_elsewhere_is_not_packed():
     m = ir.serde.deserialize_model(_split_mha(extra_reader=True))
     assert _pack_attention(m) == 0
-    assert _ops(m)["MultiHeadAttention"] == 1
+    assert op_counts(m)["MultiHeadAttention"] == 1
 
 
 # ------------------------------------------------------------------------- GPT-2 end to end
@@ -222,7 +206,7 @@ def test_gpt2_fusion_loads_and_fuses_attention(gpt2):
     assert fused.fusions.get("Attention") == 2  # packed QKV: MatMul + Add + Split + MHA in one node
     assert fused.fusions.get("SkipLayerNormalization") == 4 and fused.fusions.get("FastGelu") == 2
     proto = onnx.load(fused.path)
-    ops = _ops(proto)
+    ops = op_counts(proto)
     for gone in ("Gemm", "Split", "Softmax", "MultiHeadAttention", "Tanh"):
         assert gone not in ops, gone
     # the precision decisions: same float Casts as the plain export, no chains, fp32 LayerNorm islands
@@ -241,7 +225,7 @@ def test_gpt2_fused_matches_pytorch(gpt2):
         want = gm(**feeds)
     want = want[0] if isinstance(want, (tuple, list)) else getattr(want, "last_hidden_state", want)
     assert got[0].dtype == np.float32 and got[0].shape == tuple(want.shape)
-    assert _rel_l2(got[0], want.float().numpy()) <= 3e-3
+    assert rel_l2(got[0], want.float().numpy()) <= 3e-3
 
 
 # ------------------------------------------------------------------------- tools/profile_onnx.py

@@ -1,0 +1,26 @@
+"""Small helpers shared by the ONNX fusion tests: error, a CPU EP run, op counts."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+
+def rel_l2(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def run_cpu(model: onnx.ModelProto, feeds: dict) -> list:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def op_counts(model) -> dict:
+    """{op type: count} of an onnx_ir.Model or an onnx.ModelProto."""
+    nodes = model.graph if isinstance(model, ir.Model) else model.graph.node
+    counts: dict = {}
+    for n in nodes:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
