@@ -24,3 +24,14 @@ def op_counts(model) -> dict:
     for n in nodes:
         counts[n.op_type] = counts.get(n.op_type, 0) + 1
     return counts
+
+
+def export_plain_and_fused(gm, folder):
+    """(report of the plain export, report of the export with ONNX Runtime fusions) into `folder`."""
+    import warnings
+
+    from backends.onnx_backend import export_onnx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return export_onnx(gm, folder / "plain.onnx"), export_onnx(gm, folder / "fused.onnx", optimize=True)

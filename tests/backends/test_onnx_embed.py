@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 import rewriter
 from backends.onnx_backend import cast_chains, export_onnx, ort_session
 from backends.onnx_fusion import _fuse_embed_layer_norm, _precision_kept, _runs_like
-from tests.backends.onnx_checks import op_counts, rel_l2, run_cpu
+from tests.backends.onnx_checks import export_plain_and_fused, op_counts, rel_l2, run_cpu
 
 transformers = pytest.importorskip("transformers")
 ort = pytest.importorskip("onnxruntime")
@@ -185,10 +185,7 @@ def bert(request, tmp_path_factory):
     overrides = {"layer_norm": "fp16"} if request.param == "ln16" else None
     gm = rewriter.convert(model, (), _bert_inputs(request.param, 2, 1), precision="fp16", overrides=overrides)
     folder = tmp_path_factory.mktemp(f"bert_embed_{request.param}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        plain = export_onnx(gm, folder / "plain.onnx")
-        fused = export_onnx(gm, folder / "fused.onnx", optimize=True)
+    plain, fused = export_plain_and_fused(gm, folder)
     return request.param, gm, plain, fused
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +21,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import rewriter
-from backends.onnx_backend import cast_chains, export_onnx, ort_session
+from backends.onnx_backend import cast_chains, ort_session
 from backends.onnx_fusion import _pack_attention, _shapes_from_inputs, _unflatten_gemms
-from tests.backends.onnx_checks import op_counts, rel_l2, run_cpu
+from tests.backends.onnx_checks import export_plain_and_fused, op_counts, rel_l2, run_cpu
 
 transformers = pytest.importorskip("transformers")
 ort = pytest.importorskip("onnxruntime")
@@ -191,10 +190,7 @@ def gpt2(request, tmp_path_factory):
                 p.normal_(0, 0.1)
     gm = rewriter.convert(model, (), _gpt2_inputs(request.param, 2, 1), precision="fp16")
     folder = tmp_path_factory.mktemp("gpt2fuse")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        plain = export_onnx(gm, folder / "plain.onnx")
-        fused = export_onnx(gm, folder / "fused.onnx", optimize=True)
+    plain, fused = export_plain_and_fused(gm, folder)
     return request.param, gm, plain, fused
 
 
