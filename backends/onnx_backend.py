@@ -670,7 +670,8 @@ def _feeds(model, args, kwargs, dynamic: bool) -> dict:
 
 def export_onnx(converted: fx.GraphModule, path: str | os.PathLike, *, opset: int | None = None,
                 dynamic_batch: bool = True, optimize: bool = False, fallback: str = "fp32",
-                fp32_ops: Iterable[str] | None = None, example_inputs: Any = None) -> ExportReport:
+                fp32_ops: Iterable[str] | None = None, example_inputs: Any = None,
+                assume_right_padding: bool = False) -> ExportReport:
     """Export a converted model to ONNX with its precision decisions unchanged.
 
     Args:
@@ -687,6 +688,11 @@ def export_onnx(converted: fx.GraphModule, path: str | os.PathLike, *, opset: in
         fp32_ops: ONNX op types to treat as having no 16-bit kernel (default `DEFAULT_FP32_OPS`).
         example_inputs: inputs to trace with when the model does not carry the ones it was converted
             with (a model loaded from a file).
+        assume_right_padding: with optimize=True, attention whose mask is the key padding mask of a 2-D
+            input (BERT's attention_mask) reads ONNX Runtime's 1-D mask_index (valid length per row),
+            its faster variable-length path, as the onnxruntime.transformers optimizer does. Only
+            correct when every row is padded at its end; left-padded rows then give wrong outputs
+            (backends/onnx_padding.py). Off by default: the exact mask is kept.
 
     Returns:
         ExportReport: inputs/outputs, ops per dtype, Cast counts, fallbacks, fusions.
@@ -746,8 +752,14 @@ def export_onnx(converted: fx.GraphModule, path: str | os.PathLike, *, opset: in
     report.casts_removed = _fold_casts(model)
     for message in report.fallbacks + report.precision_mismatches:
         warnings.warn(message, stacklevel=2)
+    if assume_right_padding and not optimize:
+        raise ConfigError("assume_right_padding=True needs optimize=True: it rewrites ONNX Runtime's fused "
+                          "Attention nodes")
     if optimize:
-        model = _fuse(model, converted, report, _feeds(model, args, kwargs, dynamic))
+        feeds = _feeds(model, args, kwargs, dynamic)
+        model = _fuse(model, converted, report, feeds)
+        if assume_right_padding:
+            report.fusion_notes.append(_right_padding(model, feeds))
     _summarize(model, report)
     _save(model, path)
     try:
@@ -756,6 +768,22 @@ def export_onnx(converted: fx.GraphModule, path: str | os.PathLike, *, opset: in
         raise RewriterError(f"the exported model {path} fails onnx.checker ({str(exc).strip()[:300]}); this "
                             "is a bug in the ONNX backend, please report it with the model") from exc
     return report
+
+
+def _right_padding(model, feeds: dict) -> str:
+    """Apply backends/onnx_padding.use_mask_index when the example masks are right-padded; the note."""
+    from backends.onnx_padding import is_right_padded, use_mask_index
+
+    names = {v.name for v in model.graph.inputs}
+    masks = {k: v for k, v in feeds.items() if k in names and getattr(v, "ndim", 0) == 2}
+    done = use_mask_index(model) if all(is_right_padded(v) for v in masks.values()) else None
+    if done is None:
+        return ("assume_right_padding: not applied, an example attention mask is not right-padded "
+                "(rows must be ones followed by zeros)")
+    if not done:
+        return "assume_right_padding: no attention reads a key padding mask of an input; nothing changed"
+    return (f"assume_right_padding: attention reads the valid length of each row of {', '.join(done)} "
+            "(mask_index) instead of the mask: correct only for right-padded rows")
 
 
 def _save(model, path: str) -> None:

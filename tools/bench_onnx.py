@@ -48,11 +48,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/profile_
 
 __all__ = ["main", "build", "rel_l2"]
 
-VARIANTS = ("fp32", "occ-fp16", "ortopt-fp16", "ortopt-fp32", "ours-fp16", "ours-fp16-nofuse", "ours-fp16-ln16")
+VARIANTS = ("fp32", "occ-fp16", "ortopt-fp16", "ortopt-fp32", "ours-fp16", "ours-fp16-nofuse", "ours-fp16-ln16",
+            "ours-fp16-ln16-rpad")
 # ours-fp16-ln16: rewriter.convert(precision="fp16", overrides={"layer_norm": "fp16"}): LayerNorm reads and
 # writes fp16 (its kernels still compute the statistics in fp32), so the residual stream is fp16, as in the
 # transformers optimizer's graphs; the default keeps it fp32 like autocast.
-_OVERRIDES = {"ours-fp16-ln16": {"layer_norm": "fp16"}}
+# ours-fp16-ln16-rpad: the same with export_onnx(assume_right_padding=True): attention reads the valid length
+# of each row (ORT's 1-D mask_index, the optimizer's form; only correct for right-padded batches).
+_OVERRIDES = {"ours-fp16-ln16": {"layer_norm": "fp16"}, "ours-fp16-ln16-rpad": {"layer_norm": "fp16"}}
 
 
 def rel_l2(out, ref) -> float:
@@ -177,7 +180,8 @@ def _make_variant(label, ctx, workdir):
             ctx[key] = rewriter.convert(ctx["model"], (), dict(ctx["feeds"]), precision="fp16",
                                         overrides=overrides)
         with _quiet():
-            report = export_onnx(ctx[key], out, optimize=not label.endswith("nofuse"))
+            report = export_onnx(ctx[key], out, optimize=not label.endswith("nofuse"),
+                                 assume_right_padding=label.endswith("rpad"))
         note = f"fused {report.fusions}" if report.fusions else "no fusion"
         skipped = [n for n in report.fusion_notes if "skipped" in n or "not applied" in n]
         if skipped:
