@@ -183,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
                     ".pt2 holds the converted graph, not compiled code: the choice is checked here, "
                     "recorded in the file, and applied when it runs (`rewrite bench` applies it; in "
                     "Python backends.torch_backend.optimize(rewriter.load(OUT), mode=...)). .pt2 only")
+    p.add_argument("--optimize", action="store_true",
+                   help=".onnx only: apply ONNX Runtime fusions (attention, skip layer norm, GELU, BERT "
+                        "embeddings) where they keep the precision decisions; the report says what was fused")
+    p.add_argument("--assume-right-padding", action="store_true",
+                   help=".onnx with --optimize only: attention reads the valid length of each row of a key "
+                        "padding mask input (ONNX Runtime's faster 1-D mask_index, as its transformers "
+                        "optimizer builds); wrong for left-padded rows, so off by default")
     _add_inputs(p)
     p.set_defaults(func=_cmd_convert)
 
@@ -652,6 +659,11 @@ def _cmd_convert(args, ui: _Ui) -> int:
                          "write a .pt2")
     if backend is not None:
         _check_backend_here(backend)  # cuda_graphs without a GPU: refused before any work
+    if (args.optimize or args.assume_right_padding) and suffix != ".onnx":
+        raise InputError(f"--optimize and --assume-right-padding shape an ONNX export; {str(out)!r} is a .pt2: "
+                         "drop them, or write a .onnx")
+    if args.assume_right_padding and not args.optimize:
+        raise InputError("--assume-right-padding rewrites ONNX Runtime's fused Attention nodes: add --optimize")
     _check_outputs(ui, args.model, [(out, "output"), (report, "report")], args.force)
     exporter = _onnx_exporter() if suffix == ".onnx" else None
     calibration = _load_calibration(args.calibration) if args.calibration else None
@@ -686,7 +698,7 @@ def _cmd_convert(args, ui: _Ui) -> int:
         d = diff(loaded.model, gm, capture_before=report is not None)
         html = d.to_html() if report is not None else None
 
-    prepared = None
+    prepared, exported = None, None
     if suffix == ".pt2":
         with ui.step(f"exporting the converted program for {out.name}"):
             prepared = prepare(gm, where=repr(str(out)))
@@ -697,7 +709,8 @@ def _cmd_convert(args, ui: _Ui) -> int:
             if prepared is not None:
                 prepared.write(tmp_out)
             else:
-                exporter(gm, str(tmp_out))
+                exported = exporter(gm, str(tmp_out), optimize=args.optimize,
+                                    assume_right_padding=args.assume_right_padding)
             if tmp_report is not None:
                 tmp_report.write_text(html, encoding="utf-8")
 
@@ -720,6 +733,11 @@ def _cmd_convert(args, ui: _Ui) -> int:
                   f"{format_bytes(s.param_bytes_after)} (saved {pct:.0f}%)")
     table.add_row("error vs fp32", f"relative L2 {_fmt_err(rel)}, max abs {_fmt_err(max_abs)} "
                   "(example inputs)")
+    if exported is not None and args.optimize:
+        table.add_row("onnx fusions", ", ".join(f"{k} {v}" for k, v in exported.fusions.items()) or "none")
+        for note in exported.fusion_notes:
+            if any(w in note for w in ("skipped", "not applied", "right_padding", "raised", "fp32")):
+                table.add_row("", note)
     if backend not in (None, "eager"):
         kwargs = "".join(f", {k}={v!r}" for k, v in backend_opts.items())
         table.add_row("backend", f"{_backend_label(backend, backend_opts)}, recorded in {out.name}. A .pt2 "

@@ -533,3 +533,17 @@ def test_convert_records_the_backend_and_bench_applies_it(tmp_path, capsys):
     assert main(["bench", str(out), "--repeat", "1", "--warmup", "0", "--device", "cpu",
                  "--backend", "eager"]) == 0
     assert "+ compile" not in capsys.readouterr().out
+
+
+def test_onnx_optimize_flags(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    out = tmp_path / "mlp.onnx"
+    assert main(["convert", MLP, "--input-shape", "4,16", "--optimize", "-o", str(out)]) == 0
+    assert "onnx fusions" in capsys.readouterr().out and out.stat().st_size > 0
+    for argv, expected in (
+            (["--assume-right-padding", "-o", str(tmp_path / "a.onnx")], "add --optimize"),
+            (["--optimize", "-o", str(tmp_path / "b.pt2")], "shape an ONNX export")):
+        assert main(["convert", MLP, "--input-shape", "4,16", *argv]) == 2
+        assert expected in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx"]
