@@ -1,20 +1,15 @@
 """tools/bench_gemm_fp8.py: the CPU smoke run writes every shape, variant and cost-model prediction."""
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tool_scripts import load_tool
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_gemm_fp8", ROOT / "tools" / "bench_gemm_fp8.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_gemm_fp8")
 
 
 def _number(value) -> bool:

@@ -23,6 +23,7 @@ import fixtures_models as fm
 import rewriter
 from rewriter import meta
 from rewriter.cli import main
+from tool_scripts import load_tool
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -443,14 +444,10 @@ def test_demo_train_json_is_not_overwritten_without_force(tmp_path, capsys):
 
 
 def test_tools_train_demo_is_a_thin_wrapper_of_the_command(monkeypatch):
-    import importlib.util
-
     import rewriter.cli
     import rewriter.train_demo as package
 
-    spec = importlib.util.spec_from_file_location("tools_train_demo", ROOT / "tools" / "train_demo.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("train_demo", module_name="tools_train_demo")
     assert tool.train is package.train and tool.digits_task is package.digits_task  # no copy
     calls = []
     monkeypatch.setattr(rewriter.cli, "main", lambda argv: calls.append(argv) or 0)

@@ -4,9 +4,6 @@ trains to fp32's accuracy in fp16 and bf16."""
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +16,8 @@ from rewriter import meta
 from rewriter.errors import ConfigError
 from rewriter.loss_scale import LossScaler, make_scaler
 from rewriter.training import TrainEvalGraphModule
+from tool_scripts import load_tool
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # Relative L2 error of each parameter gradient against fp32, and the most it may exceed autocast's
 # error on the same model and batch (measured: fp16 ~1e-3, bf16 ~4e-2 on the batch-norm bias, both
@@ -389,11 +386,7 @@ def test_converted_model_is_wrappable_by_ddp_and_fsdp2(converted, tmp_path):
 
 
 def _train_demo():
-    spec = importlib.util.spec_from_file_location("train_demo", ROOT / "tools" / "train_demo.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("train_demo", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("train_demo", register=True)
 
 
 def test_digits_cnn_reaches_fp32_accuracy_in_fp16_and_bf16():

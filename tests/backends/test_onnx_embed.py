@@ -12,9 +12,7 @@ ids are an input and GPT-2 are not fused.
 """
 from __future__ import annotations
 
-import importlib.util
 import warnings
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -27,11 +25,11 @@ import rewriter
 from backends.onnx_backend import cast_chains, export_onnx, ort_session
 from backends.onnx_fusion import _fuse_embed_layer_norm, _precision_kept, _runs_like
 from tests.backends.onnx_checks import export_plain_and_fused, op_counts, rel_l2, run_cpu
+from tool_scripts import load_tool
 
 transformers = pytest.importorskip("transformers")
 ort = pytest.importorskip("onnxruntime")
 
-ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = 3e-3  # relative L2 vs the converted PyTorch model and vs the unfused export, as the other ONNX tests
 RAISED = ("LayerNorm computes in fp32, more precise than the fp16 decision; ORT's EmbedLayerNormalization has "
           "no mixed-dtype form")
@@ -145,10 +143,7 @@ def test_embeddings_left_alone(case):
 
 
 def _bench_onnx():
-    spec = importlib.util.spec_from_file_location("bench_onnx", ROOT / "tools" / "bench_onnx.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_onnx")
 
 
 class _WithInput(torch.nn.Module):

@@ -9,9 +9,7 @@ and the profile summary.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -24,11 +22,10 @@ import rewriter
 from backends.onnx_backend import cast_chains, ort_session
 from backends.onnx_fusion import _pack_attention, _shapes_from_inputs, _unflatten_gemms
 from tests.backends.onnx_checks import export_plain_and_fused, op_counts, rel_l2, run_cpu
+from tool_scripts import load_tool
 
 transformers = pytest.importorskip("transformers")
 ort = pytest.importorskip("onnxruntime")
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------- Gemm -> MatMul (unit)
@@ -229,10 +226,7 @@ def test_gpt2_fused_matches_pytorch(gpt2):
 
 @pytest.fixture(scope="module")
 def profile_tool():
-    spec = importlib.util.spec_from_file_location("profile_onnx", ROOT / "tools" / "profile_onnx.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("profile_onnx")
 
 
 def test_profile_model_on_cpu(profile_tool, tmp_path):

@@ -3,9 +3,6 @@ length per row), only by request, only when the example is right-padded; outputs
 right-padded batches, and the option is not exact on left-padded ones (why it is opt-in)."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import onnx
 import pytest
@@ -16,19 +13,16 @@ from backends.onnx_backend import export_onnx, ort_session
 from backends.onnx_padding import is_right_padded
 from rewriter.errors import ConfigError
 from tests.backends.onnx_checks import op_counts, rel_l2
+from tool_scripts import load_tool
 
 pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime")
 
-ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = 3e-3  # relative L2, as the other ONNX tests
 
 
 def _bench_onnx():
-    spec = importlib.util.spec_from_file_location("bench_onnx", ROOT / "tools" / "bench_onnx.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_onnx")
 
 
 def test_is_right_padded():
