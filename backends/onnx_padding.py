@@ -16,13 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from backends.onnx_fusion import _constant, _remove_unread
+
 __all__ = ["use_mask_index", "is_right_padded"]
-
-
-def _const(value):
-    if value is None or value.const_value is None:
-        return None
-    return value.const_value.numpy()
 
 
 def _padding_input(bias):
@@ -33,7 +29,7 @@ def _padding_input(bias):
     where = bias.producer() if bias is not None else None
     if where is None or where.op_type != "Where" or len(where.inputs) != 3:
         return None
-    zero, neg = _const(where.inputs[1]), _const(where.inputs[2])
+    zero, neg = _constant(where.inputs[1]), _constant(where.inputs[2])
     if zero is None or neg is None or zero.size != 1 or neg.size != 1 or float(zero.reshape(-1)[0]) != 0.0 \
             or not float(neg.reshape(-1)[0]) <= -1e4:
         return None
@@ -42,7 +38,7 @@ def _padding_input(bias):
         node = node.inputs[0].producer()
     if node is None or node.op_type != "Unsqueeze":
         return None
-    axes = _const(node.inputs[1]) if len(node.inputs) > 1 else None
+    axes = _constant(node.inputs[1]) if len(node.inputs) > 1 else None
     if axes is None or sorted(int(a) for a in axes.reshape(-1)) != [1, 2]:
         return None
     cast = node.inputs[0].producer()
@@ -88,19 +84,8 @@ def use_mask_index(model) -> list[str]:
         bias = inputs[5]
         attention.replace_input_with(3, done[source.name])
         attention.replace_input_with(5, None)
-        _drop_unread(graph, bias.producer())
+        _remove_unread(graph, [bias.producer()])
     return sorted(done)
-
-
-def _drop_unread(graph, node) -> None:
-    pending = [node]
-    while pending:
-        node = pending.pop()
-        if node is None or node.graph is not graph or any(o.uses() or o.is_graph_output() for o in node.outputs):
-            continue
-        producers = [v.producer() for v in node.inputs if v is not None]
-        graph.remove(node, safe=True)
-        pending += producers
 
 
 def is_right_padded(mask) -> bool:
