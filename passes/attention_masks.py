@@ -2,6 +2,7 @@
 subgraph that computes a mask, and evaluate it on concrete sizes (and inputs) to check what it is."""
 from __future__ import annotations
 
+import sympy
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from passes.graph_utils import attr_owner, is_metadata_assert
 
 __all__ = ["SDPA", "SIZE_READS", "NotShapeOnly", "mask_arg", "ancestors", "concrete", "batch_symbols",
-           "evaluate", "remove_dead"]
+           "batch_substitutions", "evaluate", "remove_dead"]
 
 SDPA = (torch.ops.aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention)
 SIZE_READS = (torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int)
@@ -103,6 +104,25 @@ def batch_symbols(gm: fx.GraphModule) -> dict:
             symbol = next(iter(size.node.expr.free_symbols))
             symbols[symbol] = concrete(size, {})
     return symbols
+
+
+def batch_substitutions(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[dict]:
+    """The batch sizes to check a mask subgraph at: [{}] when it reads no symbolic batch size, else
+    [{symbol: example value}, {symbol: another value (1, or 2 when the example is 1)}]. The sizes read
+    are those of the size reads among `nodes` and of the graph inputs among them."""
+    used = set()
+    for n in nodes:
+        val = n.meta.get("val")
+        sizes = [val] if n.target in SIZE_READS else list(val.shape) \
+            if n.op == "placeholder" and isinstance(val, torch.Tensor) else []
+        for size in sizes:
+            if isinstance(size, torch.SymInt):
+                used |= size.node.expr.free_symbols
+    batch = {s: v for s, v in batch_symbols(gm).items() if s in used}
+    if not batch:
+        return [{}]
+    return [{s: sympy.Integer(v) for s, v in batch.items()},
+            {s: sympy.Integer(1 if v != 1 else 2) for s, v in batch.items()}]
 
 
 def evaluate(gm: fx.GraphModule, nodes: list[fx.Node], subs: dict, inputs: dict | None = None) -> dict:

@@ -28,11 +28,10 @@ removed. dropout_p and scale are kept as they were, so training graphs keep thei
 """
 from __future__ import annotations
 
-import sympy
 import torch
 import torch.fx as fx
 
-from passes.attention_masks import (SDPA, SIZE_READS, NotShapeOnly, ancestors, batch_symbols, concrete,
+from passes.attention_masks import (SDPA, NotShapeOnly, ancestors, batch_substitutions, concrete,
                                     evaluate, mask_arg, remove_dead)
 from passes.infra import Pass, PassResult
 from rewriter import meta
@@ -131,15 +130,9 @@ def _verify(gm: fx.GraphModule, node: fx.Node, mask: fx.Node, nodes: list[fx.Nod
             values: dict) -> tuple[str, str] | None:
     """("causal" | "full", how it was verified: "verified at batch 8 and 1, 512x512"), or None.
     `values` caches the mask's concrete values: several attention layers share one mask."""
-    batch = batch_symbols(gm)
-    used = set()
-    for n in nodes:
-        val = n.meta.get("val") if n.target in SIZE_READS else None
-        if isinstance(val, torch.SymInt):
-            used |= val.node.expr.free_symbols
-    varied = {s: sympy.Integer(1 if v != 1 else 2) for s, v in batch.items() if s in used}
+    substitutions = batch_substitutions(gm, nodes)
     kinds = set()
-    for subs in [{}] + ([varied] if varied else []):
+    for subs in substitutions:
         key = (mask, tuple(sorted((str(k), int(v)) for k, v in subs.items())))
         if key not in values:
             values[key] = evaluate(gm, nodes, subs)[mask]
@@ -150,8 +143,7 @@ def _verify(gm: fx.GraphModule, node: fx.Node, mask: fx.Node, nodes: list[fx.Nod
         return None
     kind = kinds.pop()
     shape = f"{length}x{keys}"
-    if not varied:
+    if len(substitutions) == 1:
         return kind, f"verified at its only shape, {shape}"
-    first = sorted({int(v) for s, v in batch.items() if s in used})
-    second = sorted({int(v) for v in varied.values()})
+    first, second = (sorted({int(v) for v in subs.values()}) for subs in substitutions)
     return kind, f"verified at batch {', '.join(map(str, first))} and {', '.join(map(str, second))}, {shape}"

@@ -23,11 +23,10 @@ nothing else reads them. The SDPA node records the rewrite in node.meta[REWRITTE
 """
 from __future__ import annotations
 
-import sympy
 import torch
 import torch.fx as fx
 
-from passes.attention_masks import (SDPA, SIZE_READS, NotShapeOnly, ancestors, batch_symbols, concrete,
+from passes.attention_masks import (SDPA, ancestors, batch_substitutions, concrete,
                                     evaluate, mask_arg, remove_dead)
 from passes.infra import Pass, PassResult
 from rewriter import meta
@@ -73,17 +72,8 @@ def _static_dims(mask: fx.Node) -> list[int] | None:
 
 def _verify(gm: fx.GraphModule, mask: fx.Node, nodes: list[fx.Node], source: fx.Node) -> str | None:
     """How the mask was checked to be source[:, None, None, :] != 0, or None when it is not."""
-    batch = batch_symbols(gm)
-    used = set()
-    for n in nodes:
-        sizes = [n.meta.get("val")] if n.target in SIZE_READS else list(source.meta["val"].shape) \
-            if n is source else []
-        for size in sizes:
-            if isinstance(size, torch.SymInt):
-                used |= size.node.expr.free_symbols
-    varied = {s: sympy.Integer(1 if v != 1 else 2) for s, v in batch.items() if s in used}
     checked = []
-    for subs in [{}] + ([varied] if varied else []):
+    for subs in batch_substitutions(gm, nodes):
         shape = [concrete(d, subs) for d in source.meta["val"].shape]
         for value in _trials(shape[0], shape[1], source.meta["val"].dtype):
             got = evaluate(gm, nodes, subs, {source: value})[mask]
@@ -138,9 +128,7 @@ class PaddingMask(Pass):
             nodes = ancestors(gm, mask, inputs_ok=True)
             source = _padding_input(nodes)
             how = _verify(gm, mask, nodes, source) if source is not None else None
-        except NotShapeOnly:
-            return None
-        except Exception:  # a size without example value, an op that fails on concrete values
+        except Exception:  # NotShapeOnly, a size without example value, an op failing on concrete values
             return None
         if how is None:
             return None
