@@ -8,7 +8,7 @@ from rewriter import meta
 
 __all__ = ["input_nodes", "float_inputs", "is_param", "is_cast", "cast_target", "make_cast",
            "explicit_dtype", "is_tuple_getitem", "original_dtype", "natural_promotion", "ndim",
-           "is_metadata_assert", "attr_owner"]
+           "is_metadata_assert", "attr_owner", "free_attr_name"]
 
 _CAST_TARGETS = (torch.ops.aten._to_copy.default,)
 
@@ -107,3 +107,13 @@ def attr_owner(gm: fx.GraphModule, target: str):
     """(module, attribute name) that hold the tensor a get_attr target ("layer1.0.conv1.weight") names."""
     path, _, name = str(target).rpartition(".")
     return (gm.get_submodule(path) if path else gm), name
+
+
+def free_attr_name(module: torch.nn.Module, name: str) -> str:
+    """`name`, or `name_1`, `name_2`, ... : the first that `module` does not have yet."""
+    if not hasattr(module, name):
+        return name
+    i = 1
+    while hasattr(module, f"{name}_{i}"):
+        i += 1
+    return f"{name}_{i}"

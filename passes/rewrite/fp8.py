@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from passes.analysis.fp8_cost import Fp8Options, gemm_operands, stored_weight
-from passes.graph_utils import attr_owner
+from passes.graph_utils import attr_owner, free_attr_name
 from passes.infra import Pass, PassResult
 from passes.rewrite.fp8_ops import E4M3_MAX, FP8_DTYPE, emulation_reason, fp8_linear_op, quantize_weight
 from rewriter import meta
@@ -41,15 +41,6 @@ __all__ = ["Fp8Rewrite"]
 
 def _fake(shape, dtype) -> torch.Tensor:
     return torch.empty(tuple(shape), dtype=dtype, device="meta")
-
-
-def _free_name(module: torch.nn.Module, name: str) -> str:
-    if not hasattr(module, name):
-        return name
-    i = 1
-    while hasattr(module, f"{name}_{i}"):
-        i += 1
-    return f"{name}_{i}"
 
 
 class Fp8Rewrite(Pass):
@@ -127,9 +118,9 @@ class Fp8Rewrite(Pass):
         w = tensor.detach() if nk else tensor.detach().t()
         w_fp8, w_scale = quantize_weight(w, per_channel)
         suffix = "" if nk else "_t"
-        w_name = _free_name(module, f"{name}{suffix}_fp8")
+        w_name = free_attr_name(module, f"{name}{suffix}_fp8")
         module.register_buffer(w_name, w_fp8.to(tensor.device))
-        s_name = _free_name(module, f"{w_name}_scale")
+        s_name = free_attr_name(module, f"{w_name}_scale")
         module.register_buffer(s_name, w_scale.to(tensor.device))
         prefix = str(weight.target).rpartition(".")[0]
         join = (lambda n: f"{prefix}.{n}") if prefix else (lambda n: n)
@@ -156,7 +147,7 @@ class Fp8Rewrite(Pass):
         # on the weight's device: torch._scaled_mm (and inductor's fake-tensor checks) want every
         # scale beside its GEMM's operands
         dequant = torch.tensor(amax * margin / E4M3_MAX, dtype=torch.float32, device=device)
-        name = _free_name(module, f"{wname}_fp8_x_scale")
+        name = free_attr_name(module, f"{wname}_fp8_x_scale")
         module.register_buffer(name, dequant)
         prefix = str(weight.target).rpartition(".")[0]
         target = f"{prefix}.{name}" if prefix else name

@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from passes.graph_utils import attr_owner
+from passes.graph_utils import attr_owner, free_attr_name
 from passes.infra import Pass, PassResult
 from rewriter import meta
 from rewriter.config import ConvertConfig, Mode
@@ -85,13 +85,6 @@ def _leaf_names(targets: list[str], prefix: str) -> list[str]:
     return [t[cut:].rpartition(".")[0].replace(".", "_") or "w" for t in targets]
 
 
-def _free(module: nn.Module, name: str) -> str:
-    out, i = name, 1
-    while hasattr(module, out):
-        out, i = f"{name}_{i}", i + 1
-    return out
-
-
 class FuseLinears(Pass):
     name = "fuse_linears"
 
@@ -129,14 +122,14 @@ class FuseLinears(Pass):
         prefix = _common_prefix(targets)
         owner = gm.get_submodule(prefix) if prefix else gm
         stem = "fused_" + "_".join(_leaf_names(targets, prefix))
-        weights = [attr_owner(gm, t) for t in targets]
-        sizes = [int(getattr(m, n).shape[0]) for m, n in weights]
+        stored = {n: attr_owner(gm, str(n.target)) for n in w_nodes + b_nodes}  # (module, attribute name)
+        sizes = [int(getattr(*stored[n]).shape[0]) for n in w_nodes]
         attrs = []
         for nodes, kind in ((w_nodes, "weight"), (b_nodes, "bias")):
             if not nodes:
                 continue
-            tensors = [getattr(*attr_owner(gm, str(n.target))) for n in nodes]
-            name = _free(owner, f"{stem}_{kind}")
+            tensors = [getattr(*stored[n]) for n in nodes]
+            name = free_attr_name(owner, f"{stem}_{kind}")
             owner.register_parameter(name, nn.Parameter(torch.cat([t.detach() for t in tensors]),
                                                         requires_grad=False))
             attrs.append(f"{prefix}.{name}" if prefix else name)
@@ -156,7 +149,7 @@ class FuseLinears(Pass):
             graph.erase_node(old)
         for getter in w_nodes + b_nodes:
             graph.erase_node(getter)
-        for module, name in [attr_owner(gm, str(n.target)) for n in w_nodes + b_nodes]:
+        for module, name in stored.values():
             delattr(module, name)
 
     def _annotate(self, first, siblings, getters, linear, split, items, reason, w_old, b_old) -> None:
