@@ -239,7 +239,8 @@ def needs_loss_scaling(model_or_precision: Any) -> tuple[bool, str]:
         if precision is Precision.FP16:
             return True, "fp16 gradients underflow below 2^-24 and overflow above 65504"
         return False, (f"{precision.value} computes in {meta.dtype_name(precision.island_dtype)}, whose "
-                       "exponent range is fp32's: gradients neither underflow nor overflow, no scaling")
+                       "exponent range is fp32's: gradients neither underflow nor overflow, no scaling"
+                       + ("; " + _FP8_GRADS if precision is Precision.FP8 else ""))
     from backends.torch_backend import graph_module_of  # unwraps compile/DDP/torch.compile wrappers
 
     try:
@@ -252,8 +253,14 @@ def needs_loss_scaling(model_or_precision: Any) -> tuple[bool, str]:
     fp16 = [n for n in gm.graph.nodes if (meta.get(n, meta.DECISION) or {}).get("dtype") == "float16"]
     if fp16:
         return True, f"{len(fp16)} nodes compute in fp16: gradients need loss scaling"
+    records = [meta.get(n, meta.FP8) or {} for n in gm.graph.nodes]
+    fp8 = sum(1 for r in records if r.get("use") and r.get("training"))
     return False, ("no node computes in fp16 (bf16 has fp32's exponent range): gradients neither "
-                   "underflow nor overflow, no scaling")
+                   "underflow nor overflow, no scaling" + (f"; {fp8} {_FP8_GRADS}" if fp8 else ""))
+
+
+_FP8_GRADS = ("FP8 training GEMMs scale their float8_e5m2 gradients per tensor on every call (amax / 57344), "
+              "so they need no loss scale either")
 
 
 def make_scaler(model_or_precision: Any, *, device: str | torch.device | None = None,

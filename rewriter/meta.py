@@ -14,7 +14,8 @@ Keys:
     CREATED    rewrite passes:    {"pass": "...", "reason": "..."} on nodes a pass created
     FP8        analysis/fp8_cost: {"use": bool, "rule", "reason", "m", "n", "k", "est_speedup", ...} on
                every tensor-core op (why it is, or is not, an FP8 GEMM); rewrite/fp8 adds
-               {"scale": 448/(amax*margin) | None, "mode": "static|dynamic", "emulated": bool, ...}
+               {"scale": 448/(amax*margin) | None, "mode": "static|dynamic", "emulated": bool, ...};
+               in training graphs also {"training": True, "grad_dtype": "float8_e5m2", ...}
     REWRITTEN  rewrite passes:    [{"pass": "...", "reason": "..."}] on existing nodes a pass changed
     ORIGIN     rewriter/io.save:  {"name", "dtype"} of the node in the converted graph before saving
                (re-export renames nodes and re-traces meta["val"], so the fp32 dtype is kept here)

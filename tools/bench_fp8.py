@@ -35,6 +35,7 @@ import copy
 import gc
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -293,6 +294,8 @@ def _bench_model(name, args_ns, device, timer):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _time_round_robin(live, timer.block, timer.repeats)
+    if args_ns.profile:
+        _profile(live, device, args_ns.profile)
     base = {row["mode"]: row["ms"] for row, _ in live if row["variant"].startswith("ours bf16")}
     for row in rows:
         if "ms" in row and row["mode"] in base and row["variant"] != "fp32 strict":
@@ -301,6 +304,41 @@ def _bench_model(name, args_ns, device, timer):
     del model
     _free(device)
     return rows
+
+
+def _kernel_kind(name: str) -> str:
+    """fused elementwise (inductor's triton kernels, whatever ops their names list), attention,
+    fp8 GEMM (cuBLAS nvjet "qq" kernels: float8 operands), GEMM, other."""
+    low = name.lower()
+    if low.startswith("triton_"):
+        return "fused elementwise"
+    if any(k in low for k in ("flash", "fmha", "sdpa", "attention")):
+        return "attention"
+    if re.match(r"nvjet_sm\d+_qq", low) or any(k in low for k in ("e4m3", "f8f8", "fp8")):
+        return "gemm fp8"
+    if any(k in low for k in ("gemm", "nvjet", "cutlass", "sm90_xmma", "ampere_", "matmul")):
+        return "gemm"
+    return "other"
+
+
+def _profile(live, device, top: int) -> None:
+    """Per variant: device time per call by kernel kind (fp8 GEMM, GEMM, attention, other) and the
+    `top` kernels, into row["kernels"] (tools/profile_kernels.kernel_table)."""
+    from profile_kernels import kernel_table
+
+    for row, fn in live:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            total, kernels = kernel_table(fn, device)
+        kinds: dict = {}
+        for name, us, _n in kernels:
+            kinds[_kernel_kind(name)] = kinds.get(_kernel_kind(name), 0.0) + us
+        row["kernel_us"] = {"total": round(total, 1), **{k: round(v, 1) for k, v in sorted(kinds.items())}}
+        row["kernels"] = [{"name": n[:160], "us": round(us, 1), "calls": c} for n, us, c in kernels[:top]]
+        print(f"  {row['variant']}: {total / 1e3:.2f} ms of kernels per call; "
+              + ", ".join(f"{k} {v / 1e3:.2f} ms" for k, v in sorted(kinds.items())), file=sys.stderr)
+        for name, us, calls in kernels[:top]:
+            print(f"    {us:9.1f} us x{calls:<4d} {name[:120]}", file=sys.stderr)
 
 
 def _gemm_table(names, small, device, timer):
@@ -403,6 +441,8 @@ def main(argv=None) -> int:
                    help="comma list of variant names to run (e.g. 'ours bf16 compile,ours fp8 compile static'); "
                         "default: all")
     p.add_argument("--out", default=None, help="write the results as JSON")
+    p.add_argument("--profile", type=int, default=0, metavar="TOP",
+                   help="after timing, profile each variant: device time by kernel kind and the TOP kernels")
     p.add_argument("--verbose", action="store_true")
     ns = p.parse_args(argv)
     device = torch.device(ns.device)

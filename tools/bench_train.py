@@ -2,10 +2,17 @@
 
 One training step = zero_grad, forward with the loss inside the model, backward, AdamW step (fused on
 CUDA), with loss scaling for fp16 (torch.amp.GradScaler for autocast, rewriter.loss_scale for ours).
-Models are built from their configs with random weights (no download):
+"rewriter fp8" is ours with precision="fp8": FP8 training GEMMs (e4m3 forward, e5m2 gradients, fp32
+master weights; passes/rewrite/fp8_train_ops.py) where the cost model says they pay, bf16 elsewhere;
+its compiled variant is judged with Fp8Options(fused_quantization=True), and --fp8-always rewrites every
+eligible GEMM whatever the estimate. Its rows add "fp8_gemms" (rewritten / judged) and the speed-up over
+ours bf16 in the same mode. Models are built from their configs with random weights (no download):
 
-  bert   BertForMaskedLM (BERT-base: 12 layers, 768 wide), 15 % of tokens masked, batch 32 x 128
-  gpt2   GPT2LMHeadModel (GPT-2 small: 12 layers, 768 wide), next-token loss, batch 8 x 512
+  bert         BertForMaskedLM (BERT-base: 12 layers, 768 wide), 15 % of tokens masked, batch 32 x 128
+  gpt2         GPT2LMHeadModel (GPT-2 small: 12 layers, 768 wide), next-token loss, batch 8 x 512
+  gpt2_medium  GPT2LMHeadModel (GPT-2 medium: 24 layers, 1024 wide), next-token loss, batch 8 x 1024
+  llama_mlp    Llama-style MLP (tools/bench_fp8.py: hidden 4096, gate/up 14336, SiLU), MSE to a random
+               target, batch 8 x 1024
 
 Every variant starts from the same initial weights and sees the same batches and dropout masks (the
 seed is set before each step), so its first --curve-steps losses can be compared with fp32's line by
@@ -15,6 +22,7 @@ timed round-robin, so machine noise spreads over every variant instead of landin
 
     python tools/bench_train.py --device cuda --out out/bench_train.json     # H100: the real numbers
     python tools/bench_train.py --device cuda --compile                      # + torch.compile variants
+    python tools/bench_train.py --device cuda --compile --models llama_mlp,gpt2_medium --variants bf16,fp8
     python tools/bench_train.py --device cpu --small                         # smoke run, no GPU
 """
 from __future__ import annotations
@@ -32,15 +40,20 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 try:
     import rewriter
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import rewriter
+from passes.analysis.fp8_cost import Fp8Options
+from rewriter import meta
 from rewriter.loss_scale import make_scaler
 
-__all__ = ["WithLoss", "build", "VARIANTS", "bench_model", "main"]
+__all__ = ["WithLoss", "MSELoss", "build", "VARIANTS", "bench_model", "main"]
+
+MODELS = ("bert", "gpt2", "gpt2_medium", "llama_mlp")
 
 TARGET = 1.1  # the issue's target: ours at least 1.1x faster than autocast at equal loss curves
 
@@ -56,25 +69,47 @@ class WithLoss(nn.Module):
         return self.model(input_ids=input_ids, labels=labels).loss
 
 
+class MSELoss(nn.Module):
+    """A model called as `loss = model(x, target)`: mean squared error of model(x)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, target):
+        return F.mse_loss(self.model(x), target)
+
+
 def build(name: str, small: bool, device: torch.device, batch: int | None = None, seq: int | None = None,
           n_batches: int = 4, seed: int = 0):
-    """(model on device in train mode, list of (input_ids, labels) batches) for "bert" or "gpt2"."""
+    """(model on device in train mode, list of input batches) for a name of MODELS: (input_ids, labels)
+    for the language models, (x, target) for llama_mlp."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    if name == "llama_mlp":
+        from bench_fp8 import LlamaMLP  # tools/bench_fp8.py: the same MLP its inference numbers use
+
+        hidden, inter = (4096, 14336) if not small else (64, 224)
+        b, s = batch or (8 if not small else 2), seq or (1024 if not small else 16)
+        batches = [tuple(torch.randn(b, s, hidden, generator=g).to(device) for _ in range(2))
+                   for _ in range(n_batches)]
+        return MSELoss(LlamaMLP(hidden, inter)).to(device).train(), batches
     from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(seed)
     if name == "bert":
         cfg = BertConfig() if not small else BertConfig(hidden_size=64, num_hidden_layers=2,
                                                         num_attention_heads=4, intermediate_size=128)
         model = BertForMaskedLM(cfg)
         b, s = batch or (32 if not small else 4), seq or (128 if not small else 32)
-    elif name == "gpt2":
-        cfg = GPT2Config(use_cache=False) if not small else GPT2Config(n_embd=64, n_layer=2, n_head=4,
-                                                                       use_cache=False)
+    elif name in ("gpt2", "gpt2_medium"):
+        medium = name == "gpt2_medium"
+        cfg = (GPT2Config(n_embd=64, n_layer=2, n_head=4, use_cache=False) if small else
+               GPT2Config(n_embd=1024, n_layer=24, n_head=16, use_cache=False) if medium else
+               GPT2Config(use_cache=False))
         model = GPT2LMHeadModel(cfg)
-        b, s = batch or (8 if not small else 4), seq or (512 if not small else 32)
+        b, s = batch or (8 if not small else 4), seq or ((1024 if medium else 512) if not small else 32)
     else:
-        raise SystemExit(f"unknown model {name!r}: choose bert or gpt2")
-    g = torch.Generator().manual_seed(seed + 1)
+        raise SystemExit(f"unknown model {name!r}: choose from {', '.join(MODELS)}")
     batches = []
     for _ in range(n_batches):
         ids = torch.randint(0, cfg.vocab_size, (b, s), generator=g)
@@ -95,6 +130,7 @@ class Variant:
     dtype: torch.dtype | None    # compute dtype of autocast / ours
     tf32: bool = False
     compile: bool = False
+    fp8: bool = False            # ours with precision="fp8" (bf16 islands, FP8 training GEMMs)
 
 
 VARIANTS = [
@@ -104,6 +140,7 @@ VARIANTS = [
     Variant("autocast bf16", "autocast", torch.bfloat16),
     Variant("rewriter fp16 + LossScaler", "ours", torch.float16),
     Variant("rewriter bf16", "ours", torch.bfloat16),
+    Variant("rewriter fp8", "ours", torch.bfloat16, fp8=True),
 ]
 
 
@@ -122,14 +159,20 @@ def _sync(device: torch.device) -> None:
 
 
 def _make_step(v: Variant, model: nn.Module, example: tuple, device: torch.device,
-               lr: float) -> tuple[Callable, dict]:
-    """step(batch) -> loss tensor, and what was built (conversion time, scaler)."""
+               lr: float, fp8_always: bool = False) -> tuple[Callable, dict]:
+    """step(batch) -> loss tensor, and what was built (conversion time, scaler, FP8 GEMMs)."""
     info: dict = {}
-    short = {torch.float16: "fp16", torch.bfloat16: "bf16", None: "fp32"}[v.dtype]
+    short = "fp8" if v.fp8 else {torch.float16: "fp16", torch.bfloat16: "bf16", None: "fp32"}[v.dtype]
     if v.kind == "ours":
         t0 = time.perf_counter()
-        model = rewriter.convert(model, example, precision=short, mode="train")
+        fp8 = None
+        if v.fp8:  # judged for the mode it runs in: compiled quantization is fused into its producer
+            fp8 = (Fp8Options.always if fp8_always else Fp8Options)(fused_quantization=v.compile)
+        model = rewriter.convert(model, example, precision=short, mode="train", fp8=fp8)
         info["convert_s"] = time.perf_counter() - t0
+        if v.fp8:
+            records = [meta.get(n, meta.FP8) for n in model.graph.nodes if meta.get(n, meta.FP8)]
+            info["fp8_gemms"] = f"{sum(r['use'] for r in records)}/{len(records)}"
     run = torch.compile(model) if v.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda")
     if v.kind == "autocast" and v.dtype == torch.float16:
@@ -220,7 +263,7 @@ def bench_model(name: str, args, variants: list[Variant]) -> dict:
             # each variant trains its own copy from the same initial weights
             model = copy.deepcopy(base)
             model.load_state_dict(init)
-            step, info = _make_step(v, model, batches[0], device, args.lr)
+            step, info = _make_step(v, model, batches[0], device, args.lr, args.fp8_always)
             losses = []
             for s in range(args.curve_steps):  # the loss curve: same batches, same dropout masks
                 torch.manual_seed(args.seed + s)
@@ -228,6 +271,8 @@ def bench_model(name: str, args, variants: list[Variant]) -> dict:
             for i in range(args.warmup):
                 step(batches[i % len(batches)])
             row.update(losses=losses, convert_s=info.get("convert_s"), scaler=info["scaler"])
+            if "fp8_gemms" in info:
+                row["fp8_gemms"] = info["fp8_gemms"]
             live.append((v, row, step, info))
         except Exception as exc:  # report and go on with the other variants
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
@@ -284,6 +329,9 @@ def _compare(rows: list[dict]) -> None:
                 r["max_rel_loss_dev_vs_autocast"] = max(abs(a - b) / abs(b)
                                                         for a, b in zip(r["losses"], amp["losses"]))
                 r["meets_target"] = r["speedup_vs_autocast"] >= TARGET
+            ours_bf16 = by_name.get("rewriter bf16" + suffix)
+            if "fp8" in r["variant"] and ours_bf16 is not None:
+                r["speedup_vs_ours_bf16"] = ours_bf16["step_ms"] / r["step_ms"]
 
 
 def _table(result: dict) -> str:
@@ -302,6 +350,10 @@ def _table(result: dict) -> str:
             f"{100 * r.get('max_rel_loss_dev_vs_fp32', float('nan')):8.3f}% "
             f"{(f'{100 * dev_amp:7.3f}%' if dev_amp is not None else '       -')}")
     for r in result["rows"]:
+        if "speedup_vs_ours_bf16" in r:
+            lines.append(f"  {r['variant']}: {r['speedup_vs_ours_bf16']:.2f}x ours bf16, FP8 GEMMs "
+                         f"{r['fp8_gemms']}")
+    for r in result["rows"]:
         if "meets_target" in r:
             lines.append(f"  target ours >= {TARGET}x autocast: {r['variant']}: {r['speedup_vs_autocast']:.2f}x "
                          f"-> {'met' if r['meets_target'] else 'NOT met'}")
@@ -311,7 +363,7 @@ def _table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--models", default="bert,gpt2")
+    parser.add_argument("--models", default="bert,gpt2", help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--small", action="store_true", help="tiny configs for a CPU smoke run")
     parser.add_argument("--batch", type=int)
     parser.add_argument("--seq", type=int)
@@ -322,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed blocks, default 5 (small: 2)")
     parser.add_argument("--variants", default="", help="comma-separated substrings to keep, e.g. 'fp32,fp16'")
     parser.add_argument("--compile", action="store_true", help="add torch.compile'd autocast and ours")
+    parser.add_argument("--fp8-always", action="store_true",
+                        help="rewriter fp8: every eligible GEMM in FP8, whatever the cost model estimates")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also print the N kernels that take the most time in one step of each variant")

@@ -6,7 +6,6 @@ writes node.meta[FP8] = {"use": bool, "rule": ..., "reason": ..., plus the shape
 is the reason):
 
   precision  the node was decided bf16 (an override or a measurement may have kept it fp32)
-  mode       eval only: FP8 training (E5M2 gradients, fp32 master weights) is not implemented
   op         linear, addmm, mm or matmul whose second operand is a stored 2-D weight; GEMMs of two
              activations (attention), batched GEMMs and convolutions stay bf16
   dims       K and N multiples of 16 (`torch._scaled_mm`: mat1 [M, K] and mat2 [K, N], ScaledBlas.cpp)
@@ -15,6 +14,14 @@ is the reason):
              M,K,N = 1024,2048,1024 on H100; pytorch/ao#1297, TransformerEngine#445), and
              M >= FP8_MIN_ROWS (measured end to end: see that constant)
   cost       estimate FP8_ROOFLINE_EFFICIENCY x t_bf16 / (t_fp8 + t_quantize) >= FP8_MIN_SPEEDUP
+
+mode="train" applies the same rules to the training step (`estimate_train_speedup`): the forward,
+grad_x and grad_w GEMMs (the same FLOPs each) in bf16 against FP8, plus the dynamic quantization of x,
+the weight and grad_out and the transposed float8 copies the backward GEMMs read. Training always scales
+dynamically per tensor (weights change every step: no static scales, no stored FP8 weights; gradients in
+float8_e5m2, passes/rewrite/fp8_train_ops.py), so its records say {"scaling": "dynamic", "training":
+True, "grad_dtype": "float8_e5m2"}; Fp8Options(granularity="row") is refused in training mode
+(ConfigError), because the training GEMMs scale per tensor only.
 
 M is the example's batch*seq (rows of the activation in the captured example); a model traced at a
 small batch is judged at that batch, and the reason says which M it used.
@@ -53,10 +60,10 @@ from rewriter import meta
 from rewriter.config import ConvertConfig, Mode
 from rewriter.errors import ConfigError
 
-__all__ = ["Fp8Options", "Fp8Cost", "GemmShape", "estimate_speedup", "gemm_operands", "stored_weight",
-           "target_capability", "FP8_MIN_MNK", "FP8_MIN_ROWS", "FP8_MIN_SPEEDUP", "FP8_ROOFLINE_EFFICIENCY",
-           "FP8_AMAX_MARGIN", "FP8_DIM_MULTIPLE", "FP8_MIN_CAPABILITY", "BF16_FLOPS", "FP8_FLOPS",
-           "HBM_BYTES_PER_S", "KERNEL_LAUNCH_S", "FP8_GEMM_OPS"]
+__all__ = ["Fp8Options", "Fp8Cost", "GemmShape", "estimate_speedup", "estimate_train_speedup", "gemm_operands",
+           "stored_weight", "target_capability", "FP8_MIN_MNK", "FP8_MIN_ROWS", "FP8_MIN_SPEEDUP",
+           "FP8_ROOFLINE_EFFICIENCY", "FP8_AMAX_MARGIN", "FP8_DIM_MULTIPLE", "FP8_MIN_CAPABILITY", "BF16_FLOPS",
+           "FP8_FLOPS", "HBM_BYTES_PER_S", "KERNEL_LAUNCH_S", "FP8_GEMM_OPS"]
 
 # ---------------------------------------------------------------- constants (each with its source)
 
@@ -270,6 +277,33 @@ def estimate_speedup(shape: GemmShape, *, static: bool, fused: bool = False) -> 
     return roofline * FP8_ROOFLINE_EFFICIENCY, detail
 
 
+def estimate_train_speedup(shape: GemmShape, *, fused: bool = False) -> tuple[float, dict]:
+    """Estimated speed-up of one linear's training step in FP8 over BF16 on an H100, as
+    `estimate_speedup` for the forward: three GEMMs of 2MNK FLOPs (y = x W^T [M,N,K], grad_x = g W
+    [M,K,N], grad_w = g^T x [N,K,M]), and on the FP8 side the dynamic quantization kernels of x [M, K],
+    the weight [N, K] and grad_out [M, N] plus one transposed float8 copy of each (read and write, one
+    byte each) for the backward GEMMs' column-major operands.
+
+    Returns:
+        (speed-up, {"bf16_us", "fp8_us", "quant_us", "roofline"}), times of the whole step of the linear.
+
+    Example:
+        >>> estimate_train_speedup(GemmShape(8192, 14336, 4096), fused=True)[0] > 1.1  # Llama MLP up_proj
+        True
+    """
+    m, n, k = shape.m, shape.n, shape.k
+    gemms = (shape, GemmShape(m, k, n), GemmShape(n, k, m))
+    t_bf16 = sum(_gemm_time(g, BF16_FLOPS, 2) for g in gemms)
+    t_fp8 = sum(_gemm_time(g, FP8_FLOPS, 1) for g in gemms)
+    kernels = _QUANT_KERNELS[("fused" if fused else "eager", "dynamic")]
+    traffic = [b * e for e in (m * k, n * k, m * n) for b in (*kernels, 2)]  # quantize, then transpose
+    t_quant = sum(max(b / HBM_BYTES_PER_S, KERNEL_LAUNCH_S) for b in traffic)
+    roofline = t_bf16 / (t_fp8 + t_quant)
+    detail = {"bf16_us": round(t_bf16 * 1e6, 2), "fp8_us": round(t_fp8 * 1e6, 2),
+              "quant_us": round(t_quant * 1e6, 2), "roofline": round(roofline, 3)}
+    return roofline * FP8_ROOFLINE_EFFICIENCY, detail
+
+
 def gemm_operands(node: fx.Node):
     """(activation, weight, bias, weight_is_nk) of a GEMM node, or None when it is not one of
     FP8_GEMM_OPS in the supported form. The weight may be a get_attr or a cast of one.
@@ -347,9 +381,14 @@ class Fp8Cost(AnalysisPass):
     def __init__(self, config: ConvertConfig, options: Fp8Options | None = None):
         self.config = config
         self.options = options or Fp8Options()
+        if config.mode is Mode.TRAIN and self.options.granularity == "row":
+            raise ConfigError("Fp8Options(granularity='row') is for mode='eval': FP8 training scales x, the "
+                              "weight and the gradient per tensor (dynamic, as torchao's Float8Linear); write "
+                              "granularity='tensor' for mode='train'")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         from passes.rewrite.fp8_ops import fp8_linear_op
+        from passes.rewrite.fp8_train_ops import fp8_linear_train
 
         cap, where = _resolve_target(self.options)
         plan = {"use": [], "kept": {}}
@@ -357,7 +396,7 @@ class Fp8Cost(AnalysisPass):
             info = meta.get(node, meta.OP_CLASS) or {}
             if node.op != "call_function" or info.get("class") != "lowp":
                 continue
-            if node.target is fp8_linear_op:
+            if node.target is fp8_linear_op or node.target is fp8_linear_train:
                 continue  # already rewritten: its record stays as the rewrite left it
             record = self._judge(node, info.get("op", node.name), cap, where)
             meta.put(node, meta.FP8, record)
@@ -383,9 +422,6 @@ class Fp8Cost(AnalysisPass):
         if decision.get("dtype") != "bfloat16":
             return keep("precision", f"{op} was decided {decision.get('dtype')} by {decision.get('rule')} "
                         f"({decision.get('reason')}); FP8 only replaces bf16 GEMMs")
-        if self.config.mode is Mode.TRAIN:
-            return keep("mode", "training mode: FP8 training (E5M2 gradients, fp32 master weights) is not "
-                        "implemented; FP8 is for eval-mode models")
         operands = gemm_operands(node)
         if operands is None:
             what = ("multiplies activations batch by batch" if op in ("bmm", "baddbmm") else
@@ -414,9 +450,14 @@ class Fp8Cost(AnalysisPass):
             what = "the CPU has" if cap == (0, 0) else f"sm_{cap[0]}{cap[1]} has"
             return keep("hardware", f"target {where}: {what} no FP8 tensor cores (torch._scaled_mm needs "
                         f"sm_{FP8_MIN_CAPABILITY[0]}{FP8_MIN_CAPABILITY[1]}+)", **dims)
+        train = self.config.mode is Mode.TRAIN
         amax, scaling_note = self._static_amax(x)
         static = amax is not None
-        speedup, detail = estimate_speedup(shape, static=static, fused=opts.fused_quantization)
+        if train:
+            speedup, detail = estimate_train_speedup(shape, fused=opts.fused_quantization)
+            dims.update({"training": True, "grad_dtype": "float8_e5m2"})
+        else:
+            speedup, detail = estimate_speedup(shape, static=static, fused=opts.fused_quantization)
         dims.update({"est_speedup": round(speedup, 3), **detail,
                      "scaling": "static" if static else "dynamic", "granularity": opts.granularity})
         if static:
@@ -430,9 +471,11 @@ class Fp8Cost(AnalysisPass):
             return keep("size", f"M = {m} rows < {opts.min_rows} ({sizes}): below 8192 rows no end-to-end FP8 "
                         "gain was measured on an H100 (BERT-base at M=4096: 0.90x)", **dims)
         mode = "fused quantization (torch.compile)" if opts.fused_quantization else "eager"
+        gemm, quantized = ((" forward + grad_x + grad_w", "x, weight and grad_out (+ transposes)") if train
+                           else ("", "the activation"))
         estimate = (f"estimated {speedup:.2f}x vs bf16 on an H100, {mode} (roofline {detail['roofline']:.2f}x x "
-                    f"{FP8_ROOFLINE_EFFICIENCY:g}: bf16 GEMM {detail['bf16_us']} us, fp8 GEMM {detail['fp8_us']} us "
-                    f"+ quantizing the activation {detail['quant_us']} us; {sizes})")
+                    f"{FP8_ROOFLINE_EFFICIENCY:g}: bf16{gemm} GEMM {detail['bf16_us']} us, fp8{gemm} GEMM "
+                    f"{detail['fp8_us']} us + quantizing {quantized} {detail['quant_us']} us; {sizes})")
         if opts.min_speedup and speedup < opts.min_speedup:
             return keep("cost", f"{estimate} < {opts.min_speedup:g}x", **dims)
         forced = []
@@ -445,12 +488,19 @@ class Fp8Cost(AnalysisPass):
         if forced:
             estimate += (f"; rewritten although {' and '.join(forced)}, because Fp8Options(min_mnk="
                          f"{opts.min_mnk}, min_rows={opts.min_rows}, min_speedup={opts.min_speedup:g})")
-        how = (f"static activation scale 448/(amax {_fmt(amax)} x margin {opts.margin:g})" if static
-               else f"dynamic per-{'row' if opts.granularity == 'row' else 'tensor'} activation scale "
-                    f"({scaling_note})")
-        return {"use": True, "rule": "fp8", "reason": f"float8_e4m3fn GEMM: {estimate}; {how}", **dims}
+        if train:
+            what = "FP8 training GEMMs (float8_e4m3fn forward, float8_e5m2 gradients)"
+            how = "x and the fp32 master weight quantized on every call with dynamic per-tensor scales"
+        else:
+            what = "float8_e4m3fn GEMM"
+            how = (f"static activation scale 448/(amax {_fmt(amax)} x margin {opts.margin:g})" if static
+                   else f"dynamic per-{'row' if opts.granularity == 'row' else 'tensor'} activation scale "
+                        f"({scaling_note})")
+        return {"use": True, "rule": "fp8", "reason": f"{what}: {estimate}; {how}", **dims}
 
     def _static_amax(self, x) -> tuple[float | None, str]:
+        if self.config.mode is Mode.TRAIN:
+            return None, "training scales dynamically"
         if not self.options.static_scales:
             return None, "static scales disabled"
         value = x.args[0] if isinstance(x, fx.Node) and is_cast(x) else x

@@ -18,6 +18,17 @@ On a machine without FP8 GEMMs the converted model runs the op's emulation path;
 so in node.meta[FP8]["emulated"], in the diff reason and in gm.meta[FP8]["emulated"], and the first
 emulated call warns once (passes/rewrite/fp8_ops.py).
 
+In training mode (config.mode "train") nothing is stored in FP8: the weights are the fp32 master
+parameters the optimizer updates, so each chosen GEMM becomes `fp8_linear_train`
+(passes/rewrite/fp8_train_ops.py), which quantizes x and the weight on every call (e4m3, dynamic
+per-tensor scales) and runs the backward GEMMs with float8_e5m2 gradients:
+
+Before: x(bf16) -> linear(x, cast(w_fp32 -> bf16), b) -> y(bf16)
+After:  x(bf16) -> fp8_linear_train(x, w_fp32, b, bf16) -> y(bf16)   w_fp32: the parameter itself
+        addmm(b, x, w[K, N]) -> fp8_linear_train(x, aten.t(w), b, bf16)   (autograd flows through t)
+
+The weight's bf16 cast is erased when nothing else reads it; the parameter keeps its name and identity.
+
 Runs after insert_casts/fold_casts (it reads the bf16 decisions and the casts of the weights) and
 before cast_weights (which then stores the remaining weights, biases included, in bf16). A second run
 finds nothing left to rewrite and reports modified=False.
@@ -31,12 +42,11 @@ from passes.analysis.fp8_cost import Fp8Options, gemm_operands, stored_weight
 from passes.graph_utils import attr_owner, free_attr_name
 from passes.infra import Pass, PassResult
 from passes.rewrite.fp8_ops import E4M3_MAX, FP8_DTYPE, emulation_reason, fp8_linear_op, quantize_weight
+from passes.rewrite.fp8_train_ops import fp8_linear_train
 from rewriter import meta
 from rewriter.config import ConvertConfig, Mode
 
 __all__ = ["Fp8Rewrite"]
-
-
 
 
 def _fake(shape, dtype) -> torch.Tensor:
@@ -47,7 +57,7 @@ class Fp8Rewrite(Pass):
     """Rewrite GEMMs annotated {"use": True} by `Fp8Cost` into `rewriter::fp8_linear`.
 
     Args:
-        config: the conversion config (nothing is done in training mode).
+        config: the conversion config (training mode: `fp8_linear_train` on the fp32 parameters).
         options: the same Fp8Options the cost pass used (granularity, margin, fast_accum).
 
     Example:
@@ -63,7 +73,7 @@ class Fp8Rewrite(Pass):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         if self.config.mode is Mode.TRAIN:
-            return PassResult(gm, False)
+            return self._rewrite_train(gm)
         graph = gm.graph
         emulated: str | None = None  # decided for the device the weights are on (the model's)
         quantized: dict[tuple[str, bool], tuple[str, str, torch.Tensor, torch.Tensor]] = {}
@@ -110,6 +120,82 @@ class Fp8Rewrite(Pass):
         if done:
             self._summarize(gm, done, dropped, emulated)
         return PassResult(gm, bool(done))
+
+    # ------------------------------------------------------------------ training mode
+    def _rewrite_train(self, gm: fx.GraphModule) -> PassResult:
+        graph = gm.graph
+        transposed: dict[str, fx.Node] = {}  # weight target -> its aten.t node (tied [K, N] weights)
+        done, emulated = [], None
+        for node in list(graph.nodes):
+            record = meta.get(node, meta.FP8)
+            if not record or not record.get("use") or node.target is fp8_linear_train:
+                continue
+            operands = gemm_operands(node)
+            weight = stored_weight(operands[1]) if operands else None
+            if operands is None or weight is None:
+                meta.put(node, meta.FP8, {**record, "use": False, "rule": "op", "reason":
+                                          "kept bf16: the GEMM changed shape after the FP8 plan (not rewritten)"})
+                continue
+            x, w_value, bias, nk = operands
+            target = str(weight.target)
+            param = getattr(*attr_owner(gm, target))
+            if not done:
+                emulated = emulation_reason(param.device)
+            w_arg = weight
+            if not nk:
+                if target not in transposed:
+                    with graph.inserting_after(weight):
+                        transposed[target] = self._transpose(graph, weight, param, node)
+                w_arg = transposed[target]
+            out_dtype = meta.dtype_from_name((meta.get(node, meta.DECISION) or {}).get("dtype")) \
+                or torch.bfloat16
+            op = (meta.get(node, meta.OP_CLASS) or {}).get("op", node.name)
+            node.target = fp8_linear_train
+            node.args = (x, w_arg, bias, out_dtype, bool(self.options.fast_accum))
+            node.kwargs = {}
+            self._annotate_train(node, op, record, target, param, emulated)
+            done.append(node.name)
+            if w_value is not weight and not w_value.users:  # the bf16 cast of the weight
+                graph.erase_node(w_value)
+        if done:
+            gm.meta.setdefault(meta.FP8, {}).update({
+                "converted": [n.name for n in graph.nodes if n.target is fp8_linear_train],
+                "training": True, "weight_bytes_fp8": 0, "scale_bytes": 0,
+                "stored": "nothing in FP8: weights stay fp32 master parameters, quantized to float8_e4m3fn "
+                          "on every call; gradients of the GEMM outputs in float8_e5m2",
+                "emulated": emulated is not None, "emulation": emulated,
+            })
+        return PassResult(gm, bool(done))
+
+    def _transpose(self, graph: fx.Graph, weight: fx.Node, param: torch.Tensor, user: fx.Node) -> fx.Node:
+        node = graph.call_function(torch.ops.aten.t.default, (weight,))
+        node.meta["val"] = _fake(tuple(reversed(param.shape)), param.dtype)
+        if "nn_module_stack" in user.meta:
+            node.meta["nn_module_stack"] = dict(user.meta["nn_module_stack"])
+        meta.put(node, meta.DTYPE, meta.dtype_name(param.dtype))
+        meta.put(node, meta.CREATED, {"pass": self.name, "reason": (
+            f"{weight.target} [K, N] read as [N, K] by FP8 training GEMM {user.name} (a view: the gradient "
+            "flows back to the fp32 parameter)")})
+        return node
+
+    def _annotate_train(self, node, op, record, target, param, emulated):
+        where = f"; emulated on this machine ({emulated})" if emulated else "; runs torch._scaled_mm"
+        reason = (f"{op} -> fp8_linear_train: x and {target} (fp32 master weight, not stored in FP8) quantized "
+                  "to float8_e4m3fn on every call with dynamic per-tensor scales, grad_out to float8_e5m2; "
+                  f"forward, grad_x and grad_w are FP8 GEMMs, {meta.dtype_name(node.args[3])} output{where}")
+        new = dict(record)
+        new.update({"use": True, "mode": "dynamic", "scale": None, "training": True,
+                    "grad_dtype": "float8_e5m2", "weight_dtype": meta.dtype_name(param.dtype),
+                    "emulated": emulated is not None, "granularity": "tensor", "from_op": op})
+        if emulated:
+            new["emulation"] = emulated
+        meta.put(node, meta.FP8, new)
+        meta.put(node, meta.REWRITTEN, [*(meta.get(node, meta.REWRITTEN) or []),
+                                        {"pass": self.name, "reason": reason}])
+        info = dict(meta.get(node, meta.OP_CLASS) or {})
+        info.update({"op": "fp8_linear_train", "class": "lowp", "exact": False,
+                     "reason": f"FP8 training GEMM made by rewrite/fp8 from {op}"})
+        meta.put(node, meta.OP_CLASS, info)
 
     # ------------------------------------------------------------------ pieces
     def _quantize(self, gm, weight: fx.Node, nk: bool, per_channel: bool):

@@ -136,8 +136,9 @@ def emulation_noticed() -> bool:
 
 
 def _is_traced(t: torch.Tensor) -> bool:
-    """Fake/meta tensors (export, compile) or tracing: no warnings, no out= tricks."""
-    return t.device.type == "meta" or is_fake(t) or torch.compiler.is_compiling()
+    """Fake/meta tensors (export, compile) or tracing: no warnings, no out= tricks. is_compiling first:
+    dynamo, tracing an autograd.Function, cannot step into `is_fake`."""
+    return torch.compiler.is_compiling() or t.device.type == "meta" or is_fake(t)
 
 
 # ---------------------------------------------------------------- quantization
@@ -166,21 +167,24 @@ def quantize_weight(weight: torch.Tensor, per_channel: bool) -> tuple[torch.Tens
     return q.contiguous(), (scale.reshape(-1) if per_channel else scale).to(torch.float32)
 
 
-def activation_scale(x2d: torch.Tensor, per_row: bool) -> torch.Tensor:
-    """Dynamic dequantization scale of a [M, K] activation: amax / 448 (0-dim, or [M, 1] per row)."""
+def activation_scale(x2d: torch.Tensor, per_row: bool, dtype: torch.dtype = FP8_DTYPE) -> torch.Tensor:
+    """Dynamic dequantization scale of a [M, K] activation: amax / 448 (0-dim, or [M, 1] per row);
+    amax / 57344 for dtype=torch.float8_e5m2 (the largest finite value of `dtype`)."""
     if per_row:
         amax = torch.linalg.vector_norm(x2d, float("inf"), dim=1, keepdim=True, dtype=torch.float32)
     else:
         amax = torch.linalg.vector_norm(x2d, float("inf"), dtype=torch.float32)
-    return amax.clamp_min(SCALE_EPS) / E4M3_MAX
+    return amax.clamp_min(SCALE_EPS) / (E4M3_MAX if dtype == FP8_DTYPE else float(torch.finfo(dtype).max))
 
 
 _OUT_DIV_OK = [True]  # torch.div(..., out=<float8 tensor>) worked on this build (tried once per process)
 
 
-def quantize_activation(x2d: torch.Tensor, scale: torch.Tensor, saturate: bool) -> torch.Tensor:
+def quantize_activation(x2d: torch.Tensor, scale: torch.Tensor, saturate: bool,
+                        dtype: torch.dtype = FP8_DTYPE) -> torch.Tensor:
     """q = round_to_e4m3(x / scale) with x / scale computed in fp32, optionally clamped to +-448 first
-    (static scales, whose calibrated range a new input may exceed; e4m3fn has no infinity).
+    (static scales, whose calibrated range a new input may exceed; e4m3fn has no infinity). `dtype`
+    float8_e5m2 rounds to e5m2 instead (gradients in FP8 training; not with `saturate`).
 
     Exactly what ONNX QuantizeLinear(x_fp32, scale, float8e4m3fn zero point, saturate=1) computes. In
     eager mode the fp32 quotient is written straight into the float8 result (one kernel, 3 bytes per
@@ -193,12 +197,12 @@ def quantize_activation(x2d: torch.Tensor, scale: torch.Tensor, saturate: bool) 
     divisor = scale.reshape(1) if scale.dim() == 0 else scale
     # out= is for inference; autograd refuses it when x needs a gradient (then: two kernels)
     if _OUT_DIV_OK[0] and not _is_traced(x2d) and not (x2d.requires_grad and torch.is_grad_enabled()):
-        out = torch.empty(x2d.shape, dtype=FP8_DTYPE, device=x2d.device)
+        out = torch.empty(x2d.shape, dtype=dtype, device=x2d.device)
         try:
             return torch.div(x2d, divisor, out=out)
         except RuntimeError:  # a build without float8 output casts in TensorIterator: two kernels
             _OUT_DIV_OK[0] = False
-    return torch.div(x2d, divisor).to(FP8_DTYPE)
+    return torch.div(x2d, divisor).to(dtype)
 
 
 # ---------------------------------------------------------------- the op

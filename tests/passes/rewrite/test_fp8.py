@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from passes.analysis import Assign, Classify
 from passes.analysis.fp8_cost import (FP8_MIN_MNK, FP8_MIN_ROWS, Fp8Cost, Fp8Options, GemmShape, estimate_speedup,
-                                      target_capability)
+                                      estimate_train_speedup, target_capability)
 from passes.infra import PassManager
 from passes.rewrite import CastWeights, FoldCasts, InsertCasts
 from passes.rewrite.fp8 import Fp8Rewrite
@@ -250,15 +250,24 @@ def test_kept_layers_say_why(captured_mlp):
     assert Fp8Options().min_rows == FP8_MIN_ROWS == 8192
 
 
-def test_fp32_override_and_training_mode_keep_bf16(captured_mlp):
+def test_fp32_override_keeps_bf16_and_training_mode_judges_the_training_step(captured_mlp):
     gm = copy.deepcopy(captured_mlp)
     records = _analyse(gm, ConvertConfig(precision="fp8", overrides={"fc2": "fp32"}))
     fc2 = next(r for n, r in records.items() if r.get("m") is None and "fp32" in r["reason"])
     assert fc2["rule"] == "precision" and fc2["reason"].startswith("kept fp32: linear was decided float32 by "
                                                                     "override:module")
     assert sum(r["use"] for r in records.values()) == 2
-    records = _analyse(gm, ConvertConfig(precision="fp8", mode="train"))
-    assert {r["rule"] for r in records.values()} == {"mode"}
+    train = ConvertConfig(precision="fp8", mode="train")
+    records = _analyse(gm, train)
+    used = [r for r in records.values() if r["use"]]
+    assert len(used) == 3 and {r["rule"] for r in records.values()} == {"fp8", "dims"}
+    for r in used:  # always dynamic per tensor, e5m2 gradients, the three GEMMs of a training step
+        assert r["training"] and r["scaling"] == "dynamic" and r["grad_dtype"] == "float8_e5m2"
+        assert r["reason"].startswith("FP8 training GEMMs") and "forward + grad_x + grad_w" in r["reason"]
+    records = _analyse(gm, train, Fp8Options())
+    assert {r["rule"] for r in records.values()} == {"size", "dims"}
+    with pytest.raises(ConfigError, match="granularity='row'.*mode='train'"):
+        Fp8Cost(train, Fp8Options(granularity="row"))
 
 
 def test_cost_model_on_benchmark_shapes():
@@ -278,6 +287,13 @@ def test_cost_model_on_benchmark_shapes():
                                                                                    fused=True)[0] \
         > estimate_speedup(shape, **eager)[0]
     assert GemmShape(1024, 1024, 2048).mnk == FP8_MIN_MNK  # torchao's 0.80x point is the floor
+    # training: three GEMMs, and x, the weight and grad_out quantized (and transposed) on every step;
+    # compiled, the Llama MLP's GEMMs pay, GPT-2 medium's and BERT-base's do not
+    llama = [GemmShape(8192, 14336, 4096), GemmShape(8192, 4096, 14336)]
+    gpt2_medium = [GemmShape(8192, n, k) for k, n in ((1024, 3072), (1024, 1024), (1024, 4096), (4096, 1024))]
+    assert all(estimate_train_speedup(s, fused=True)[0] >= threshold for s in llama)
+    assert all(estimate_train_speedup(s, fused=True)[0] < threshold for s in gpt2_medium + bert_base)
+    assert all(estimate_train_speedup(s, fused=False)[0] < estimate_train_speedup(s, fused=True)[0] for s in llama)
 
 
 def test_options_are_validated():
