@@ -270,6 +270,56 @@ def test_fp32_override_keeps_bf16_and_training_mode_judges_the_training_step(cap
         Fp8Cost(train, Fp8Options(granularity="row"))
 
 
+def test_bf16_override_keeps_that_gemm_out_of_fp8(captured_mlp):
+    gm = copy.deepcopy(captured_mlp)
+    records = _analyse(gm, ConvertConfig(precision="fp8", overrides={"re:fc[23]": "bf16"}))
+    by_module = {meta.module_path(n): meta.get(n, meta.FP8) for n in gm.graph.nodes if meta.get(n, meta.FP8)}
+    assert by_module["fc1"]["use"] and sum(r["use"] for r in records.values()) == 1
+    for name in ("fc2", "fc3"):
+        record = by_module[name]
+        assert record["rule"] == "override" and not record["use"]
+        assert record["reason"] == (f"kept bf16: user override re:fc[23]=bf16 on module '{name}': under "
+                                    "precision fp8 a bf16 override keeps the GEMM in bf16")
+
+
+class _AttentionOut(nn.Module):
+    """attention -> transpose -> reshape -> out projection (the quantization cannot fuse into the
+    attention kernel) beside LayerNorm -> up projection (it fuses into the LayerNorm)."""
+
+    def __init__(self, d=64):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.up = nn.Linear(d, d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q = self.up(self.norm(x)).reshape(b, t, 4, d // 4).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, q, q).transpose(1, 2).reshape(b, t, d)
+        return self.out(a)
+
+
+def test_quantization_after_an_extern_kernel_is_charged_its_own_kernel():
+    gm = _captured(_AttentionOut().eval())
+    fused = Fp8Options.always(fused_quantization=True)
+    _analyse(gm, options=fused)
+    by_module = {meta.module_path(n): meta.get(n, meta.FP8) for n in gm.graph.nodes if meta.get(n, meta.FP8)
+                 and meta.get(n, meta.FP8).get("m")}
+    up, out = by_module["up"], by_module["out"]
+    assert up["quantize"] == "fused into layer_norm"
+    assert out["quantize"].startswith("own kernel: scaled_dot_product_attention is not fusable")
+    assert "quantizing the activation (own kernel: scaled_dot_product_attention" in out["reason"]
+    # BERT-large's attention output projection (M=12288, 1024x1024): measured 26.8 + 12.2 us in FP8
+    # against 37.3 us in bf16 on the H100; the estimate keeps it bf16, the fused GEMMs FP8
+    shape, threshold = GemmShape(12288, 1024, 1024), Fp8Options().min_speedup
+    assert estimate_speedup(shape, static=True, fused=True, own_kernel=True)[0] < threshold
+    assert estimate_speedup(shape, static=True, fused=True)[0] >= threshold
+    assert estimate_speedup(GemmShape(12288, 4096, 1024), static=True, fused=True)[0] >= threshold
+    # eager: every quantization is its own kernels already, so the producer changes nothing
+    _analyse(gm, options=Fp8Options.always())
+    assert all("quantize" not in meta.get(n, meta.FP8) for n in gm.graph.nodes if meta.get(n, meta.FP8))
+
+
 def test_cost_model_on_benchmark_shapes():
     """The decisions tools/bench_fp8.py checks on the H100: BERT-base and ViT-B stay bf16 in eager
     mode, the Llama MLP's gate/up GEMMs go FP8; speed-up grows with size."""
