@@ -181,6 +181,9 @@ def install(gm: fx.GraphModule) -> dict:
             return standard(self, *args, **kwargs)
         return fast(self, *args, **kwargs)
 
+    # a code object of its own per model: torch.compile caches compiled frames per code object, so a
+    # shared one made the 9th compiled model of a process hit dynamo's recompile_limit (8) and run eager
+    forward.__code__ = forward.__code__.replace()
     forward._rw_fast = True
     cls._rw_standard_forward = standard
     cls.forward = forward

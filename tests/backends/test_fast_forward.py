@@ -115,6 +115,28 @@ def test_tracing_runs_the_standard_forward():
         assert torch.equal(_first(compiled(*args, **kwargs)), _first(fast(*args, **kwargs)))
 
 
+def test_each_model_is_compiled_on_its_own(monkeypatch):
+    """torch.compile caches per code object: with one forward code object shared by every converted
+    model, the (recompile_limit + 1)-th model compiled in a process ran eager (seen in
+    tools/bench_fp8.py on the H100: the 9th compiled variant ran at eager speed)."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    x = torch.randn(4, 16)
+    models = [rewriter.convert(tiny_mlp(), (x,), precision="bf16") for _ in range(3)]
+    assert len({id(type(m).forward.__code__) for m in models}) == 3
+    for m in models:
+        with torch.no_grad():
+            assert torch.equal(torch.compile(m, backend=backend)(x), m(x))
+    assert len(graphs) == 3  # one graph per model: none fell back to eager
+    torch._dynamo.reset()
+
+
 def test_recompile_and_copies_fall_back_to_the_standard_forward():
     model, args, _ = _transformer()
     fast = rewriter.convert(model, args, precision="bf16")
