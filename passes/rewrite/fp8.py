@@ -53,6 +53,22 @@ def _fake(shape, dtype) -> torch.Tensor:
     return torch.empty(tuple(shape), dtype=dtype, device="meta")
 
 
+def _planned(graph: fx.Graph, rewritten):
+    """(node, record, gemm operands, stored weight) of every GEMM Fp8Cost chose that is not yet
+    `rewritten` (the op it becomes); a chosen GEMM no longer in a supported form is marked kept."""
+    for node in list(graph.nodes):
+        record = meta.get(node, meta.FP8)
+        if not record or not record.get("use") or node.target is rewritten:
+            continue
+        operands = gemm_operands(node)
+        weight = stored_weight(operands[1]) if operands else None
+        if operands is None or weight is None:
+            meta.put(node, meta.FP8, {**record, "use": False, "rule": "op",
+                                      "reason": "kept bf16: the GEMM changed shape after the FP8 plan (not rewritten)"})
+            continue
+        yield node, record, operands, weight
+
+
 class Fp8Rewrite(Pass):
     """Rewrite GEMMs annotated {"use": True} by `Fp8Cost` into `rewriter::fp8_linear`.
 
@@ -79,17 +95,7 @@ class Fp8Rewrite(Pass):
         quantized: dict[tuple[str, bool], tuple[str, str, torch.Tensor, torch.Tensor]] = {}
         getters: dict[str, fx.Node] = {}
         done, dropped = [], []
-        for node in list(graph.nodes):
-            record = meta.get(node, meta.FP8)
-            if not record or not record.get("use") or node.target is fp8_linear_op:
-                continue
-            operands = gemm_operands(node)
-            weight = stored_weight(operands[1]) if operands else None
-            if operands is None or weight is None:
-                record = {**record, "use": False, "rule": "op",
-                          "reason": "kept bf16: the GEMM changed shape after the FP8 plan (not rewritten)"}
-                meta.put(node, meta.FP8, record)
-                continue
+        for node, record, operands, weight in _planned(graph, fp8_linear_op):
             x, w_value, bias, nk = operands
             target = str(weight.target)
             per_channel = self.options.granularity == "row"
@@ -126,16 +132,7 @@ class Fp8Rewrite(Pass):
         graph = gm.graph
         transposed: dict[str, fx.Node] = {}  # weight target -> its aten.t node (tied [K, N] weights)
         done, emulated = [], None
-        for node in list(graph.nodes):
-            record = meta.get(node, meta.FP8)
-            if not record or not record.get("use") or node.target is fp8_linear_train:
-                continue
-            operands = gemm_operands(node)
-            weight = stored_weight(operands[1]) if operands else None
-            if operands is None or weight is None:
-                meta.put(node, meta.FP8, {**record, "use": False, "rule": "op", "reason":
-                                          "kept bf16: the GEMM changed shape after the FP8 plan (not rewritten)"})
-                continue
+        for node, record, operands, weight in _planned(graph, fp8_linear_train):
             x, w_value, bias, nk = operands
             target = str(weight.target)
             param = getattr(*attr_owner(gm, target))
