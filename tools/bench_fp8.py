@@ -26,6 +26,7 @@ shape alone: bf16 F.linear vs rewriter::fp8_linear (dynamic and static scales, e
 model's estimate, to check FP8_ROOFLINE_EFFICIENCY on the machine.
 
     python tools/bench_fp8.py --device cuda --out bench_fp8.json          # H100: the README table
+    python tools/bench_fp8.py --device cuda --models bert_large --profile 12  # + kernel time by kind
     python tools/bench_fp8.py --device cpu --small                         # smoke run (FP8 emulated)
 """
 from __future__ import annotations
