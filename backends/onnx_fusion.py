@@ -224,8 +224,7 @@ def _unflatten_gemms(model) -> int:
         result, flat_reshape = out_reshape.outputs[0], gemm.inputs[0].producer()
         new_nodes = []
         if shape is not None:
-            const = ir.Value(name=f"{result.name}__rows_k", const_value=ir.tensor(np.array(shape, np.int64)))
-            graph.register_initializer(const)
+            const = _new_initializer(graph, f"{result.name}__rows_k", np.array(shape, np.int64))
             view = ir.node("Reshape", [x, const], name=f"{flat_reshape.name}/Reshape")
             view.outputs[0].dtype = x.dtype
             new_nodes.append(view)
@@ -300,9 +299,7 @@ def _shapes_from_inputs(model) -> int:
         parts, new_nodes = [], []
         for k, piece in enumerate(pieces):
             if isinstance(piece, int):
-                const = ir.Value(name=f"{node.outputs[0].name}__dim{k}",
-                                 const_value=ir.tensor(np.array([piece], np.int64)))
-                graph.register_initializer(const)
+                const = _new_initializer(graph, f"{node.outputs[0].name}__dim{k}", np.array([piece], np.int64))
                 parts.append(const)
             else:
                 inp, axis = piece
@@ -385,8 +382,7 @@ def _pack_attention(model) -> int:
         x, w, bias, nodes = found
         if bias is None:
             zeros = np.zeros(w.shape[1], np.float16 if x.dtype == ir.DataType.FLOAT16 else np.float32)
-            bias = ir.Value(name=f"{mha.outputs[0].name}__qkv_bias", const_value=ir.tensor(zeros))
-            graph.register_initializer(bias)
+            bias = _new_initializer(graph, f"{mha.outputs[0].name}__qkv_bias", zeros)
         mask = mha.inputs[5] if len(mha.inputs) > 5 else None
         attrs = {"num_heads": mha.attributes["num_heads"].as_int()}
         if "scale" in mha.attributes:

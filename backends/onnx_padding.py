@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from backends.onnx_fusion import _constant, _remove_unread
+from backends.onnx_fusion import _constant, _new_initializer, _remove_unread
 
 __all__ = ["use_mask_index", "is_right_padded"]
 
@@ -56,8 +56,7 @@ def _lengths(graph, source, before):
     import onnx_ir as ir
 
     cast = ir.node("Cast", [source], {"to": ir.DataType.INT32}, name=f"{source.name}/mask_index/Cast")
-    axes = ir.Value(name=f"{source.name}__mask_index_axes", const_value=ir.tensor(np.array([1], np.int64)))
-    graph.register_initializer(axes)
+    axes = _new_initializer(graph, f"{source.name}__mask_index_axes", np.array([1], np.int64))
     total = ir.node("ReduceSum", [cast.outputs[0], axes], {"keepdims": 0}, name=f"{source.name}/mask_index")
     cast.outputs[0].dtype = ir.DataType.INT32
     out = total.outputs[0]
