@@ -276,6 +276,14 @@ def _gemm_time(shape: GemmShape, flops: float, in_bytes: int) -> float:
     return max(compute, memory, KERNEL_LAUNCH_S)
 
 
+def _estimate(t_bf16: float, t_fp8: float, t_quant: float) -> tuple[float, dict]:
+    """(roofline x FP8_ROOFLINE_EFFICIENCY, the times in us and the roofline) of bf16 vs fp8 + quantize."""
+    roofline = t_bf16 / (t_fp8 + t_quant)
+    detail = {"bf16_us": round(t_bf16 * 1e6, 2), "fp8_us": round(t_fp8 * 1e6, 2),
+              "quant_us": round(t_quant * 1e6, 2), "roofline": round(roofline, 3)}
+    return roofline * FP8_ROOFLINE_EFFICIENCY, detail
+
+
 def estimate_speedup(shape: GemmShape, *, static: bool, fused: bool = False,
                      own_kernel: bool = False) -> tuple[float, dict]:
     """Estimated speed-up of one GEMM in FP8 (with the activation's quantization) over BF16 on an H100:
@@ -295,10 +303,7 @@ def estimate_speedup(shape: GemmShape, *, static: bool, fused: bool = False,
     kernels = _QUANT_KERNELS[(where, "static" if static else "dynamic")]
     elements = shape.m * shape.k
     t_quant = sum(max(b * elements / HBM_BYTES_PER_S, KERNEL_LAUNCH_S) for b in kernels)
-    roofline = t_bf16 / (t_fp8 + t_quant)
-    detail = {"bf16_us": round(t_bf16 * 1e6, 2), "fp8_us": round(t_fp8 * 1e6, 2),
-              "quant_us": round(t_quant * 1e6, 2), "roofline": round(roofline, 3)}
-    return roofline * FP8_ROOFLINE_EFFICIENCY, detail
+    return _estimate(t_bf16, t_fp8, t_quant)
 
 
 def estimate_train_speedup(shape: GemmShape, *, fused: bool = False) -> tuple[float, dict]:
@@ -322,10 +327,7 @@ def estimate_train_speedup(shape: GemmShape, *, fused: bool = False) -> tuple[fl
     kernels = _QUANT_KERNELS[("fused" if fused else "eager", "dynamic")]
     traffic = [b * e for e in (m * k, n * k, m * n) for b in (*kernels, 2)]  # quantize, then transpose
     t_quant = sum(max(b / HBM_BYTES_PER_S, KERNEL_LAUNCH_S) for b in traffic)
-    roofline = t_bf16 / (t_fp8 + t_quant)
-    detail = {"bf16_us": round(t_bf16 * 1e6, 2), "fp8_us": round(t_fp8 * 1e6, 2),
-              "quant_us": round(t_quant * 1e6, 2), "roofline": round(roofline, 3)}
-    return roofline * FP8_ROOFLINE_EFFICIENCY, detail
+    return _estimate(t_bf16, t_fp8, t_quant)
 
 
 def gemm_operands(node: fx.Node):

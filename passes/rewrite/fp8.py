@@ -184,14 +184,18 @@ class Fp8Rewrite(Pass):
         new.update({"use": True, "mode": "dynamic", "scale": None, "training": True,
                     "grad_dtype": "float8_e5m2", "weight_dtype": meta.dtype_name(param.dtype),
                     "emulated": emulated is not None, "granularity": "tensor", "from_op": op})
+        self._record(node, new, emulated, reason, "fp8_linear_train",
+                     f"FP8 training GEMM made by rewrite/fp8 from {op}")
+
+    def _record(self, node, fp8_record: dict, emulated, reason: str, op_name: str, op_reason: str) -> None:
+        """The annotations of a rewritten GEMM: its FP8 record, the rewrite note and its new op class."""
         if emulated:
-            new["emulation"] = emulated
-        meta.put(node, meta.FP8, new)
+            fp8_record["emulation"] = emulated
+        meta.put(node, meta.FP8, fp8_record)
         meta.put(node, meta.REWRITTEN, [*(meta.get(node, meta.REWRITTEN) or []),
                                         {"pass": self.name, "reason": reason}])
         info = dict(meta.get(node, meta.OP_CLASS) or {})
-        info.update({"op": "fp8_linear_train", "class": "lowp", "exact": False,
-                     "reason": f"FP8 training GEMM made by rewrite/fp8 from {op}"})
+        info.update({"op": op_name, "class": "lowp", "exact": False, "reason": op_reason})
         meta.put(node, meta.OP_CLASS, info)
 
     # ------------------------------------------------------------------ pieces
@@ -261,16 +265,7 @@ class Fp8Rewrite(Pass):
             "scale_bytes": int(w_scale.numel() * 4), "granularity": "row" if per_channel else "tensor",
             "from_op": op,
         })
-        if emulated:
-            new["emulation"] = emulated
-        meta.put(node, meta.FP8, new)
-        notes = list(meta.get(node, meta.REWRITTEN) or [])
-        notes.append({"pass": self.name, "reason": reason})
-        meta.put(node, meta.REWRITTEN, notes)
-        info = dict(meta.get(node, meta.OP_CLASS) or {})
-        info.update({"op": "fp8_linear", "class": "lowp", "exact": False,
-                     "reason": f"FP8 GEMM made by rewrite/fp8 from {op}"})
-        meta.put(node, meta.OP_CLASS, info)
+        self._record(node, new, emulated, reason, "fp8_linear", f"FP8 GEMM made by rewrite/fp8 from {op}")
 
     @staticmethod
     def _drop_unused(gm: fx.GraphModule, target: str) -> list[str]:
