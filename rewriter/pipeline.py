@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from passes.analysis import Assign, Classify, Ranges, Sensitivity
 from passes.analysis._calibration import as_batches
-from passes.analysis.fp8_cost import Fp8Cost, Fp8Options
+from passes.analysis.fp8_cost import Fp8Cost, Fp8Options, resolve_options
 from passes.infra import Pass, PassManager
 from passes.rewrite import (CastWeights, CausalAttention, ChannelsLast, FoldBatchNorm, FoldCasts, FuseGelu,
                             FuseLinears, InsertCasts, PaddingMask)
@@ -61,7 +61,7 @@ def build_passes(config: ConvertConfig, *, calibration=None, reference_fn=None, 
     if config.precision is Precision.FP8:
         from passes.rewrite.fp8 import Fp8Rewrite
 
-        fp8 = fp8 or Fp8Options()
+        fp8 = resolve_options(fp8, config)
         analysis.append(Fp8Cost(config, fp8))
         at = next(i for i, p in enumerate(rewrite) if isinstance(p, CastWeights))
         rewrite.insert(at, Fp8Rewrite(config, fp8))  # weights quantized from fp32, before cast_weights

@@ -19,6 +19,10 @@ of each in turn, --repeats rounds, median per variant; a variant that fails is r
     ours fp8 compile static  the same with calibration (the example and one more random batch): static
                              activation scales, whose quantization inductor fuses into the producer
     torchao fp8 / + compile  Float8DynamicActivationFloat8WeightConfig on model.bfloat16() (n/a without torchao)
+    ours bf16 compile tuned, ours fp8 compile static tuned
+                             the same with inductor's coordinate_descent_tuning (block sizes tuned per kernel)
+    ours bf16 cudagraphs, ours fp8 static cudagraphs
+                             torch.compile(mode="reduce-overhead"): CUDA graphs, no per-kernel launch cost
 Per variant: median latency (CUDA events, --repeats x --iters after --warmup), speed-up over our bf16 in the
 same mode (eager vs eager, compiled vs compiled), relative L2 error of the output vs fp32 strict (float64),
 GEMMs in FP8 / GEMMs, weight bytes. The GEMM table (--gemms, on by default) times each distinct linear
@@ -199,10 +203,10 @@ def _variants(model, args, kwargs, small: bool, compile_on: bool):
     bf_kwargs = {k: (v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v)
                  for k, v in kwargs.items()}
 
-    def ours(precision, fp8=None, compiled=False, calibrated=False):
+    def ours(precision, fp8=None, compiled=False, calibrated=False, **compile_kwargs):
         def make():
             gm = convert(precision, fp8, calibrated)
-            fn = torch.compile(gm) if compiled else gm
+            fn = torch.compile(gm, **compile_kwargs) if compiled else gm
             return (lambda: fn(*args, **kwargs)), gm, gm
         return make
 
@@ -226,6 +230,14 @@ def _variants(model, args, kwargs, small: bool, compile_on: bool):
     out.append(("torchao fp8", "eager", torchao()))
     if compile_on:
         out.append(("torchao fp8 compile", "compile", torchao(compiled=True)))
+        # the same graphs under other compile settings, each mode against our bf16 in that mode
+        tuned = {"options": {"coordinate_descent_tuning": True}}
+        out += [("ours bf16 compile tuned", "compile tuned", ours("bf16", compiled=True, **tuned)),
+                ("ours fp8 compile static tuned", "compile tuned",
+                 ours("fp8", fused, compiled=True, calibrated=True, **tuned)),
+                ("ours bf16 cudagraphs", "cudagraphs", ours("bf16", compiled=True, mode="reduce-overhead")),
+                ("ours fp8 static cudagraphs", "cudagraphs",
+                 ours("fp8", fused, compiled=True, calibrated=True, mode="reduce-overhead"))]
     return out
 
 
@@ -385,13 +397,13 @@ def _gemm_table(names, small, device, timer):
 
 
 def _print_models(rows) -> None:
-    head = f"{'model':12s} {'variant':22s} {'ms':>9s} {'x ours bf16':>11s} {'err vs fp32':>11s} " \
+    head = f"{'model':12s} {'variant':30s} {'ms':>9s} {'x ours bf16':>11s} {'err vs fp32':>11s} " \
            f"{'fp8/gemms':>9s} {'weights MB':>10s}  notes"
     print(head)
     print("-" * len(head))
     for r in rows:
         if "error" in r:
-            print(f"{r['model']:12s} {r['variant']:22s} {'n/a':>9s}  {r['error']}")
+            print(f"{r['model']:12s} {r['variant']:30s} {'n/a':>9s}  {r['error']}")
             continue
         fp8 = (f"{r['fp8_gemms']}/{r['gemms']}" if "gemms" in r else
                (str(r["fp8_gemms"]) if "fp8_gemms" in r else ""))
@@ -404,14 +416,15 @@ def _print_models(rows) -> None:
         if not r.get("finite", True):
             notes.append("NON-FINITE OUTPUT")
         speed = f"{r['speedup_vs_ours_bf16']:.2f}x" if "speedup_vs_ours_bf16" in r else ""
-        print(f"{r['model']:12s} {r['variant']:22s} {r['ms']:9.2f} {speed:>11s} {r['error_vs_fp32']:11.2e} "
+        print(f"{r['model']:12s} {r['variant']:30s} {r['ms']:9.2f} {speed:>11s} {r['error_vs_fp32']:11.2e} "
               f"{fp8:>9s} {r['weight_bytes'] / 2**20:10.1f}  {'; '.join(notes)}")
 
 
 def _verdicts(rows, device) -> list[str]:
     lines = []
     for name, target in TARGETS.items():
-        for variant in ("ours fp8", "ours fp8 compile", "ours fp8 compile static"):
+        for variant in ("ours fp8", "ours fp8 compile", "ours fp8 compile static", "ours fp8 compile static tuned",
+                        "ours fp8 static cudagraphs"):
             r = next((r for r in rows if r["model"] == name and r["variant"] == variant and "ms" in r), None)
             if r is None or "speedup_vs_ours_bf16" not in r:
                 continue

@@ -68,7 +68,7 @@ from rewriter import meta
 from rewriter.config import ConvertConfig, Mode
 from rewriter.errors import ConfigError
 
-__all__ = ["Fp8Options", "Fp8Cost", "GemmShape", "estimate_speedup", "estimate_train_speedup", "gemm_operands",
+__all__ = ["Fp8Options", "Fp8Cost", "resolve_options", "GemmShape", "estimate_speedup", "estimate_train_speedup", "gemm_operands",
            "stored_weight", "target_capability", "FP8_MIN_MNK", "FP8_MIN_ROWS", "FP8_MIN_SPEEDUP",
            "FP8_ROOFLINE_EFFICIENCY", "FP8_AMAX_MARGIN", "FP8_DIM_MULTIPLE", "FP8_MIN_CAPABILITY", "BF16_FLOPS",
            "FP8_FLOPS", "HBM_BYTES_PER_S", "KERNEL_LAUNCH_S", "FP8_GEMM_OPS"]
@@ -165,7 +165,8 @@ class Fp8Options:
         min_rows: GEMMs whose activation has fewer rows M (batch x seq of the example) stay bf16.
         min_speedup: GEMMs whose estimated speed-up is below this stay bf16 (0 disables the estimate).
         fused_quantization: estimate for a model run under torch.compile, which fuses the activation
-            quantization into its producer (eager otherwise).
+            quantization into its producer (eager otherwise). None (the default): True when the
+            conversion's backend is "compile" with inductor, else False.
         target: compute capability of the GPU the model will run on: "sm_90", "9.0", (9, 0), "cpu";
             None: the current CUDA device, or, without one, an FP8 GPU (the converted model then
             emulates FP8 here and says so).
@@ -182,7 +183,7 @@ class Fp8Options:
     min_mnk: int = FP8_MIN_MNK
     min_rows: int = FP8_MIN_ROWS
     min_speedup: float = FP8_MIN_SPEEDUP
-    fused_quantization: bool = False
+    fused_quantization: "bool | None" = None
     target: "str | tuple[int, int] | None" = None
     fast_accum: bool = True
 
@@ -390,6 +391,16 @@ def _fmt(x: float) -> str:
 # ---------------------------------------------------------------- the pass
 
 
+def resolve_options(options: Fp8Options | None, config: ConvertConfig) -> Fp8Options:
+    """`options` (default Fp8Options()) with fused_quantization=None decided by the backend: inductor
+    (backend="compile", the default compiler) fuses each activation's quantization into its producer."""
+    options = options or Fp8Options()
+    if options.fused_quantization is not None:
+        return options
+    compiled = config.backend == "compile" and config.backend_kwargs().get("compiler", "inductor") == "inductor"
+    return dataclasses.replace(options, fused_quantization=compiled)
+
+
 class Fp8Cost(AnalysisPass):
     """Annotate every tensor-core op with node.meta[FP8] = {"use", "rule", "reason", ...}.
 
@@ -406,7 +417,7 @@ class Fp8Cost(AnalysisPass):
 
     def __init__(self, config: ConvertConfig, options: Fp8Options | None = None):
         self.config = config
-        self.options = options or Fp8Options()
+        self.options = resolve_options(options, config)
         if config.mode is Mode.TRAIN and self.options.granularity == "row":
             raise ConfigError("Fp8Options(granularity='row') is for mode='eval': FP8 training scales x, the "
                               "weight and the gradient per tensor (dynamic, as torchao's Float8Linear); write "

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from passes.analysis import Assign, Classify
 from passes.analysis.fp8_cost import (FP8_MIN_MNK, FP8_MIN_ROWS, Fp8Cost, Fp8Options, GemmShape, estimate_speedup,
-                                      estimate_train_speedup, target_capability)
+                                      estimate_train_speedup, resolve_options, target_capability)
 from passes.infra import PassManager
 from passes.rewrite import CastWeights, FoldCasts, InsertCasts
 from passes.rewrite.fp8 import Fp8Rewrite
@@ -359,6 +359,20 @@ def test_options_are_validated():
     assert target_capability("sm_100") == (10, 0) and target_capability((9, 0)) == (9, 0)
 
 
+
+def test_fused_quantization_follows_the_backend():
+    """Unset, fused_quantization is True exactly when inductor will compile the converted model."""
+    def fused(options=None, **config):
+        return resolve_options(options, ConvertConfig(precision="fp8", **config)).fused_quantization
+
+    assert fused() is False and fused(backend="cuda_graphs") is False
+    assert fused(backend="compile") is True
+    assert fused(backend="compile", backend_options={"compiler": "aot_eager"}) is False
+    assert fused(Fp8Options(fused_quantization=False), backend="compile") is False  # the user's word wins
+    assert fused(Fp8Options(fused_quantization=True)) is True
+    assert Fp8Cost(ConvertConfig(precision="fp8", backend="compile")).options.fused_quantization is True
+
+
 # ---------------------------------------------------------------- run time
 
 
@@ -397,13 +411,23 @@ def test_scaled_mm_path_matches_emulation():
             assert torch.equal(real, emulated)
 
 
-def test_quantize_activation_matches_onnx_quantizelinear_rounding():
-    """x / s in fp32, then round-to-nearest-even e4m3 with saturation (ONNX QuantizeLinear)."""
-    x = torch.tensor([[0.0, 1.0, -3.3, 447.0, 449.0, 470.0, 1e6, 2 ** -10]], dtype=torch.bfloat16)
+@pytest.mark.parametrize("cast_saturates", [True, False], ids=["saturating-cast", "clamp"])
+def test_quantize_activation_matches_onnx_quantizelinear_rounding(monkeypatch, cast_saturates):
+    """x / s in fp32, then round-to-nearest-even e4m3 with saturation (ONNX QuantizeLinear), whether
+    the cast saturates by itself (torch >= 2.12, inductor's Triton) or a clamp does it (torch 2.11)."""
+    if cast_saturates and not fp8_ops._probe_saturation(torch.device("cpu")):
+        pytest.skip("this torch build's float8 casts give NaN on overflow")
+    monkeypatch.setitem(fp8_ops._SATURATES, "cpu", cast_saturates)
+    x = torch.tensor([[0.0, 1.0, -3.3, 447.0, 449.0, 470.0, 1e6, 2 ** -10, -1e6, float("inf")]],
+                     dtype=torch.bfloat16)
+    assert fp8_ops.casts_saturate(x) is cast_saturates
     q = fp8_ops.quantize_activation(x, torch.tensor(1.0), saturate=True)
     assert q.float().tolist()[0][:6] == [0.0, 1.0, -3.25, 448.0, 448.0, 448.0]
     assert q.float()[0, 6] == 448 and q.float()[0, 7] == 0  # saturated; 2^-10 ties to even: 0
-    dynamic = fp8_ops.quantize_activation(x.float(), fp8_ops.activation_scale(x.float(), False), False)
+    assert q.float()[0, 8] == -448 and q.float()[0, 9] == 448
+    assert fp8_ops.quantize_activation(torch.tensor([[float("nan")]]), torch.tensor(1.0), True).float().isnan().all()
+    finite = x[:, :-1].float()
+    dynamic = fp8_ops.quantize_activation(finite, fp8_ops.activation_scale(finite, False), False)
     assert dynamic.float().abs().max() == 448 and not dynamic.float().isnan().any()
 
 
