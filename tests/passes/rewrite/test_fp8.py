@@ -431,6 +431,19 @@ def test_quantize_activation_matches_onnx_quantizelinear_rounding(monkeypatch, c
     assert dynamic.float().abs().max() == 448 and not dynamic.float().isnan().any()
 
 
+def test_compiled_static_quantization_saturates_as_eager():
+    """Inductor (CPU codegen here) decides the clamp as eager does: beyond the range -> +-448, no NaN."""
+    scale = torch.tensor(0.01)
+    x = (torch.randn(16, 64, generator=torch.Generator().manual_seed(0)) * 100).to(torch.bfloat16)
+    x[0, :3] = torch.tensor([float("inf"), -1e30, float("nan")])
+    eager = fp8_ops.quantize_activation(x, scale, saturate=True).float()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: fp8_ops.quantize_activation(t, scale, saturate=True))(x).float()
+    assert torch.equal(eager.nan_to_num(), compiled.nan_to_num())
+    assert compiled[0, :2].tolist() == [448.0, -448.0] and compiled[0, 2].isnan()
+    assert not compiled[1:].isnan().any() and compiled.nan_to_num().abs().max() == 448
+
+
 def test_reexport_save_load_and_decomposition(mlp_fp8):
     _, gm, _, _ = mlp_fp8
     with torch.no_grad():
