@@ -9,6 +9,7 @@
     rewrite bench model-fp16.pt2 --backend compile --compile-mode reduce-overhead
     rewrite demo --precision bf16
     rewrite demo --train                  # fp32 vs fp16 vs bf16 training: digits CNN, small transformer
+    rewrite demo --train --task reverse --precisions bf16,fp8     # FP8 training GEMMs (opt-in)
 
 MODEL is a `.pt2` file (torch.export.save), a factory spec `package.module:callable` (called with no
 arguments; needs --input-shape), or a pickled full module (`.pt`/`.pth`) with --trust-pickle.
@@ -50,7 +51,7 @@ __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_INTERNAL", "EXIT_USAGE"]
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
 _PRECISIONS = ("fp16", "bf16", "fp8")
 _BACKENDS = ("eager", "compile", "cuda_graphs")  # = backends.torch_backend.MODES (not imported: --help stays fast)
-_TRAIN_PRECISIONS = ("fp32", "fp16", "bf16")
+_TRAIN_PRECISIONS = ("fp32", "fp16", "bf16", "fp8")  # = train_demo.TRAINABLE (not imported: it imports torch)
 _FACTORY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _EXAMPLES_KEY = "rewriter.example_inputs"  # GraphModule.meta key written by convert and io.load
 
@@ -121,8 +122,9 @@ def _positive_int(text: str) -> int:
 
 
 def _train_precisions(text: str) -> list[str]:
-    """--precisions: a comma-separated list from fp32, fp16, bf16 (order kept, duplicates dropped)."""
-    aliases = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
+    """--precisions: a comma-separated list from fp32, fp16, bf16, fp8 (order kept, duplicates dropped)."""
+    aliases = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16",
+               "float8": "fp8"}
     result: list[str] = []
     for part in (p.strip().lower() for p in text.split(",")):
         if not part:
@@ -131,7 +133,8 @@ def _train_precisions(text: str) -> list[str]:
         if name not in _TRAIN_PRECISIONS:
             raise argparse.ArgumentTypeError(
                 f"cannot train in {part!r}: write a comma-separated list from {', '.join(_TRAIN_PRECISIONS)}, "
-                "e.g. --precisions fp32,bf16 (fp32 is the unconverted model)")
+                "e.g. --precisions fp32,bf16 (fp32 is the unconverted model; fp8 is opt-in, not in the default "
+                "fp32,fp16,bf16)")
         if name not in result:
             result.append(name)
     if not result:
@@ -230,8 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "on a synthetic task (reversing sequences) in fp32, fp16 and bf16 with "
                     "rewriter.convert(mode='train'), from the same initial weights on the same batches, and "
                     "print the loss curves, the fp16 loss scale over time, final accuracy and step time. "
-                    "The default --train run takes about a minute on a CPU; the digits task needs "
-                    "scikit-learn (pip install scikit-learn).")
+                    "--precisions ...,fp8 adds FP8 training GEMMs (every eligible linear, emulated without "
+                    "an FP8 GPU). The default --train run takes about a minute on a CPU; the digits task "
+                    "needs scikit-learn (pip install scikit-learn).")
     p.add_argument("--precision", choices=_PRECISIONS, default=None,
                    help="precision of the conversion demo (fp16); with --train use --precisions")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
@@ -242,8 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="digits (CNN on scikit-learn's digits), reverse (transformer, synthetic) or all, "
                         "the default")
     g.add_argument("--precisions", type=_train_precisions, default=None, metavar="LIST",
-                   help="precisions to train in, comma-separated from fp32,fp16,bf16 (all three; fp32 is the "
-                        "unconverted model)")
+                   help="precisions to train in, comma-separated from fp32,fp16,bf16,fp8 (default "
+                        "fp32,fp16,bf16; fp32 is the unconverted model; fp8 puts every eligible linear in FP8 "
+                        "GEMMs, emulated on a CPU or a GPU before sm_89)")
     g.add_argument("--steps", type=_positive_int, default=None, metavar="N",
                    help="optimizer steps per run (digits 200, reverse 150)")
     g.add_argument("--log-every", type=_positive_int, default=None, metavar="N",
@@ -1088,6 +1093,7 @@ def _cmd_train_demo(args, ui: _Ui) -> int:
                      + "; every precision starts from the same weights and sees the same batches\n\n")
     sys.stdout.flush()
     all_runs: list = []
+    fp8_warnings: list[str] = []
     try:
         if threads:
             torch.set_num_threads(threads)
@@ -1095,7 +1101,7 @@ def _cmd_train_demo(args, ui: _Ui) -> int:
             with ui.step(f"{name}: preparing the data"):
                 task = td.make_task(name, seed=seed)
             steps = args.steps or td.TASKS[name][1]
-            runs = [_train_one(ui, td, task, precision, steps, device, seed, growth, args.verbose)
+            runs = [_train_one(ui, td, task, precision, steps, device, seed, growth, args.verbose, fp8_warnings)
                     for precision in precisions]
             sys.stdout.write(td.report(runs, log_every, task.title) + "\n\n")
             sys.stdout.flush()
@@ -1108,6 +1114,8 @@ def _cmd_train_demo(args, ui: _Ui) -> int:
                      f"at 65536, doubles after {growth} clean steps (--growth-interval; GradScaler's "
                      "default, 2000, would not move within a short run) and halves on an inf/NaN "
                      "gradient, whose step is skipped. bf16 and fp32 need no scaling.")
+    if "fp8" in precisions:
+        notes += _fp8_notes(device, fp8_warnings, all_runs)
     if device.type == "cpu":
         notes.append("step times are measured on the CPU, where 16-bit kernels (fp16 above all) are often "
                      "slower than fp32. Loss curves and accuracy are meaningful on any device.")
@@ -1129,9 +1137,52 @@ def _cmd_train_demo(args, ui: _Ui) -> int:
     return EXIT_INTERNAL if bad else EXIT_OK
 
 
+def _fp8_notes(device, fp8_warnings: list[str], runs: list) -> list[str]:
+    """The notes of a run with --precisions ...,fp8: why every linear was forced into FP8, emulation (when
+    some run had FP8 GEMMs), and the Fp8EmulationWarning messages `_train_one` caught that say more."""
+    import math
+
+    from passes.analysis.fp8_cost import FP8_MIN_MNK, FP8_MIN_ROWS
+    from passes.rewrite.fp8_ops import emulation_reason
+
+    notes = [f"fp8 forces every eligible linear into FP8 GEMMs (Fp8Options.always()): the demo's GEMMs (under "
+             f"a thousand rows of batch x sequence) are far below the size where FP8 pays, and the cost model "
+             f"alone would keep them all in bf16 (it wants at least {FP8_MIN_ROWS} rows and M*N*K >= "
+             f"2^{int(math.log2(FP8_MIN_MNK))}). The fp8 rows show FP8's numerics, not its speed; "
+             "tools/bench_train.py --device cuda --compile --models llama_mlp,gpt2_medium --variants bf16,fp8 "
+             "times FP8 training at realistic sizes."]
+    reason = emulation_reason(device)
+    if reason is not None and any(r.fp8_gemms and not r.fp8_gemms.startswith("0 of") for r in runs):
+        where = "the CPU" if device.type == "cpu" else f"{device} ({reason.partition(': ')[0]})"
+        notes.append(f"on {where} the FP8 GEMMs are emulated: quantized to e4m3 "
+                     "and e5m2 as on an FP8 GPU, then multiplied in fp32. Same numerics, no speed-up: fp8 step "
+                     "times here say nothing about FP8's.")
+    for message in dict.fromkeys(fp8_warnings):  # e.g. torch._scaled_mm refused a GEMM on an FP8 GPU
+        if message != reason:
+            notes.append(f"fp8: {message}")
+    return notes
+
+
+@contextlib.contextmanager
+def _fp8_warnings_caught(into: list[str]) -> Iterator[None]:
+    """Record Fp8EmulationWarning messages into `into` instead of printing them in the middle of the
+    progress lines (the notes say it once, at the end); other warnings are re-issued as they were."""
+    from passes.rewrite.fp8_ops import Fp8EmulationWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", Fp8EmulationWarning)  # `main` ignores warnings without --debug
+        yield
+    for w in caught:
+        if issubclass(w.category, Fp8EmulationWarning):
+            into.append(str(w.message).removeprefix("rewriter: "))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+
+
 def _train_one(ui: _Ui, td, task, precision: str, steps: int, device, seed: int, growth: int,
-               verbose: bool):
-    """One training run, with a progress line on stderr (a live step counter on a terminal)."""
+               verbose: bool, fp8_warnings: list[str]):
+    """One training run, with a progress line on stderr (a live step counter on a terminal);
+    Fp8EmulationWarning messages go to `fp8_warnings`, for the notes."""
     label = f"{task.name}: training in {precision} on {device}, {steps} step{'s' if steps != 1 else ''}"
     start = time.perf_counter()
     with ui.err.status(_esc(label + " (converting)" if precision != "fp32" else label)) as status:
@@ -1141,8 +1192,10 @@ def _train_one(ui: _Ui, td, task, precision: str, steps: int, device, seed: int,
                                    + (f", loss scale {scale:g}" if precision == "fp16" else "")))
 
         log = (lambda line: ui.err.print(line, markup=False, highlight=False)) if verbose else None
-        run = td.train(task, precision, steps=steps, device=device, seed=seed, growth_interval=growth,
-                       log=log, on_step=on_step)
+        caught = _fp8_warnings_caught(fp8_warnings) if precision == "fp8" else contextlib.nullcontext()
+        with caught:
+            run = td.train(task, precision, steps=steps, device=device, seed=seed, growth_interval=growth,
+                           log=log, on_step=on_step)
     ui.err.print(f"[green]\u2713[/green] {_esc(label)}: final loss {run.losses[-1]:.4f}, accuracy "
                  f"{100 * run.accuracy:.1f}% [dim]({time.perf_counter() - start:.1f}s)[/dim]", highlight=False)
     return run

@@ -1,4 +1,4 @@
-"""Mixed-precision training with `rewriter.convert(..., mode="train")`: fp32 vs fp16 vs bf16.
+"""Mixed-precision training with `rewriter.convert(..., mode="train")`: fp32 vs fp16 vs bf16 (vs fp8).
 
 `rewrite demo --train` runs it (tools/train_demo.py is a thin wrapper around that command). Two tasks,
 each trained once per precision from the same initial weights, on the same batches and with the same
@@ -13,13 +13,23 @@ fp16 runs with dynamic loss scaling (`rewriter.loss_scale.make_scaler`); bf16 ne
 held-out data (in eval mode: dropout off, batch-norm running statistics), median step time and
 conversion time.
 
-    >>> from rewriter.train_demo import digits_task, train, report
+fp8 is opt-in (TRAINABLE, not PRECISIONS): precision="fp8" with `Fp8Options.always()`, so every eligible
+linear trains with FP8 GEMMs (e4m3 forward, e5m2 gradients, fp32 master weights). The cost model alone
+would keep all of them in bf16: these models' GEMMs are far below the size where FP8 is faster, so the
+run shows FP8's numerics, not its speed (tools/bench_train.py times realistic sizes). Without FP8 GEMMs
+(CPU, GPUs before sm_89) they are emulated: same quantization, fp32 matmul. `Run.fp8_gemms` says how
+many linears ran in FP8, why the others did not, and whether they were emulated. The digits CNN has one
+linear, whose 10 outputs are not a multiple of 16: its fp8 run computes as bf16 and says so.
+
+    >>> from rewriter.train_demo import digits_task, reverse_task, train, report
     >>> runs = [train(digits_task(), p, steps=200) for p in ("fp32", "fp16", "bf16")]
     >>> print(report(runs, every=25))
+    >>> print(report([train(reverse_task(), p, steps=150) for p in ("bf16", "fp8")], every=25))
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import statistics
 import sys
 import time
@@ -31,12 +41,15 @@ import torch.nn.functional as F
 
 from rewriter.errors import RewriterError
 
-__all__ = ["DigitsCNN", "Reverser", "Task", "Run", "TASKS", "PRECISIONS", "MissingDependencyError",
-           "require_sklearn", "digits_task", "reverse_task", "make_task", "train", "report",
-           "scale_at"]
+__all__ = ["DigitsCNN", "Reverser", "Task", "Run", "TASKS", "PRECISIONS", "TRAINABLE",
+           "MissingDependencyError", "require_sklearn", "digits_task", "reverse_task", "make_task", "train",
+           "report", "scale_at", "fp8_summary"]
 
-#: Precisions the demo trains in ("fp32" = the unconverted model).
+#: Precisions the demo trains in by default ("fp32" = the unconverted model).
 PRECISIONS = ("fp32", "fp16", "bf16")
+#: Every precision `train` accepts. fp8 is opt-in: on these small models it forces FP8 GEMMs that the
+#: cost model would not choose, and without an FP8 GPU it is emulated (several times slower).
+TRAINABLE = PRECISIONS + ("fp8",)
 
 
 class MissingDependencyError(RewriterError):
@@ -46,7 +59,7 @@ class MissingDependencyError(RewriterError):
 def require_sklearn() -> None:
     """Raise MissingDependencyError, naming the package and the pip command, without scikit-learn."""
     try:
-        import sklearn  # noqa: F401
+        importlib.import_module("sklearn")  # not `import sklearn`: pyflakes reports an unused name
     except ImportError as exc:
         raise MissingDependencyError(
             "the training demo's digits task needs scikit-learn, which is not installed in this Python "
@@ -193,6 +206,7 @@ class Run:
     skipped: list[int]
     scaler: str
     convert_s: float
+    fp8_gemms: str = ""  # fp8 runs: how many linears ran in FP8, why others did not, emulated or not
 
 
 def _sync(device: torch.device) -> None:
@@ -204,9 +218,10 @@ def train(task: Task, precision: str, *, steps: int = 300, device: "str | torch.
           max_grad_norm: float | None = 1.0, growth_interval: int | None = None,
           log: Callable[[str], None] | None = None,
           on_step: Callable[[int, float, float], None] | None = None) -> Run:
-    """Train `task.make_model()` in `precision` ("fp32" = unconverted) and evaluate it.
+    """Train `task.make_model()` in `precision` (one of TRAINABLE; "fp32" = unconverted) and evaluate it.
 
     Same `seed` -> same initial weights, same batches and the same dropout seed in every precision.
+    "fp8" converts with `Fp8Options.always()` (see the module docstring) and fills `Run.fp8_gemms`.
     `growth_interval`: clean fp16 steps before the loss scale doubles (None: GradScaler's 2000).
     `log(line)` gets a line per step; `on_step(step, loss, scale)` the same as numbers.
     """
@@ -220,8 +235,10 @@ def train(task: Task, precision: str, *, steps: int = 300, device: "str | torch.
     start = time.perf_counter()
     if precision != "fp32":
         x0, _ = task.batch(0, torch.Generator().manual_seed(seed + 2))
-        model = convert(model, (x0.to(device),), precision=precision, mode="train")
+        fp8 = {"fp8": _forced_fp8(device)} if precision == "fp8" else {}
+        model = convert(model, (x0.to(device),), precision=precision, mode="train", **fp8)
     convert_s = time.perf_counter() - start
+    fp8_gemms = fp8_summary(model, device) if precision == "fp8" else ""
     scale_opts = {} if growth_interval is None else {"growth_interval": growth_interval}
     scaler = make_scaler(precision if precision != "fp32" else model, device=device, **scale_opts)
     opt = torch.optim.AdamW(model.parameters(), lr=task.lr, weight_decay=0.01)
@@ -251,7 +268,68 @@ def train(task: Task, precision: str, *, steps: int = 300, device: "str | torch.
         accuracy = task.accuracy(model(x.to(device)).float(), y.to(device))
     warm = times[min(5, len(times) - 1):]
     return Run(task.name, precision, losses, accuracy, 1e3 * statistics.median(warm),
-               [tuple(h) for h in scaler.history], list(scaler.skipped), repr(scaler), convert_s)
+               [tuple(h) for h in scaler.history], list(scaler.skipped), repr(scaler), convert_s, fp8_gemms)
+
+
+def _forced_fp8(device: torch.device):
+    """Fp8Options for the demo: every eligible GEMM in FP8, whatever its size.
+
+    The cost model keeps GEMMs below ~8192 rows or 2^31 M*N*K in bf16, i.e. every GEMM of these models.
+    Its target is the device when that has FP8 GEMMs, else an H100 (sm_90): planned for the current
+    GPU, a pre-sm_89 one would keep every GEMM in bf16 ("no FP8 tensor cores") and show nothing, while
+    planned for an H100 the GEMMs are emulated here with the same quantization.
+    """
+    from passes.analysis.fp8_cost import Fp8Options
+    from passes.rewrite.fp8_ops import fp8_gemm_supported
+
+    return Fp8Options.always(target=None if fp8_gemm_supported(device) else "sm_90")
+
+
+def fp8_summary(model: nn.Module, device: "str | torch.device") -> str:
+    """One line on the FP8 GEMMs of a model converted with precision="fp8", mode="train".
+
+    "9 of 9 linears in FP8 (...); scaled_dot_product_attention x2 stay bf16 (...); emulated: <why>",
+    parts joined by "; " (`report` prints one a line). Reads the FP8 records (`rewriter.meta.FP8`) of the
+    training graph, the one gradients flow through, as rewriter/loss_scale.py does; a record with rule
+    "op" and no weight is a tensor-core op the FP8 rewrite does not handle (convolution, attention, bmm).
+    """
+    from collections import Counter
+
+    from passes.rewrite.fp8_ops import emulation_reason
+    from rewriter import meta
+
+    linears, others = [], Counter()
+    for n in model.graph.nodes:
+        r = meta.get(n, meta.FP8)
+        if r and (r.get("rule") != "op" or "weight" in r):
+            linears.append((n, r))
+        elif r:
+            others[(meta.get(n, meta.OP_CLASS) or {}).get("op", str(n.target))] += 1
+    used = [r for _, r in linears if r.get("use") and r.get("training")]
+    parts = [f"{len(used)} of {len(linears)} linear{'s' if len(linears) != 1 else ''} in FP8"
+             + (" (e4m3 forward, e5m2 gradients, dynamic per-tensor scales), forced by Fp8Options.always() "
+                "whatever their size" if used else "")]
+    kept: dict[str, list[str]] = {}
+    for n, r in linears:
+        if not (r.get("use") and r.get("training")):
+            # "kept bf16: N=10 not a multiple of 16 (torch._scaled_mm needs ...)" -> "N=10 not a multiple of 16"
+            why = str(r.get("reason", "")).partition(": ")[2] or str(r.get("reason", ""))
+            why = why.split(" (")[0].split("; ")[0]
+            kept.setdefault(why, []).append(str(r.get("weight", n.name)).removesuffix(".weight"))
+    for why, names in list(kept.items())[:3]:
+        parts.append(f"{', '.join(names[:4])}{' ...' if len(names) > 4 else ''} kept bf16: {why}")
+    if len(kept) > 3:
+        parts.append(f"{sum(len(v) for v in list(kept.values())[3:])} more kept bf16")
+    if others:
+        ops = ", ".join(f"{op} x{count}" if count > 1 else op for op, count in others.items())
+        parts.append(f"{ops} stay{'s' if sum(others.values()) == 1 else ''} bf16 (the FP8 rewrite "
+                     "handles linears only)")
+    if not used:
+        parts.append("no FP8 GEMM: this run computes as bf16 does")
+    else:
+        reason = emulation_reason(device)
+        parts.append(f"emulated: {reason}" if reason else "on FP8 tensor cores (torch._scaled_mm)")
+    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------- report
@@ -283,6 +361,11 @@ def _curve_table(runs: list[Run], every: int) -> str:
 def _scale_text(run: Run) -> str:
     if run.precision == "fp32":
         return "none (fp32)"
+    if run.precision == "fp8" and run.scaler.startswith("LossScaler(disabled"):
+        # make_scaler's reason is long for fp8: bf16's and then the e5m2 gradients' own scaling
+        return "none: bf16 has fp32's exponent range" + (
+            "" if run.fp8_gemms.startswith("0 of") else
+            ", and FP8 GEMMs scale their e5m2 gradients per tensor on every call (amax / 57344)")
     if run.precision != "fp16":
         return "none: " + run.scaler.partition("; ")[2].rstrip(")")
     changes = " -> ".join(f"{v:g}" + (f" (step {s})" if s else "") for s, v in run.scale_history[:6])
@@ -293,7 +376,8 @@ def _scale_text(run: Run) -> str:
 
 
 def report(runs: list[Run], every: int, title: str = "") -> str:
-    """Loss curves (window means), fp16 loss scale, accuracy, step time, for the runs of one task."""
+    """Loss curves (window means), fp16 loss scale, accuracy, step time, for the runs of one task;
+    under the table, an fp8 run's FP8 GEMMs (`Run.fp8_gemms`)."""
     every = max(1, every)
     out = [f"== {runs[0].task}" + (f": {title}" if title else ""),
            f"  loss (mean over the last {every} steps)" if every > 1 else "  loss (per step)",
@@ -304,4 +388,9 @@ def report(runs: list[Run], every: int, title: str = "") -> str:
     for r in runs:
         out.append(f"  {r.precision:9s} {100 * r.accuracy:8.2f}% {100 * (r.accuracy - base.accuracy):+7.2f}pp "
                    f"{r.step_ms:8.2f} {r.convert_s:9.1f}  {_scale_text(r)}")
+    for r in runs:
+        if r.fp8_gemms:
+            head = f"  {r.precision} GEMMs: "
+            parts = r.fp8_gemms.split("; ")
+            out += [(head if i == 0 else " " * len(head)) + part for i, part in enumerate(parts)]
     return "\n".join(out)

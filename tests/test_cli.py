@@ -415,6 +415,33 @@ def test_demo_train_smallest_run_reports_each_precision(tmp_path, capsys):
     assert _leftovers(tmp_path) == []
 
 
+def test_demo_train_fp8_is_opt_in_forced_and_says_so(tmp_path, capsys):
+    """--precisions bf16,fp8: every eligible linear in FP8 (Fp8Options.always()), emulated on the CPU,
+    said under the table and in a note, not as a Python warning in the middle of the progress lines."""
+    import math
+
+    from passes.rewrite.fp8_ops import reset_emulation_notice
+
+    reset_emulation_notice()  # the first emulated GEMM of this process warns: this run catches it
+    js = tmp_path / "train.json"
+    code = main(["demo", "--train", "--task", "reverse", "--precisions", "bf16,fp8", "--steps", "2",
+                 "--log-every", "1", "--device", "cpu", "--json", str(js)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    out = captured.out
+    assert any(line.strip().startswith("fp8") and "%" in line for line in out.splitlines()), out
+    assert "fp8 GEMMs: 9 of 9 linears in FP8 (e4m3 forward, e5m2 gradients" in out  # 2 blocks x 4 + head
+    assert "forced by Fp8Options.always()" in out and "emulated: cpu has no FP8 GEMMs" in out
+    assert "note: fp8 forces every eligible linear into FP8 GEMMs" in out and "tools/bench_train.py" in out
+    assert "note: on the CPU the FP8 GEMMs are emulated" in out
+    assert "note: fp8: " not in out  # the caught warning says what that note says: not repeated
+    assert "Fp8EmulationWarning" not in captured.err and "reverse: training in fp8" in captured.err
+    data = json.loads(js.read_text())
+    assert data["precisions"] == ["bf16", "fp8"] and [r["precision"] for r in data["runs"]] == ["bf16", "fp8"]
+    assert data["runs"][0]["fp8_gemms"] == "" and data["runs"][1]["fp8_gemms"].startswith("9 of 9 linears")
+    assert all(len(r["losses"]) == 2 and all(map(math.isfinite, r["losses"])) for r in data["runs"])
+
+
 def test_demo_train_without_scikit_learn_exits_2_naming_the_package(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "sklearn", None)  # `import sklearn` raises ImportError
     assert main(["demo", "--train", "--steps", "1"]) == 2
@@ -427,7 +454,8 @@ def test_demo_train_without_scikit_learn_exits_2_naming_the_package(monkeypatch,
     (["demo", "--steps", "3"], "add --train"),
     (["demo", "--json", "x.json"], "add --train"),
     (["demo", "--train", "--precision", "bf16"], "--precisions"),
-    (["demo", "--train", "--precisions", "fp8"], "cannot train in 'fp8'"),
+    (["demo", "--train", "--precisions", "int8"], "cannot train in 'int8'"),
+    (["demo", "--train", "--precisions", "int8"], "fp32, fp16, bf16, fp8"),
     (["demo", "--train", "--steps", "0"], "not a whole number"),
     (["demo", "--train", "--task", "imagenet"], "invalid choice"),
 ])
