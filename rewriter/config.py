@@ -202,6 +202,10 @@ class ConvertConfig:
         """backend_options as keyword arguments of backends.torch_backend.optimize."""
         return dict(self.backend_options)
 
+    def compiled_by_inductor(self) -> bool:
+        """backend="compile" with inductor (the default compiler): passes may shape the graph for it."""
+        return self.backend == "compile" and self.backend_kwargs().get("compiler", "inductor") == "inductor"
+
     @property
     def island_dtype(self) -> torch.dtype:
         return self.precision.island_dtype

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -12,7 +11,7 @@ from passes.analysis._calibration import as_batches
 from passes.analysis.fp8_cost import Fp8Cost, Fp8Options, resolve_options
 from passes.infra import Pass, PassManager
 from passes.rewrite import (CastWeights, CausalAttention, ChannelsLast, FoldBatchNorm, FoldCasts, FuseGelu,
-                            FuseLinears, InsertCasts, PaddingMask)
+                            FuseLinears, InsertCasts, PaddingMask, SigmoidGelu)
 from rewriter import meta
 from rewriter.capture import capture, normalize_inputs
 from rewriter.config import ConvertConfig, Mode, Precision
@@ -65,6 +64,8 @@ def build_passes(config: ConvertConfig, *, calibration=None, reference_fn=None, 
         analysis.append(Fp8Cost(config, fp8))
         at = next(i for i, p in enumerate(rewrite) if isinstance(p, CastWeights))
         rewrite.insert(at, Fp8Rewrite(config, fp8))  # weights quantized from fp32, before cast_weights
+    if config.compiled_by_inductor() or (config.precision is Precision.FP8 and fp8.fused_quantization):
+        rewrite.append(SigmoidGelu())  # inductor's tanh is slow; eager's gelu is one kernel
     return analysis + rewrite
 
 

@@ -397,8 +397,7 @@ def resolve_options(options: Fp8Options | None, config: ConvertConfig) -> Fp8Opt
     options = options or Fp8Options()
     if options.fused_quantization is not None:
         return options
-    compiled = config.backend == "compile" and config.backend_kwargs().get("compiler", "inductor") == "inductor"
-    return dataclasses.replace(options, fused_quantization=compiled)
+    return dataclasses.replace(options, fused_quantization=config.compiled_by_inductor())
 
 
 class Fp8Cost(AnalysisPass):

@@ -8,6 +8,7 @@ from passes.rewrite.fuse_gelu import FuseGelu
 from passes.rewrite.fuse_linears import FuseLinears
 from passes.rewrite.insert_casts import InsertCasts
 from passes.rewrite.padding_mask import PaddingMask
+from passes.rewrite.sigmoid_gelu import SigmoidGelu
 
 __all__ = ["CausalAttention", "FuseGelu", "FuseLinears", "FoldBatchNorm", "InsertCasts", "FoldCasts", "CastWeights",
-           "ChannelsLast", "PaddingMask"]
+           "ChannelsLast", "PaddingMask", "SigmoidGelu"]
