@@ -68,8 +68,8 @@ from rewriter import meta
 from rewriter.config import ConvertConfig, Mode
 from rewriter.errors import ConfigError
 
-__all__ = ["Fp8Options", "Fp8Cost", "resolve_options", "GemmShape", "estimate_speedup", "estimate_train_speedup", "gemm_operands",
-           "stored_weight", "target_capability", "FP8_MIN_MNK", "FP8_MIN_ROWS", "FP8_MIN_SPEEDUP",
+__all__ = ["Fp8Options", "Fp8Cost", "resolve_options", "GemmShape", "estimate_speedup", "estimate_train_speedup",
+           "gemm_operands", "stored_weight", "target_capability", "FP8_MIN_MNK", "FP8_MIN_ROWS", "FP8_MIN_SPEEDUP",
            "FP8_ROOFLINE_EFFICIENCY", "FP8_AMAX_MARGIN", "FP8_DIM_MULTIPLE", "FP8_MIN_CAPABILITY", "BF16_FLOPS",
            "FP8_FLOPS", "HBM_BYTES_PER_S", "KERNEL_LAUNCH_S", "FP8_GEMM_OPS"]
 
