@@ -207,6 +207,7 @@ class Run:
     scaler: str
     convert_s: float
     fp8_gemms: str = ""  # fp8 runs: how many linears ran in FP8, why others did not, emulated or not
+    fp8_linears: int = 0  # fp8 runs: the number of linears that ran in FP8
 
 
 def _sync(device: torch.device) -> None:
@@ -238,7 +239,7 @@ def train(task: Task, precision: str, *, steps: int = 300, device: "str | torch.
         fp8 = {"fp8": _forced_fp8(device)} if precision == "fp8" else {}
         model = convert(model, (x0.to(device),), precision=precision, mode="train", **fp8)
     convert_s = time.perf_counter() - start
-    fp8_gemms = fp8_summary(model, device) if precision == "fp8" else ""
+    fp8_linears, fp8_gemms = fp8_summary(model, device) if precision == "fp8" else (0, "")
     scale_opts = {} if growth_interval is None else {"growth_interval": growth_interval}
     scaler = make_scaler(precision if precision != "fp32" else model, device=device, **scale_opts)
     opt = torch.optim.AdamW(model.parameters(), lr=task.lr, weight_decay=0.01)
@@ -268,7 +269,8 @@ def train(task: Task, precision: str, *, steps: int = 300, device: "str | torch.
         accuracy = task.accuracy(model(x.to(device)).float(), y.to(device))
     warm = times[min(5, len(times) - 1):]
     return Run(task.name, precision, losses, accuracy, 1e3 * statistics.median(warm),
-               [tuple(h) for h in scaler.history], list(scaler.skipped), repr(scaler), convert_s, fp8_gemms)
+               [tuple(h) for h in scaler.history], list(scaler.skipped), repr(scaler), convert_s, fp8_gemms,
+               fp8_linears)
 
 
 def _forced_fp8(device: torch.device):
@@ -285,8 +287,8 @@ def _forced_fp8(device: torch.device):
     return Fp8Options.always(target=None if fp8_gemm_supported(device) else "sm_90")
 
 
-def fp8_summary(model: nn.Module, device: "str | torch.device") -> str:
-    """One line on the FP8 GEMMs of a model converted with precision="fp8", mode="train".
+def fp8_summary(model: nn.Module, device: "str | torch.device") -> tuple[int, str]:
+    """(linears in FP8, one line on the FP8 GEMMs) of a model converted with precision="fp8", mode="train".
 
     "9 of 9 linears in FP8 (...); scaled_dot_product_attention x2 stay bf16 (...); emulated: <why>",
     parts joined by "; " (`report` prints one a line). Reads the FP8 records (`rewriter.meta.FP8`) of the
@@ -329,7 +331,7 @@ def fp8_summary(model: nn.Module, device: "str | torch.device") -> str:
     else:
         reason = emulation_reason(device)
         parts.append(f"emulated: {reason}" if reason else "on FP8 tensor cores (torch._scaled_mm)")
-    return "; ".join(parts)
+    return len(used), "; ".join(parts)
 
 
 # ---------------------------------------------------------------- report
@@ -364,7 +366,7 @@ def _scale_text(run: Run) -> str:
     if run.precision == "fp8" and run.scaler.startswith("LossScaler(disabled"):
         # make_scaler's reason is long for fp8: bf16's and then the e5m2 gradients' own scaling
         return "none: bf16 has fp32's exponent range" + (
-            "" if run.fp8_gemms.startswith("0 of") else
+            "" if not run.fp8_linears else
             ", and FP8 GEMMs scale their e5m2 gradients per tensor on every call (amax / 57344)")
     if run.precision != "fp16":
         return "none: " + run.scaler.partition("; ")[2].rstrip(")")
