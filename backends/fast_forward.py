@@ -41,9 +41,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from rewriter import meta
+
 __all__ = ["install", "uninstall", "is_installed", "binding_for", "RECORD_KEY"]
 
-RECORD_KEY = "rewriter.fast_forward"
+RECORD_KEY = meta.FAST_FORWARD
 
 # aten ops without a torch.* function that are Tensor methods with the same schema
 _METHODS = frozenset({"view", "expand", "contiguous", "unfold", "masked_fill", "type_as"})

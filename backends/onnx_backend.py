@@ -51,7 +51,7 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 
-from backends.onnx_fusion import _fuse
+from rewriter.backends.onnx_fusion import _fuse
 from rewriter import meta
 from rewriter.errors import ConfigError, InputError, RewriterError, describe_node
 
@@ -62,7 +62,6 @@ __all__ = [
 
 DEFAULT_OPSET = 18
 _BF16_OPSET = 22  # Conv, MaxPool and the pooling ops accept bfloat16 only from opset 22
-_EXAMPLE_INPUTS_KEY = "rewriter.example_inputs"  # GraphModule.meta key written by rewriter.convert
 
 # Ops ONNX Runtime has no fp16 kernel for on some execution providers, from onnxconverter-common's
 # float16 DEFAULT_OP_BLOCK_LIST (the ML-domain ops there never see tensors from torch). Each is
@@ -229,7 +228,7 @@ def _example_inputs(gm, example_inputs) -> tuple[tuple, dict]:
                 example_inputs[1], dict) and isinstance(example_inputs[0], tuple):
             return example_inputs
         return normalize_inputs(example_inputs, None)
-    recorded = gm.meta.get(_EXAMPLE_INPUTS_KEY)
+    recorded = gm.meta.get(meta.EXAMPLE_INPUTS)
     if recorded is None:
         raise InputError("the converted model carries no example inputs (was it loaded from a file?): "
                          "pass example_inputs=(x,) to export_onnx")
@@ -772,7 +771,7 @@ def export_onnx(converted: fx.GraphModule, path: str | os.PathLike, *, opset: in
 
 def _right_padding(model, feeds: dict) -> str:
     """Apply backends/onnx_padding.use_mask_index when the example masks are right-padded; the note."""
-    from backends.onnx_padding import is_right_padded, use_mask_index
+    from rewriter.backends.onnx_padding import is_right_padded, use_mask_index
 
     names = {v.name for v in model.graph.inputs}
     masks = {k: v for k, v in feeds.items() if k in names and getattr(v, "ndim", 0) == 2}

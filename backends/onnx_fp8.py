@@ -37,7 +37,7 @@ __all__ = ["custom_translation_table", "fp8_linear_onnx", "MIN_OPSET"]
 
 MIN_OPSET = 19  # float8 types in QuantizeLinear/DequantizeLinear/Cast
 _E4M3_MAX = 448.0
-_SCALE_EPS = 1e-12  # = passes.rewrite.fp8_ops.SCALE_EPS
+_SCALE_EPS = 1e-12  # = rewriter.runtime.fp8_ops.SCALE_EPS
 _FLOAT = onnx.TensorProto.FLOAT
 _FLOAT8 = onnx.TensorProto.FLOAT8E4M3FN
 
@@ -99,6 +99,6 @@ def custom_translation_table() -> dict[object, Callable]:
     Returns:
         A dict to pass as `custom_translation_table=` (merge it with others'); needs opset >= MIN_OPSET.
     """
-    from passes.rewrite.fp8_ops import fp8_linear_op
+    from rewriter.runtime.fp8_ops import fp8_linear_op
 
     return {fp8_linear_op: fp8_linear_onnx}

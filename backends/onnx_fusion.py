@@ -25,7 +25,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from backends.onnx_backend import ExportReport
+    from rewriter.backends.onnx_backend import ExportReport
 
 
 def _float_value_dtypes(proto) -> dict[str, int]:
@@ -729,7 +729,7 @@ def _fuse(model, gm, report: ExportReport, feeds: dict):
     """ONNX Runtime fusions, each step kept only when it keeps the precision decisions and the outputs."""
     import onnx_ir as ir
 
-    from backends.onnx_backend import _quiet  # the backend imports this module: import at call time
+    from rewriter.backends.onnx_backend import _quiet  # the backend imports this module: import at call time
 
     proto = ir.serde.serialize_model(model)
     steps = []

@@ -9,14 +9,14 @@ variable-length kernels instead; this is what the onnxruntime.transformers optim
 It means "keys at and after position length[b] are masked", which equals the mask only when every
 row is ones followed by zeros (right padding, what BERT tokenizers produce by default). On a left-padded
 row it attends to the padding and misses real tokens, so it is never done silently: only with the
-option, only on the form `passes/rewrite/padding_mask.py` produces (a key padding mask of one 2-D graph
+option, only on the form `passes/canonicalize/padding_mask.py` produces (a key padding mask of one 2-D graph
 input), and only when the example inputs are right-padded. The report says it was assumed.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from backends.onnx_fusion import _constant, _new_initializer, _remove_unread
+from rewriter.backends.onnx_fusion import _constant, _new_initializer, _remove_unread
 
 __all__ = ["use_mask_index", "is_right_padded"]
 

@@ -55,7 +55,8 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from backends import fast_forward
+from rewriter import meta
+from rewriter.backends import fast_forward
 from rewriter.errors import BackendError, ConfigError, InputError, describe_node
 
 __all__ = [
@@ -285,7 +286,7 @@ def _tensor_leaves(flat: list) -> list[torch.Tensor]:
 
 
 def _dynamic_batch(gm: fx.GraphModule) -> bool:
-    info = gm.meta.get("rewriter") or {}
+    info = gm.meta.get(meta.INFO) or {}
     if "dynamic_batch" in info:
         return bool(info["dynamic_batch"])
     for node in gm.graph.nodes:  # a GraphModule not made by convert: look at the placeholders

@@ -8,7 +8,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from passes.graph_utils import attr_owner, is_metadata_assert
+from rewriter.passes.graph_utils import attr_owner, is_metadata_assert
 
 __all__ = ["SDPA", "SIZE_READS", "NotShapeOnly", "mask_arg", "ancestors", "concrete", "batch_symbols",
            "batch_substitutions", "evaluate", "remove_dead"]

@@ -42,7 +42,7 @@ gru_cell rnn_tanh_cell rnn_relu_cell lstm gru scaled_dot_product_attention
 _scaled_dot_product_flash_attention _scaled_dot_product_efficient_attention
 _scaled_dot_product_cudnn_attention _native_multi_head_attention
 fp8_linear fp8_linear_train
-""".split())  # rewriter::fp8_linear and fp8_linear_train: the FP8 GEMMs made by passes/rewrite/fp8.py
+""".split())  # rewriter::fp8_linear and fp8_linear_train: the FP8 GEMMs made by passes/lower/fp8.py
 
 FP32_OPS = frozenset("""
 acos asin cosh erfinv exp exp2 expm1 log log10 log2 log1p reciprocal rsqrt sinh tan pow

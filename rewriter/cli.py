@@ -19,7 +19,7 @@ tensor input) overrides them.
 --backend eager|compile|cuda_graphs (and --compile-mode) choose how the converted graph runs
 (backends/torch_backend.py). It is a run-time choice: a .pt2 stores the converted graph, not compiled
 code, so `convert --backend` checks the choice, records it in the file's conversion record and `bench`
-applies the recorded backend (in Python: backends.torch_backend.optimize(rewriter.load(path), mode=...)).
+applies the recorded backend (in Python: rewriter.backends.torch_backend.optimize(rewriter.load(path), mode=...)).
 
 Exit codes: 0 success; 2 bad usage or bad input (missing or corrupt file, unknown precision, shape
 that does not fit, an existing output without --force: every `RewriterError`); 1 internal failure.
@@ -50,10 +50,9 @@ __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_INTERNAL", "EXIT_USAGE"]
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
 _PRECISIONS = ("fp16", "bf16", "fp8")
-_BACKENDS = ("eager", "compile", "cuda_graphs")  # = backends.torch_backend.MODES (not imported: --help stays fast)
+_BACKENDS = ("eager", "compile", "cuda_graphs")  # = rewriter.backends.torch_backend.MODES (not imported: --help stays fast)
 _TRAIN_PRECISIONS = ("fp32", "fp16", "bf16", "fp8")  # = train_demo.TRAINABLE (not imported: it imports torch)
 _FACTORY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
-_EXAMPLES_KEY = "rewriter.example_inputs"  # GraphModule.meta key written by convert and io.load
 
 
 # ---------------------------------------------------------------------- argument parsing
@@ -86,8 +85,8 @@ def _dtype(text: str) -> str:
 
 
 def _backend(text: str) -> str:
-    """--backend: a mode of backends.torch_backend.optimize (aliases such as 'cuda-graphs' accepted)."""
-    from backends.torch_backend import check_options
+    """--backend: a mode of rewriter.backends.torch_backend.optimize (aliases such as 'cuda-graphs' accepted)."""
+    from rewriter.backends.torch_backend import check_options
     from rewriter.errors import ConfigError
 
     try:
@@ -101,7 +100,7 @@ def _backend(text: str) -> str:
 
 def _compile_mode(text: str) -> str:
     """--compile-mode: a torch.compile mode that inductor knows."""
-    from backends.torch_backend import check_options
+    from rewriter.backends.torch_backend import check_options
     from rewriter.errors import ConfigError
 
     try:
@@ -185,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "compile (torch.compile) or cuda_graphs (captured and replayed; needs a CUDA GPU). A "
                     ".pt2 holds the converted graph, not compiled code: the choice is checked here, "
                     "recorded in the file, and applied when it runs (`rewrite bench` applies it; in "
-                    "Python backends.torch_backend.optimize(rewriter.load(OUT), mode=...)). .pt2 only")
+                    "Python rewriter.backends.torch_backend.optimize(rewriter.load(OUT), mode=...)). .pt2 only")
     p.add_argument("--optimize", action="store_true",
                    help=".onnx only: apply ONNX Runtime fusions (attention, skip layer norm, GELU, BERT "
                         "embeddings) where they keep the precision decisions; the report says what was fused")
@@ -219,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=20, help="timed runs per variant (20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs first (3)")
     _add_backend(p, "also time the converted model run through this backend "
-                    "(backends.torch_backend.optimize): compile (torch.compile; the first call compiles, "
+                    "(rewriter.backends.torch_backend.optimize): compile (torch.compile; the first call compiles, "
                     "untimed) or cuda_graphs (needs a CUDA GPU and --device cuda); eager times the "
                     "converted GraphModule only. Default: the backend recorded by `rewrite convert "
                     "--backend`, else eager")
@@ -466,6 +465,7 @@ def _hint(size) -> int:
 
 def _example_inputs(loaded: _Loaded, shapes: list, dtypes: list) -> tuple[tuple, dict]:
     """Inputs for capture: from --input-shape, else from the shapes recorded in a .pt2."""
+    from rewriter import meta
     import torch
     import torch.fx as fx
     import torch.utils._pytree as pytree
@@ -485,7 +485,7 @@ def _example_inputs(loaded: _Loaded, shapes: list, dtypes: list) -> tuple[tuple,
     model = loaded.model
     if loaded.kind == "pt2" and isinstance(model, fx.GraphModule):
         placeholders = [n for n in model.graph.nodes if n.op == "placeholder"]
-        recorded = model.meta.get(_EXAMPLES_KEY)
+        recorded = model.meta.get(meta.EXAMPLE_INPUTS)
         leaves = pytree.tree_leaves(recorded) if recorded is not None else []
         if len(leaves) != len(placeholders):
             leaves = [None] * len(placeholders)
@@ -611,10 +611,10 @@ def _onnx_exporter() -> Callable:
     from rewriter.errors import InputError
 
     try:
-        module = importlib.import_module("backends.onnx_backend")
+        module = importlib.import_module("rewriter.backends.onnx_backend")
         return getattr(module, "export_onnx")
     except (ImportError, AttributeError) as exc:
-        raise InputError(f"cannot write .onnx: the ONNX backend (backends.onnx_backend.export_onnx) is not "
+        raise InputError(f"cannot write .onnx: the ONNX backend (rewriter.backends.onnx_backend.export_onnx) is not "
                          f"available in this installation ({exc}). Write a .pt2 instead (-o model.pt2), "
                          "or install a rewriter version with the ONNX backend") from exc
 
@@ -645,6 +645,7 @@ def _check_outputs(ui, args_model: str, outputs: list[tuple[Path | None, str]], 
 
 
 def _cmd_convert(args, ui: _Ui) -> int:
+    from rewriter import meta
     import rewriter
     from rewriter.diff import diff, format_bytes, short_dtype
     from rewriter.errors import InputError
@@ -676,7 +677,7 @@ def _cmd_convert(args, ui: _Ui) -> int:
     with ui.step(f"loading {args.model}"):
         loaded = _load_model(args.model, trust_pickle=args.trust_pickle)
         if is_converted(loaded.model):
-            done = (loaded.model.meta.get("rewriter") or {}).get("config", {}).get("precision", "?")
+            done = (loaded.model.meta.get(meta.INFO) or {}).get("config", {}).get("precision", "?")
             raise InputError(f"{args.model} is already converted (to {done}); convert the original fp32 "
                              "model instead")
         ex_args, ex_kwargs = _example_inputs(loaded, args.input_shape, args.input_dtype)
@@ -688,14 +689,14 @@ def _cmd_convert(args, ui: _Ui) -> int:
                                   tolerance=args.tolerance, progress=True, backend=backend or "eager",
                                   backend_options=backend_opts or None)
     if backend not in (None, "eager"):
-        from backends.torch_backend import graph_module_of
+        from rewriter.backends.torch_backend import graph_module_of
 
         # the record (gm.meta["rewriter"]["config"]) names the backend; the checks, the diff and the
         # file use the converted graph itself (compiling it here would only cost time)
         gm = graph_module_of(gm)
 
-    if loaded.kind == "pt2" and isinstance(gm.meta.get("rewriter"), dict):
-        gm.meta["rewriter"]["model"] = _program_name(loaded)
+    if loaded.kind == "pt2" and isinstance(gm.meta.get(meta.INFO), dict):
+        gm.meta[meta.INFO]["model"] = _program_name(loaded)
     with ui.step("checking the converted model against fp32 on the example inputs"):
         rel, max_abs = _errors(_run(loaded.model, ex_args, ex_kwargs), _run(gm, ex_args, ex_kwargs))
 
@@ -748,7 +749,7 @@ def _cmd_convert(args, ui: _Ui) -> int:
         table.add_row("backend", f"{_backend_label(backend, backend_opts)}, recorded in {out.name}. A .pt2 "
                       f"holds the converted graph, not compiled code: the backend is applied when the model "
                       f"runs. `rewrite bench {out}` applies it; in Python: "
-                      f"backends.torch_backend.optimize(rewriter.load({str(out)!r}), mode={backend!r}{kwargs})")
+                      f"rewriter.backends.torch_backend.optimize(rewriter.load({str(out)!r}), mode={backend!r}{kwargs})")
     for note in s.notes:
         table.add_row("note", note)
     ui.out.print(table, markup=False, highlight=False)
@@ -829,7 +830,7 @@ def _backend_choice(args) -> tuple["str | None", dict]:
 
 def _check_backend_here(backend: str, device=None) -> None:
     """Refuse a backend this machine (or --device) cannot run, saying why (BackendError/InputError)."""
-    from backends.torch_backend import check_available, no_gpu_reason
+    from rewriter.backends.torch_backend import check_available, no_gpu_reason
     from rewriter.errors import BackendError, InputError
 
     try:
@@ -855,7 +856,7 @@ def _fp32_twin(loaded: _Loaded):
     fp32 model is not at hand (it shows activation rounding, not weight rounding)."""
     import torch
 
-    from passes.graph_utils import is_cast
+    from rewriter.passes.graph_utils import is_cast
     from rewriter import meta
     from rewriter.io import load
 
@@ -903,6 +904,7 @@ def _time(fn, warmup: int, repeat: int, device) -> tuple[float, int | None]:
 
 
 def _cmd_bench(args, ui: _Ui) -> int:
+    from rewriter import meta
     import torch
 
     import rewriter
@@ -921,7 +923,7 @@ def _cmd_bench(args, ui: _Ui) -> int:
         ex_args, ex_kwargs = _example_inputs(loaded, args.input_shape, args.input_dtype)
     if is_converted(loaded.model):
         converted = loaded.model
-        done = (converted.meta.get("rewriter") or {}).get("config", {}).get("precision", "fp16")
+        done = (converted.meta.get(meta.INFO) or {}).get("config", {}).get("precision", "fp16")
         if args.precision and args.precision != done:
             raise InputError(f"{args.model} is converted to {done}; --precision {args.precision} would need "
                              "the original model: bench the original instead")
@@ -951,7 +953,7 @@ def _cmd_bench(args, ui: _Ui) -> int:
     converted = converted.to(device)
     run_backend = None
     if backend not in (None, "eager"):
-        from backends.torch_backend import optimize
+        from rewriter.backends.torch_backend import optimize
 
         run_backend = optimize(converted, mode=backend, **backend_opts)
 
@@ -1005,7 +1007,8 @@ def _cmd_bench(args, ui: _Ui) -> int:
 
 def _recorded_backend(converted, device, notes: list) -> tuple["str | None", dict]:
     """The backend a converted model's record names (`rewrite convert --backend`), if it can run here."""
-    from backends.torch_backend import check_options
+    from rewriter import meta
+    from rewriter.backends.torch_backend import check_options
     from rewriter.errors import RewriterError
 
     config = ((getattr(converted, "meta", None) or {}).get("rewriter") or {}).get("config") or {}
@@ -1142,8 +1145,8 @@ def _fp8_notes(device, fp8_warnings: list[str], runs: list) -> list[str]:
     some run had FP8 GEMMs), and the Fp8EmulationWarning messages `_train_one` caught that say more."""
     import math
 
-    from passes.analysis.fp8_cost import FP8_MIN_MNK, FP8_MIN_ROWS
-    from passes.rewrite.fp8_ops import emulation_reason
+    from rewriter.passes.plan.fp8_cost import FP8_MIN_MNK, FP8_MIN_ROWS
+    from rewriter.runtime.fp8_ops import emulation_reason
 
     notes = [f"fp8 forces every eligible linear into FP8 GEMMs (Fp8Options.always()): the demo's GEMMs (under "
              f"a thousand rows of batch x sequence) are far below the size where FP8 pays, and the cost model "
@@ -1167,7 +1170,7 @@ def _fp8_notes(device, fp8_warnings: list[str], runs: list) -> list[str]:
 def _fp8_warnings_caught(into: list[str]) -> Iterator[None]:
     """Record Fp8EmulationWarning messages into `into` instead of printing them in the middle of the
     progress lines (the notes say it once, at the end); other warnings are re-issued as they were."""
-    from passes.rewrite.fp8_ops import Fp8EmulationWarning
+    from rewriter.runtime.fp8_ops import Fp8EmulationWarning
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", Fp8EmulationWarning)  # `main` ignores warnings without --debug

@@ -98,7 +98,7 @@ def _classify_key(key: str) -> str:
     if "." in key or key in ("",):
         return "module"
     # A bare word is an op name when the op table knows it, else a top-level module name.
-    from passes.op_tables import is_known_op
+    from rewriter.passes.op_tables import is_known_op
 
     return "op" if is_known_op(key) else "module"
 
@@ -180,7 +180,7 @@ class ConvertConfig:
         self._check_backend()
 
     def _check_backend(self) -> None:
-        from backends.torch_backend import check_options
+        from rewriter.backends.torch_backend import check_options
 
         options = self.backend_options
         if options is None:
@@ -199,7 +199,7 @@ class ConvertConfig:
                               "backend='compile' for training")
 
     def backend_kwargs(self) -> dict[str, Any]:
-        """backend_options as keyword arguments of backends.torch_backend.optimize."""
+        """backend_options as keyword arguments of rewriter.backends.torch_backend.optimize."""
         return dict(self.backend_options)
 
     def compiled_by_inductor(self) -> bool:

@@ -33,8 +33,6 @@ from rewriter.errors import InputError
 __all__ = ["diff", "Diff", "NodeDiff", "Summary", "short_dtype", "format_bytes", "parameter_bytes"]
 
 _FORMAT = "rewriter.diff/1"
-_INFO_KEY = "rewriter"                     # = rewriter.pipeline.INFO_KEY (GraphModule.meta)
-_EXAMPLES_KEY = "rewriter.example_inputs"  # written by rewriter.pipeline.convert
 
 _SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64",
           "float8_e4m3fn": "fp8e4m3", "float8_e5m2": "fp8e5m2"}
@@ -274,7 +272,7 @@ def _columns(rows: list[tuple]) -> list[str]:
 
 
 def _is_cast(node: fx.Node) -> bool:
-    from passes.graph_utils import is_cast
+    from rewriter.passes.graph_utils import is_cast
 
     return is_cast(node)
 
@@ -286,7 +284,7 @@ def _op_name(node: fx.Node) -> str:
     if _is_cast(node):
         return "cast"
     try:
-        from passes.op_tables import op_name
+        from rewriter.passes.op_tables import op_name
 
         return op_name(node)
     except Exception:  # op naming is cosmetic here
@@ -370,7 +368,7 @@ def _before_state(before: nn.Module, after: fx.GraphModule, capture_before: bool
     converted = _is_converted(before)
     graph_module = before if converted else None
     if not converted and capture_before:
-        recorded = after.meta.get(_EXAMPLES_KEY)
+        recorded = after.meta.get(meta.EXAMPLE_INPUTS)
         if recorded is None:
             notes.append("the converted model has no recorded example inputs: nodes removed from the "
                          "original graph are not shown")
@@ -378,7 +376,7 @@ def _before_state(before: nn.Module, after: fx.GraphModule, capture_before: bool
             from rewriter.capture import capture
 
             args, kwargs = recorded
-            dynamic = bool((after.meta.get(_INFO_KEY) or {}).get("dynamic_batch", True))
+            dynamic = bool((after.meta.get(meta.INFO) or {}).get("dynamic_batch", True))
             try:
                 graph_module = capture(before, tuple(args), dict(kwargs), dynamic_batch=dynamic).graph_module
             except Exception as exc:  # the diff is still useful without the original graph
@@ -484,7 +482,7 @@ def diff(before: Any, after: Any, *, capture_before: bool = True) -> Diff:
             "annotations. Pass the GraphModule returned by rewriter.convert, or a .pt2 written by "
             "rewriter.save (a plain torch.export.save file of a converted model has no annotations)")
     state = _before_state(before, after, capture_before)
-    record = after.meta.get(_INFO_KEY) or {}
+    record = after.meta.get(meta.INFO) or {}
     gone = _removed(state, after)
     removed_for: dict[str, list[str]] = collections.defaultdict(list)
     for node in gone:

@@ -50,8 +50,6 @@ __all__ = ["save", "load", "prepare", "Prepared", "atomic_write", "check_writabl
 RECORD_FILE = "rewriter.json"            # extra file inside the .pt2 archive
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl")
 _FORMAT = "rewriter.pt2/1"
-_INFO_KEY = "rewriter"                   # = rewriter.pipeline.INFO_KEY (GraphModule.meta, not node.meta)
-_EXAMPLES_KEY = "rewriter.example_inputs"  # written by rewriter.pipeline.convert
 _GRAPH_KEYS = tuple(k for k in (getattr(meta, "CALIBRATION", None),) if k)  # JSON-able GraphModule.meta
 
 
@@ -116,7 +114,7 @@ def _example_inputs(gm: fx.GraphModule, example_inputs: Any) -> tuple[tuple, dic
         from rewriter.capture import normalize_inputs
 
         return normalize_inputs(example_inputs, None)
-    recorded = gm.meta.get(_EXAMPLES_KEY)
+    recorded = gm.meta.get(meta.EXAMPLE_INPUTS)
     if recorded is None:
         raise InputError(
             "save() writes models made by rewriter.convert and re-exports them with the example inputs "
@@ -127,7 +125,7 @@ def _example_inputs(gm: fx.GraphModule, example_inputs: Any) -> tuple[tuple, dic
 
 
 def _is_dynamic(gm: fx.GraphModule) -> bool:
-    record = gm.meta.get(_INFO_KEY) or {}
+    record = gm.meta.get(meta.INFO) or {}
     if "dynamic_batch" in record:
         return bool(record["dynamic_batch"])
     for node in gm.graph.nodes:
@@ -241,7 +239,7 @@ def prepare(gm: fx.GraphModule, *, example_inputs: Any = None, where: str = "a .
         raise InputError(f"save expects the GraphModule returned by rewriter.convert, got "
                          f"{type(gm).__name__}; convert the model first")
     args, kwargs = _example_inputs(gm, example_inputs)
-    record = dict(gm.meta.get(_INFO_KEY) or {})
+    record = dict(gm.meta.get(meta.INFO) or {})
     with _annotations_in_custom(gm):
         try:
             ep, dynamic = _export(gm, args, kwargs, _is_dynamic(gm))
@@ -380,15 +378,15 @@ def _load_program(path: Path) -> fx.GraphModule:
     if text:
         record = dict(payload.get("record") or {})
         record["dynamic_batch"] = payload.get("dynamic_batch", record.get("dynamic_batch"))
-        gm.meta[_INFO_KEY] = record
+        gm.meta[meta.INFO] = record
         for key, value in (payload.get("graph_meta") or {}).items():
             if key in _GRAPH_KEYS:
                 gm.meta[key] = value
     if ep.example_inputs is not None:  # the inputs the program was exported with
         args, kwargs = ep.example_inputs
-        gm.meta[_EXAMPLES_KEY] = (tuple(args), dict(kwargs))
+        gm.meta[meta.EXAMPLE_INPUTS] = (tuple(args), dict(kwargs))
     if text:  # a converted model runs eagerly as convert() returned it: with the fast forward
-        from backends import fast_forward
+        from rewriter.backends import fast_forward
 
         fast_forward.install(gm)
     return gm

@@ -241,7 +241,7 @@ def needs_loss_scaling(model_or_precision: Any) -> tuple[bool, str]:
         return False, (f"{precision.value} computes in {meta.dtype_name(precision.island_dtype)}, whose "
                        "exponent range is fp32's: gradients neither underflow nor overflow, no scaling"
                        + ("; " + _FP8_GRADS if precision is Precision.FP8 else ""))
-    from backends.torch_backend import graph_module_of  # unwraps compile/DDP/torch.compile wrappers
+    from rewriter.backends.torch_backend import graph_module_of  # unwraps compile/DDP/torch.compile wrappers
 
     try:
         gm = graph_module_of(model_or_precision)

@@ -25,6 +25,9 @@ Graph-level key (GraphModule.meta, not node.meta):
                "converted", "weight_bytes_fp8", "scale_bytes", "emulated", "emulation"} (same key string)
     CALIBRATION analysis/ranges + sensitivity: {"ranges": {...}, "sensitivity": {...}} summaries
                (batches, seconds, forward runs, kept nodes, error on search and held-out batches)
+    INFO       pipeline.convert: the conversion record {"config", "capture", "dynamic_batch", "notes", "model"}
+    EXAMPLE_INPUTS pipeline.convert / io.load: (args, kwargs) the model was captured with
+    FAST_FORWARD backends/fast_forward: {"ops_bound", "ops_kept"}
 """
 from __future__ import annotations
 
@@ -35,7 +38,8 @@ import torch
 __all__ = [
     "OP_CLASS", "DECISION", "RANGE", "SENSITIVITY", "DTYPE", "CREATED", "FP8", "REWRITTEN", "ALL_KEYS",
     "get", "put", "module_path", "value_dtype", "dtype_name", "dtype_from_name", "is_float_dtype",
-    "numel_hint", "to_custom", "from_custom", "ORIGIN", "origin", "CALIBRATION",
+    "numel_hint", "to_custom", "from_custom", "ORIGIN", "origin", "CALIBRATION", "INFO", "EXAMPLE_INPUTS",
+    "FAST_FORWARD", "GRAPH_KEYS",
 ]
 
 OP_CLASS = "rewriter.op_class"
@@ -49,7 +53,12 @@ ORIGIN = "rewriter.origin"
 REWRITTEN = "rewriter.rewritten"
 ALL_KEYS = (OP_CLASS, DECISION, RANGE, SENSITIVITY, DTYPE, CREATED, FP8, ORIGIN, REWRITTEN)
 
-CALIBRATION = "rewriter.calibration"  # GraphModule.meta key, not a node key
+# GraphModule.meta keys (graph-level, not node keys): every one the project writes is defined here.
+CALIBRATION = "rewriter.calibration"        # measurement summaries (ranges, sensitivity)
+INFO = "rewriter"                           # the conversion record: config, capture, notes, model name
+EXAMPLE_INPUTS = "rewriter.example_inputs"  # (args, kwargs) of the capture, for diff/bench/ONNX export
+FAST_FORWARD = "rewriter.fast_forward"      # backends/fast_forward: ops bound, ops kept
+GRAPH_KEYS = (CALIBRATION, INFO, EXAMPLE_INPUTS, FAST_FORWARD, FP8)
 
 _CUSTOM = "custom"  # torch.export serialises node.meta["custom"]; we nest ours under "rewriter"
 

@@ -1,32 +1,33 @@
-"""convert(): capture -> analysis passes -> rewrite passes -> backend."""
+"""convert(): capture -> the passes of PASS_TABLE, stage by stage -> backend."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Iterable
 
 import torch.fx as fx
 import torch.nn as nn
 
-from passes.analysis import Assign, Classify, Ranges, Sensitivity
-from passes.analysis._calibration import as_batches
-from passes.analysis.fp8_cost import Fp8Cost, Fp8Options, resolve_options
-from passes.infra import Pass, PassManager
-from passes.rewrite import (CastWeights, CausalAttention, ChannelsLast, FoldBatchNorm, FoldCasts, FuseGelu,
-                            FuseLinears, InsertCasts, PaddingMask, SigmoidGelu)
 from rewriter import meta
 from rewriter.capture import capture, normalize_inputs
 from rewriter.config import ConvertConfig, Mode, Precision
 from rewriter.errors import ConfigError
+from rewriter.passes import (Assign, CastWeights, CausalAttention, ChannelsLast, Classify, FoldBatchNorm,
+                             FoldCasts, Fp8Cost, Fp8Rewrite, FuseGelu, FuseLinears, InsertCasts, PaddingMask,
+                             Ranges, Sensitivity, SigmoidGelu, TrainBatchNorm, TransferMeasurements)
+from rewriter.passes.analysis._calibration import as_batches
+from rewriter.passes.infra import Pass, PassManager
+from rewriter.passes.plan.fp8_cost import Fp8Options, resolve_options
 
-__all__ = ["convert", "is_converted", "build_passes", "INFO_KEY"]
+__all__ = ["convert", "is_converted", "build_passes", "PassContext", "Step", "PASS_TABLE", "STAGES", "INFO_KEY"]
 
-INFO_KEY = "rewriter"  # key of the conversion record in GraphModule.meta
+INFO_KEY = meta.INFO  # key of the conversion record in GraphModule.meta
 
 
 def is_converted(model: Any) -> bool:
     """True for a GraphModule produced by `convert` (or loaded back from a converted .pt2), also
-    inside a backend wrapper (backends.torch_backend.graph_module_of)."""
+    inside a backend wrapper (rewriter.backends.torch_backend.graph_module_of)."""
     if not isinstance(model, fx.GraphModule):
-        from backends.torch_backend import graph_module_of
+        from rewriter.backends.torch_backend import graph_module_of
         from rewriter.errors import InputError
 
         try:
@@ -38,35 +39,105 @@ def is_converted(model: Any) -> bool:
     return any(meta.CREATED in n.meta or meta.DECISION in n.meta for n in model.graph.nodes)
 
 
+@dataclasses.dataclass(frozen=True)
+class PassContext:
+    """What decides which passes run on one graph.
+
+    Args:
+        config: the conversion configuration.
+        graph: "eval" or "train": which of the captured graphs (mode="train" converts both).
+        calibration: calibration batches (measured on the evaluation graph only), or None.
+        held_out: batches only used to report the final error of the accuracy-budget search.
+        progress: progress callback `progress(step, text)`.
+        fp8: the resolved Fp8Options when precision="fp8".
+        source: for a training graph, the converted evaluation graph whose measurements it copies.
+    """
+
+    config: ConvertConfig
+    graph: str = "eval"
+    calibration: list | None = None
+    held_out: Any = None
+    progress: Callable | None = None
+    fp8: Fp8Options | None = None
+    source: fx.GraphModule | None = None
+
+    @property
+    def eval_mode(self) -> bool:
+        return self.config.mode is Mode.EVAL
+
+    @property
+    def train_mode(self) -> bool:
+        return self.config.mode is Mode.TRAIN
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.config.precision is Precision.FP8
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One row of the pass table: the stage, how to build the pass, and when it runs (code and words)."""
+
+    stage: str
+    make: Callable[[PassContext], Pass]
+    when: Callable[[PassContext], bool]
+    condition: str
+
+
+STAGES = ("canonicalize", "analysis", "fuse", "plan", "lower", "target")
+
+
+def _always(ctx: PassContext) -> bool:
+    return True
+
+
+def _for_inductor(ctx: PassContext) -> bool:
+    # inductor's tanh is slow (libdevice); eager's gelu is one kernel, the sigmoid form seven
+    return ctx.config.compiled_by_inductor() or (ctx.is_fp8 and ctx.fp8.fused_quantization)
+
+
+# The pipeline, in order. No pass decides by itself whether it runs: this table does.
+PASS_TABLE: tuple[Step, ...] = (
+    Step("canonicalize", lambda c: CausalAttention(), _always, "always"),
+    Step("canonicalize", lambda c: PaddingMask(), _always, "always"),
+    Step("canonicalize", lambda c: FuseGelu(), _always, "always"),
+    Step("canonicalize", lambda c: FoldBatchNorm(c.config), lambda c: c.eval_mode, 'mode="eval"'),
+    Step("analysis", lambda c: TransferMeasurements(c.source), lambda c: c.source is not None,
+         'the training graph of mode="train" (copies the evaluation graph\'s measurements)'),
+    Step("analysis", lambda c: Classify(), _always, "always"),
+    Step("analysis", lambda c: Ranges(c.calibration, c.config, progress=c.progress),
+         lambda c: c.calibration is not None, "with calibration"),
+    Step("analysis", lambda c: Sensitivity(c.calibration, c.config, held_out=c.held_out, progress=c.progress),
+         lambda c: c.calibration is not None and c.config.tolerance is not None,
+         "with calibration and a tolerance"),
+    Step("analysis", lambda c: Assign(c.config), _always, "always"),
+    Step("fuse", lambda c: FuseLinears(c.config), lambda c: c.eval_mode, 'mode="eval"'),
+    Step("plan", lambda c: Fp8Cost(c.config, c.fp8), lambda c: c.is_fp8, 'precision="fp8"'),
+    Step("lower", lambda c: InsertCasts(c.config), _always, "always"),
+    Step("lower", lambda c: FoldCasts(), _always, "always"),
+    Step("lower", lambda c: Fp8Rewrite(c.config, c.fp8), lambda c: c.is_fp8, 'precision="fp8"'),
+    Step("lower", lambda c: CastWeights(c.config), lambda c: c.eval_mode, 'mode="eval"'),
+    Step("lower", lambda c: TrainBatchNorm(c.config), lambda c: c.train_mode, 'mode="train"'),
+    Step("target", lambda c: ChannelsLast(c.config), lambda c: c.eval_mode, 'mode="eval"'),
+    Step("target", lambda c: SigmoidGelu(), _for_inductor,
+         'graphs inductor compiles (backend="compile", or FP8 with fused quantization)'),
+)
+
+
 def build_passes(config: ConvertConfig, *, calibration=None, reference_fn=None, held_out=None,
-                 progress=None, fp8: Fp8Options | None = None) -> list[Pass]:
-    """The pass pipeline for a configuration, in order.
+                 progress=None, fp8: Fp8Options | None = None, graph: str = "eval",
+                 source: fx.GraphModule | None = None) -> list[Pass]:
+    """The passes of PASS_TABLE that run for this configuration and graph, in table order.
 
     With `calibration`, Ranges (and Sensitivity when `config.tolerance` is set) measure before Assign;
     `held_out` batches, when given, are only used to report the final error; `progress(step, text)`
-    receives their per-batch and per-run progress. precision="fp8" adds Fp8Cost after Assign and the
-    Fp8 rewrite before CastWeights, configured by `fp8` (passes/analysis/fp8_cost.Fp8Options).
+    receives their per-batch and per-run progress. `graph="train"` with `source` (the converted
+    evaluation graph) builds the training graph's passes of a mode="train" conversion.
     """
-    # canonicalisations first (exact rewrites of the captured graph), then batch-norm folding
-    analysis: list[Pass] = [CausalAttention(), PaddingMask(), FuseGelu(), FoldBatchNorm(config), Classify()]
-    if calibration is not None:
-        batches = as_batches(calibration)  # once, so a generator can feed both passes
-        analysis.append(Ranges(batches, config, progress=progress))
-        if config.tolerance is not None:
-            analysis.append(Sensitivity(batches, config, held_out=held_out, progress=progress))
-    analysis.append(Assign(config))
-    analysis.append(FuseLinears(config))  # after the per-linear decisions, before fp8_cost sizes GEMMs
-    rewrite: list[Pass] = [InsertCasts(config), FoldCasts(), CastWeights(config), ChannelsLast(config)]
-    if config.precision is Precision.FP8:
-        from passes.rewrite.fp8 import Fp8Rewrite
-
-        fp8 = resolve_options(fp8, config)
-        analysis.append(Fp8Cost(config, fp8))
-        at = next(i for i, p in enumerate(rewrite) if isinstance(p, CastWeights))
-        rewrite.insert(at, Fp8Rewrite(config, fp8))  # weights quantized from fp32, before cast_weights
-    if config.compiled_by_inductor() or (config.precision is Precision.FP8 and fp8.fused_quantization):
-        rewrite.append(SigmoidGelu())  # inductor's tanh is slow; eager's gelu is one kernel
-    return analysis + rewrite
+    fp8 = resolve_options(fp8, config) if config.precision is Precision.FP8 else None
+    batches = as_batches(calibration) if calibration is not None else None  # once: a generator feeds two passes
+    ctx = PassContext(config, graph, batches, held_out, progress, fp8, source)
+    return [step.make(ctx) for step in PASS_TABLE if step.when(ctx)]
 
 
 def convert(model: nn.Module, example_inputs: Any = None, example_kwargs: dict | None = None, *,
@@ -94,7 +165,7 @@ def convert(model: nn.Module, example_inputs: Any = None, example_kwargs: dict |
         config: a ready ConvertConfig instead of the keyword arguments above.
         progress: print a line per step.
         fp8: with precision="fp8", how GEMMs are converted (scaling granularity, cost-model
-            thresholds, target GPU); see passes/analysis/fp8_cost.Fp8Options.
+            thresholds, target GPU); see passes/plan/fp8_cost.Fp8Options.
         backend: "eager" (default), "compile" (torch.compile of the converted graph) or
             "cuda_graphs" (captured per input shape and replayed; GPU, eval only); see
             backends/torch_backend.py.
@@ -104,9 +175,9 @@ def convert(model: nn.Module, example_inputs: Any = None, example_kwargs: dict |
     Returns:
         A torch.fx.GraphModule called exactly like `model`. `gm.meta["rewriter"]` records how it
         was made; `rewriter.diff(model, gm)` shows what changed and why. With backend "compile" or
-        "cuda_graphs": a `backends.torch_backend.TorchBackendModule` (an nn.Module) whose
+        "cuda_graphs": a `rewriter.backends.torch_backend.TorchBackendModule` (an nn.Module) whose
         `.graph_module` is that GraphModule, with `.graph` and `.meta` read through to it;
-        `backends.torch_backend.graph_module_of(result)` returns the GraphModule in every case.
+        `rewriter.backends.torch_backend.graph_module_of(result)` returns the GraphModule in every case.
 
     Example:
         >>> fast = rewriter.convert(model, (x,), precision="bf16")
@@ -125,7 +196,7 @@ def convert(model: nn.Module, example_inputs: Any = None, example_kwargs: dict |
                               f"fp32 model to {config.precision.value} instead")
         return _apply_backend(model, config)
     if config.backend != "eager":  # fail before capturing when the backend cannot run here
-        from backends.torch_backend import check_available
+        from rewriter.backends.torch_backend import check_available
 
         check_available(config.backend)
     if tolerance is not None and calibration is None and config.tolerance is not None:
@@ -152,7 +223,7 @@ def convert(model: nn.Module, example_inputs: Any = None, example_kwargs: dict |
         "notes": captured.notes,
         "model": type(model).__name__,
     }
-    gm.meta["rewriter.example_inputs"] = (args, kwargs)
+    gm.meta[meta.EXAMPLE_INPUTS] = (args, kwargs)
     if config.backend != "eager":
         say("backend", f"{config.backend} {config.backend_kwargs() or ''}".strip())
     return _apply_backend(gm, config)
@@ -161,7 +232,7 @@ def convert(model: nn.Module, example_inputs: Any = None, example_kwargs: dict |
 def _apply_backend(model, config: ConvertConfig):
     """The converted GraphModule run by `config.backend`: itself for eager (with the fast forward of
     backends/fast_forward.py), else a wrapper of it."""
-    from backends.torch_backend import graph_module_of, optimize
+    from rewriter.backends.torch_backend import graph_module_of, optimize
 
     return optimize(graph_module_of(model), mode=config.backend, **config.backend_kwargs())
 

@@ -281,8 +281,8 @@ def _forced_fp8(device: torch.device):
     GPU, a pre-sm_89 one would keep every GEMM in bf16 ("no FP8 tensor cores") and show nothing, while
     planned for an H100 the GEMMs are emulated here with the same quantization.
     """
-    from passes.analysis.fp8_cost import Fp8Options
-    from passes.rewrite.fp8_ops import fp8_gemm_supported
+    from rewriter.passes.plan.fp8_cost import Fp8Options
+    from rewriter.runtime.fp8_ops import fp8_gemm_supported
 
     return Fp8Options.always(target=None if fp8_gemm_supported(device) else "sm_90")
 
@@ -297,7 +297,7 @@ def fp8_summary(model: nn.Module, device: "str | torch.device") -> tuple[int, st
     """
     from collections import Counter
 
-    from passes.rewrite.fp8_ops import emulation_reason
+    from rewriter.runtime.fp8_ops import emulation_reason
     from rewriter import meta
 
     linears, others = [], Counter()

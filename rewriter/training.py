@@ -231,22 +231,16 @@ def convert_train(model: nn.Module, args: tuple, kwargs: dict, config: ConvertCo
         calibration: calibration batches; measured on the evaluation graph, applied to both.
         say: progress callback `say(step, text)`.
         fp8: Fp8Options for precision="fp8": both graphs get the same FP8 training GEMMs
-            (passes/rewrite/fp8_train_ops.py) on the shared fp32 parameters.
+            (rewriter/runtime/fp8_train_ops.py) on the shared fp32 parameters.
 
     Returns:
         (the converted module, the Captured record of the training graph).
     """
-    from passes.analysis.transfer import TransferMeasurements
-    from passes.infra import PassManager
-    from passes.rewrite import FoldBatchNorm
-    from passes.rewrite.train_batch_norm import TrainBatchNorm
+    from rewriter.passes.infra import PassManager
     from rewriter.pipeline import build_passes  # pipeline imports this module lazily
 
     # the passes first: a configuration they refuse fails before the two captures
-    eval_passes = build_passes(config, calibration=calibration, progress=say, fp8=fp8) + [TrainBatchNorm(config)]
-    # Measurements are not repeated on the training graph (dropout noise, statistics updates): the
-    # decisions made on the eval graph are copied over and Assign applies them with the overrides.
-    train_passes = build_passes(dataclasses.replace(config, tolerance=None, metric=None), fp8=fp8)
+    eval_passes = build_passes(config, calibration=calibration, progress=say, fp8=fp8)
     captured: dict[str, Captured] = {}
     for mode in ("eval", "train"):
         say("capture", f"{mode} graph of {type(model).__name__}")
@@ -264,10 +258,12 @@ def convert_train(model: nn.Module, args: tuple, kwargs: dict, config: ConvertCo
 
     eval_gm, train_gm = captured["eval"].graph_module, captured["train"].graph_module
     PassManager(eval_passes, on_pass=report("eval"))(eval_gm)
-    # after the canonicalisations (causal_attention, fuse_gelu), so both graphs have the same fused nodes
-    at = next(i for i, p in enumerate(train_passes) if isinstance(p, FoldBatchNorm))
-    train_passes.insert(at, TransferMeasurements(eval_gm))
-    PassManager(train_passes + [TrainBatchNorm(config)], on_pass=report("train"))(train_gm)
+    # Measurements are not repeated on the training graph (dropout noise, statistics updates): the
+    # decisions made on the eval graph are copied over (TransferMeasurements, the pass table's row for
+    # the training graph) and Assign applies them with the overrides.
+    train_passes = build_passes(dataclasses.replace(config, tolerance=None, metric=None), fp8=fp8,
+                                graph="train", source=eval_gm)
+    PassManager(train_passes, on_pass=report("train"))(train_gm)
     gm = TrainEvalGraphModule(train_gm, eval_gm, class_name=type(model).__name__)
     gm.train(model.training)
     return gm, captured["train"]

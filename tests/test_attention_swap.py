@@ -12,7 +12,7 @@ import torch.nn as nn
 
 import rewriter
 import rewriter.capture as capture_module
-from passes.graph_utils import is_cast
+from rewriter.passes.graph_utils import is_cast
 from rewriter import meta
 from rewriter.attention_swap import BatchFirstSelfAttention, batch_first_copy, module_is_eligible
 from rewriter.capture import capture

@@ -178,7 +178,7 @@ def test_onnx_output_goes_through_the_backend(tmp_path, capsys):
     out = tmp_path / "mlp.onnx"
     code = main(["convert", MLP, "--input-shape", "4,16", "-o", str(out)])
     try:
-        import backends.onnx_backend  # noqa: F401
+        import rewriter.backends.onnx_backend  # noqa: F401
     except ImportError:
         assert code == 2 and not out.exists()
         assert "ONNX backend" in capsys.readouterr().err
@@ -420,7 +420,7 @@ def test_demo_train_fp8_is_opt_in_forced_and_says_so(tmp_path, capsys):
     said under the table and in a note, not as a Python warning in the middle of the progress lines."""
     import math
 
-    from passes.rewrite.fp8_ops import reset_emulation_notice
+    from rewriter.runtime.fp8_ops import reset_emulation_notice
 
     reset_emulation_notice()  # the first emulated GEMM of this process warns: this run catches it
     js = tmp_path / "train.json"
@@ -487,7 +487,7 @@ def test_tools_train_demo_is_a_thin_wrapper_of_the_command(monkeypatch):
 
 
 def test_backend_flags_parse_with_aliases():
-    from backends.torch_backend import MODES
+    from rewriter.backends.torch_backend import MODES
     from rewriter.cli import _BACKENDS, build_parser
 
     assert _BACKENDS == MODES

@@ -11,9 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import rewriter
-from passes.analysis.fp8_cost import Fp8Options
-from passes.infra import PassManager
-from passes.rewrite.fp8_ops import Fp8EmulationWarning, fp8_linear_op
+from rewriter.passes.plan.fp8_cost import Fp8Options
+from rewriter.passes.infra import PassManager
+from rewriter.runtime.fp8_ops import Fp8EmulationWarning, fp8_linear_op
 from rewriter import meta
 from rewriter.errors import ConfigError
 from rewriter.pipeline import build_passes
@@ -123,7 +123,7 @@ def test_minilm_fp8_embeddings(minilm):
     model, encode = minilm
     gm = rewriter.convert(model, encode(SENTENCES[:4]), precision="fp8", fp8=Fp8Options.always())
     nodes = _fp8_nodes(gm)
-    # q/k/v (one GEMM: passes/rewrite/fuse_linears.py), attention output, intermediate, output x 6 layers
+    # q/k/v (one GEMM: passes/fuse/fuse_linears.py), attention output, intermediate, output x 6 layers
     # + pooler
     assert len(nodes) == 6 * 4 + 1
     kept = {n.name: meta.get(n, meta.FP8) for n in gm.graph.nodes

@@ -1,4 +1,4 @@
-"""FP8 training: `fp8_linear_train` (passes/rewrite/fp8_train_ops.py) and precision="fp8", mode="train"
+"""FP8 training: `fp8_linear_train` (rewriter/runtime/fp8_train_ops.py) and precision="fp8", mode="train"
 through rewriter.convert, on CPU (FP8 GEMMs emulated: the same quantized numerics as on an FP8 GPU)."""
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import rewriter
-from passes.analysis.fp8_cost import Fp8Options
-from passes.rewrite import fp8_ops
-from passes.rewrite.fp8_ops import E4M3_MAX, Fp8EmulationWarning
-from passes.rewrite.fp8_train_ops import E5M2_MAX, GRAD_DTYPE, fp8_linear_train, quantize_tensorwise
+from rewriter.passes.plan.fp8_cost import Fp8Options
+from rewriter.runtime import fp8_ops
+from rewriter.runtime.fp8_ops import E4M3_MAX, Fp8EmulationWarning
+from rewriter.runtime.fp8_train_ops import E5M2_MAX, GRAD_DTYPE, fp8_linear_train, quantize_tensorwise
 from rewriter import meta
 from rewriter.config import ConvertConfig
 from rewriter.errors import ConfigError

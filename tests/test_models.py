@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import rewriter
 from fixtures_models import MINILM_SENTENCES, load_minilm, sentence_embeddings
-from passes.graph_utils import is_cast
+from rewriter.passes.graph_utils import is_cast
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import rewriter
-from passes.graph_utils import is_cast
+from rewriter.passes.graph_utils import is_cast
 from rewriter import meta
 from rewriter.errors import ConfigError
 from rewriter.loss_scale import LossScaler, make_scaler

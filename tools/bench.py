@@ -180,7 +180,7 @@ def variants(model, args, kwargs, dtypes, modes, *, compile_mode=None, backend_o
                 (f"rewriter {short}", dtype, ours)]
         for mode in modes:
             def ours_mode(dtype=dtype, short=short, mode=mode):
-                from backends.torch_backend import graph_module_of, optimize
+                from rewriter.backends.torch_backend import graph_module_of, optimize
 
                 base, _, own_mode = mode.partition(":")  # "compile:reduce-overhead" = compile + CUDA graphs
                 opts = dict(backend_options or {})
@@ -200,7 +200,7 @@ def variants(model, args, kwargs, dtypes, modes, *, compile_mode=None, backend_o
 
 
 def _mode_options(mode: str) -> set:
-    from backends import torch_backend
+    from rewriter.backends import torch_backend
 
     return set(torch_backend._OPTIONS.get(mode, {}))
 

@@ -50,6 +50,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rewriter import meta
+
 __all__ = ["main", "build", "MODELS", "TARGETS"]
 
 MODELS = ("bert_large", "gpt2_medium", "llama_mlp", "bert_base", "vit_b_16")
@@ -152,7 +154,6 @@ def _free(device) -> None:
 
 
 def _fp8_counts(gm) -> tuple[int, int, dict]:
-    from rewriter import meta
 
     records = [meta.get(n, meta.FP8) for n in gm.graph.nodes if meta.get(n, meta.FP8)]
     gemms = [r for r in records if r.get("rule") not in ("op",)]
@@ -184,8 +185,8 @@ def _torchao_fp8(model):
 
 def _variants(model, args, kwargs, small: bool, compile_on: bool):
     import rewriter
-    from backends.torch_backend import graph_module_of
-    from passes.analysis.fp8_cost import Fp8Options
+    from rewriter.backends.torch_backend import graph_module_of
+    from rewriter.passes.plan.fp8_cost import Fp8Options
 
     cache: dict = {}
 
@@ -295,7 +296,7 @@ def _bench_model(name, args_ns, device, timer):
             if label.startswith("ours fp8"):
                 fp8, gemms, rules = _fp8_counts(extra)
                 row.update({"fp8_gemms": fp8, "gemms": gemms, "kept_by_rule": rules,
-                            "emulated": bool(extra.meta.get("rewriter.fp8", {}).get("emulated"))})
+                            "emulated": bool(extra.meta.get(meta.FP8, {}).get("emulated"))})
             elif label.startswith("torchao"):
                 row["fp8_gemms"] = extra
             live.append((row, fn))
@@ -360,8 +361,8 @@ def _profile(live, device, top: int) -> None:
 
 def _gemm_table(names, small, device, timer):
     """Each distinct linear shape alone: bf16 F.linear vs rewriter::fp8_linear, next to the estimate."""
-    from passes.analysis.fp8_cost import Fp8Options, GemmShape, estimate_speedup
-    from passes.rewrite.fp8_ops import fp8_linear_op, quantize_weight
+    from rewriter.passes.plan.fp8_cost import Fp8Options, GemmShape, estimate_speedup
+    from rewriter.runtime.fp8_ops import fp8_linear_op, quantize_weight
 
     shapes = {
         "bert_large": [(32 * 384, 1024, 1024), (32 * 384, 1024, 4096), (32 * 384, 4096, 1024)],
@@ -475,7 +476,7 @@ def main(argv=None) -> int:
         if n not in MODELS:
             raise SystemExit(f"unknown model {n!r}: choose from {', '.join(MODELS)}")
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from passes.rewrite.fp8_ops import emulation_reason
+    from rewriter.runtime.fp8_ops import emulation_reason
 
     timer = _timer(device, ns.warmup, ns.iters, ns.repeats)
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -1,4 +1,4 @@
-"""FP8 vs BF16 per GEMM shape, measured next to the cost model (passes/analysis/fp8_cost.py), to fit it.
+"""FP8 vs BF16 per GEMM shape, measured next to the cost model (passes/plan/fp8_cost.py), to fit it.
 
 Run on the H100 (one process, one GPU; about 5-8 minutes, mostly torch.compile of 8 small modules per
 shape; the JSON is rewritten after every shape, so a run cut short keeps what it measured):
@@ -24,7 +24,7 @@ of --iters calls of each variant in turn, median per variant; CUDA events around
     bf16                       F.linear(x_bf16, w_bf16)                                       (eager)
     fp8_gemm                   torch._scaled_mm(x_fp8, w_fp8.t(), per-tensor scales, bf16 out) on an
                                activation quantized beforehand: the GEMM alone
-    fp8_eager_dynamic          rewriter::fp8_linear (passes/rewrite/fp8_ops.py), dynamic scale: amax,
+    fp8_eager_dynamic          rewriter::fp8_linear (rewriter/runtime/fp8_ops.py), dynamic scale: amax,
                                scale, quantize, _scaled_mm on every call, as a converted model runs eagerly
     fp8_eager_static           the same op with a fixed (calibrated) activation scale: clamp, quantize, GEMM
     compiled_<p>_only          torch.compile(producer) alone, p = layernorm | gelu, on a bf16 [M, K] tensor
@@ -163,7 +163,7 @@ def _scaled_mm_caller(device: torch.device):
 
 def _emulated_gemm():
     """The project's emulation of an FP8 GEMM (dequantize, fp32 matmul), or the equivalent."""
-    from passes.rewrite import fp8_ops
+    from rewriter.runtime import fp8_ops
 
     fn = getattr(fp8_ops, "_emulated_mm", None)
     if fn is not None:
@@ -207,7 +207,7 @@ class ProducerGemm(nn.Module):
             return h
         if self.gemm == "bf16":
             return F.linear(h, self.w16, self.bias)
-        from passes.rewrite.fp8_ops import fp8_linear_op
+        from rewriter.runtime.fp8_ops import fp8_linear_op
 
         x_scale = self.x_scale if self.gemm == "fp8_static" else None
         return fp8_linear_op(h, self.w8, self.w_scale, self.bias, x_scale, torch.bfloat16, self.fast_accum)
@@ -312,7 +312,7 @@ def _pass_decision(m: int, k: int, n: int, static: bool, fused: bool, target) ->
     """node.meta[FP8] that the real Fp8Cost pass writes for linear(x[M, K], w[N, K]) in bf16."""
     import torch.fx as fx
 
-    from passes.analysis.fp8_cost import Fp8Cost, Fp8Options
+    from rewriter.passes.plan.fp8_cost import Fp8Cost, Fp8Options
     from rewriter import meta
     from rewriter.config import ConvertConfig
 
@@ -337,7 +337,7 @@ def _pass_decision(m: int, k: int, n: int, static: bool, fused: bool, target) ->
 
 def predictions(m: int, k: int, n: int, target) -> dict:
     """Per scaling mode: estimate_speedup (with its roofline and times) and the pass's decision."""
-    from passes.analysis import fp8_cost
+    from rewriter.passes.plan import fp8_cost
 
     out = {}
     for mode, (static, fused) in MODES.items():
@@ -358,7 +358,7 @@ def predictions(m: int, k: int, n: int, target) -> dict:
 
 
 def cost_model_constants() -> dict:
-    from passes.analysis import fp8_cost
+    from rewriter.passes.plan import fp8_cost
 
     names = ("FP8_ROOFLINE_EFFICIENCY", "FP8_MIN_SPEEDUP", "FP8_MIN_MNK", "FP8_MIN_ROWS", "BF16_FLOPS", "FP8_FLOPS",
              "HBM_BYTES_PER_S", "KERNEL_LAUNCH_S", "_QUANT_KERNELS")
@@ -383,8 +383,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _bench_shape(shape: dict, ns, device: torch.device, caller, emulated: str | None) -> dict:
-    from passes.rewrite import fp8_ops
-    from passes.rewrite.fp8_ops import (E4M3_MAX, activation_scale, fp8_linear_op, quantize_activation,
+    from rewriter.runtime import fp8_ops
+    from rewriter.runtime.fp8_ops import (E4M3_MAX, activation_scale, fp8_linear_op, quantize_activation,
                                         quantize_weight)
 
     m, k, n = shape["m"], shape["k"], shape["n"]
@@ -524,7 +524,7 @@ def _ratio(a, b):
 
 def _derive(result: dict, ns) -> None:
     """Speed-ups, TFLOP/s, quantization overheads and measured vs predicted per mode."""
-    from passes.analysis import fp8_cost
+    from rewriter.passes.plan import fp8_cost
 
     m, k, n = result["m"], result["k"], result["n"]
     rows = result["variants"]
@@ -679,7 +679,7 @@ def print_summary(results: list[dict]) -> None:
 
 def _device_check(device: torch.device) -> str | None:
     """None when FP8 GEMMs run here; the emulation reason on CPU; SystemExit on a CUDA GPU without FP8."""
-    from passes.rewrite.fp8_ops import emulation_reason, fp8_gemm_supported
+    from rewriter.runtime.fp8_ops import emulation_reason, fp8_gemm_supported
 
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -734,7 +734,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"--producers: unknown {prod!r}; choose from {', '.join(PRODUCERS)}")
     shapes = shape_list(ns.shapes, ns.models, ns.small and not ns.shapes)
     emulated = _device_check(device)
-    from passes.analysis.fp8_cost import target_capability
+    from rewriter.passes.plan.fp8_cost import target_capability
 
     target = ns.target if ns.target is not None else (None if device.type == "cuda" else "sm_90")
     try:

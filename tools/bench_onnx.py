@@ -172,7 +172,7 @@ def _make_variant(label, ctx, workdir):
         return out, "fused " + ", ".join(f"{k} {v}" for k, v in fused.items())
     if label.startswith("ours"):
         import rewriter
-        from backends.onnx_backend import export_onnx
+        from rewriter.backends.onnx_backend import export_onnx
 
         overrides = _OVERRIDES.get(label)
         key = f"gm:{sorted(overrides.items()) if overrides else ''}"
@@ -273,7 +273,7 @@ def _profile_table(name: str, profiles: dict, ops: int = 14) -> str:
 
 
 def run_model(name, args, workdir) -> dict:
-    from backends.onnx_backend import count_casts, ort_session
+    from rewriter.backends.onnx_backend import count_casts, ort_session
 
     model, eager, feeds, shape, opt_args = build(name, args.small, args.random_bias)
     ctx = {"name": name, "model": model, "feeds": feeds, "opt_args": opt_args}
@@ -379,7 +379,7 @@ def main(argv=None) -> int:
 
     import onnxruntime
 
-    from backends.onnx_backend import _ort_package
+    from rewriter.backends.onnx_backend import _ort_package
 
     results = {"device": args.device, "onnxruntime": _ort_package(), "torch": torch.__version__,
                "python": platform.python_version(), "small": args.small, "random_bias": args.random_bias,

@@ -3,7 +3,7 @@
 One training step = zero_grad, forward with the loss inside the model, backward, AdamW step (fused on
 CUDA), with loss scaling for fp16 (torch.amp.GradScaler for autocast, rewriter.loss_scale for ours).
 "rewriter fp8" is ours with precision="fp8": FP8 training GEMMs (e4m3 forward, e5m2 gradients, fp32
-master weights; passes/rewrite/fp8_train_ops.py) where the cost model says they pay, bf16 elsewhere;
+master weights; rewriter/runtime/fp8_train_ops.py) where the cost model says they pay, bf16 elsewhere;
 its compiled variant is judged with Fp8Options(fused_quantization=True), and --fp8-always rewrites every
 eligible GEMM whatever the estimate. Its rows add "fp8_gemms" (rewritten / judged) and the speed-up over
 ours bf16 in the same mode. Models are built from their configs with random weights (no download):
@@ -47,7 +47,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import rewriter
-from passes.analysis.fp8_cost import Fp8Options
+from rewriter.passes.plan.fp8_cost import Fp8Options
 from rewriter import meta
 from rewriter.loss_scale import make_scaler
 

@@ -1,7 +1,8 @@
-"""Analysis passes: annotate node.meta, never edit the graph."""
-from passes.analysis.assign import Assign
-from passes.analysis.classify import Classify
-from passes.analysis.ranges import Ranges
-from passes.analysis.sensitivity import Sensitivity
+"""Stage 2, analysis: annotate node.meta (op class, ranges, sensitivity, the dtype of each node); never edit."""
+from rewriter.passes.analysis.assign import Assign
+from rewriter.passes.analysis.classify import Classify
+from rewriter.passes.analysis.ranges import Ranges
+from rewriter.passes.analysis.sensitivity import Sensitivity
+from rewriter.passes.analysis.transfer import TransferMeasurements
 
-__all__ = ["Classify", "Ranges", "Sensitivity", "Assign"]
+__all__ = ["Classify", "Ranges", "Sensitivity", "Assign", "TransferMeasurements"]

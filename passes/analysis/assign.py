@@ -23,9 +23,9 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from passes.graph_utils import float_inputs, is_param, is_tuple_getitem
-from passes.infra import AnalysisPass, PassResult
-from passes.op_tables import promotes_natively
+from rewriter.passes.graph_utils import float_inputs, is_param, is_tuple_getitem
+from rewriter.passes.infra import AnalysisPass, PassResult
+from rewriter.passes.op_tables import promotes_natively
 from rewriter import meta
 from rewriter.config import ConvertConfig, Precision
 

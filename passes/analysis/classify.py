@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from passes.graph_utils import explicit_dtype, float_inputs, is_tuple_getitem, original_dtype
-from passes.infra import AnalysisPass, PassResult
-from passes.op_tables import INPUT_DTYPE_FACTORIES, OpClass, is_exact, op_class, op_name
+from rewriter.passes.graph_utils import explicit_dtype, float_inputs, is_tuple_getitem, original_dtype
+from rewriter.passes.infra import AnalysisPass, PassResult
+from rewriter.passes.op_tables import INPUT_DTYPE_FACTORIES, OpClass, is_exact, op_class, op_name
 from rewriter import meta
 
 __all__ = ["Classify"]

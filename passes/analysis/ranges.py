@@ -35,11 +35,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from passes.analysis._calibration import (CalibrationData, Progress, as_batches, flat_inputs,
+from rewriter.passes.analysis._calibration import (CalibrationData, Progress, as_batches, flat_inputs,
                                           quiet)
-from passes.graph_utils import float_inputs, is_tuple_getitem
-from passes.infra import AnalysisPass, PassResult
-from passes.op_tables import op_name
+from rewriter.passes.graph_utils import float_inputs, is_tuple_getitem
+from rewriter.passes.infra import AnalysisPass, PassResult
+from rewriter.passes.op_tables import op_name
 from rewriter import meta
 from rewriter.config import ConvertConfig, Precision
 from rewriter.errors import InputError

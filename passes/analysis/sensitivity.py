@@ -45,12 +45,12 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from passes.analysis._calibration import (CalibrationData, Progress, as_batches, flat_inputs,
+from rewriter.passes.analysis._calibration import (CalibrationData, Progress, as_batches, flat_inputs,
                                           float_leaves, graph_device, quiet, rel_l2,
                                           structured_output)
-from passes.analysis.assign import Assign
-from passes.graph_utils import explicit_dtype, is_param
-from passes.infra import AnalysisPass, PassResult
+from rewriter.passes.analysis.assign import Assign
+from rewriter.passes.graph_utils import explicit_dtype, is_param
+from rewriter.passes.infra import AnalysisPass, PassResult
 from rewriter import meta
 from rewriter.config import ConvertConfig
 from rewriter.errors import ConfigError, InputError

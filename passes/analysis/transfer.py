@@ -18,9 +18,9 @@ from collections import defaultdict
 
 import torch.fx as fx
 
-from passes.graph_utils import is_tuple_getitem
-from passes.infra import AnalysisPass, PassResult
-from passes.op_tables import op_name
+from rewriter.passes.graph_utils import is_tuple_getitem
+from rewriter.passes.infra import AnalysisPass, PassResult
+from rewriter.passes.op_tables import op_name
 from rewriter import meta
 
 __all__ = ["TransferMeasurements", "node_keys"]

@@ -11,7 +11,7 @@ import torch.nn as nn
 import transformers
 
 import rewriter
-from backends import fast_forward
+from rewriter.backends import fast_forward
 from tests.fixtures_models import tiny_mlp, tiny_transformer
 
 

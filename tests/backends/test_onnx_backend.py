@@ -14,8 +14,8 @@ import torch
 import torch.utils._pytree as pytree
 
 import rewriter
-from backends.onnx_backend import ExportReport, cast_chains, count_casts, export_onnx, ort_session
-from backends.onnx_fusion import _precision_kept
+from rewriter.backends.onnx_backend import ExportReport, cast_chains, count_casts, export_onnx, ort_session
+from rewriter.backends.onnx_fusion import _precision_kept
 from rewriter import meta
 from rewriter.errors import ConfigError, InputError, RewriterError
 
@@ -326,7 +326,7 @@ def test_import_stays_lazy():
     import subprocess
     import sys
 
-    code = "import sys, rewriter; print('backends.onnx_backend' in sys.modules, 'onnxscript' in sys.modules)"
+    code = "import sys, rewriter; print('rewriter.backends.onnx_backend' in sys.modules, 'onnxscript' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
     assert callable(rewriter.export_onnx)

@@ -22,8 +22,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import rewriter
-from backends.onnx_backend import cast_chains, export_onnx, ort_session
-from backends.onnx_fusion import _fuse_embed_layer_norm, _precision_kept, _runs_like
+from rewriter.backends.onnx_backend import cast_chains, export_onnx, ort_session
+from rewriter.backends.onnx_fusion import _fuse_embed_layer_norm, _precision_kept, _runs_like
 from tests.backends.onnx_checks import export_plain_and_fused, op_counts, rel_l2, run_cpu
 from tool_scripts import load_tool
 

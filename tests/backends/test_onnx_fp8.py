@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 
 import rewriter
-from backends.onnx_fp8 import MIN_OPSET, custom_translation_table
-from passes.analysis.fp8_cost import Fp8Options
-from passes.rewrite.fp8_ops import fp8_linear_op
+from rewriter.backends.onnx_fp8 import MIN_OPSET, custom_translation_table
+from rewriter.passes.plan.fp8_cost import Fp8Options
+from rewriter.runtime.fp8_ops import fp8_linear_op
 
 
 def _model():

@@ -19,8 +19,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import rewriter
-from backends.onnx_backend import cast_chains, ort_session
-from backends.onnx_fusion import _pack_attention, _shapes_from_inputs, _unflatten_gemms
+from rewriter.backends.onnx_backend import cast_chains, ort_session
+from rewriter.backends.onnx_fusion import _pack_attention, _shapes_from_inputs, _unflatten_gemms
 from tests.backends.onnx_checks import export_plain_and_fused, op_counts, rel_l2, run_cpu
 from tool_scripts import load_tool
 

@@ -19,7 +19,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 import rewriter
-from backends.torch_backend import (CompiledModule, CUDAGraphModule, TorchBackendModule, _Graph,
+from rewriter.backends.torch_backend import (CompiledModule, CUDAGraphModule, TorchBackendModule, _Graph,
                                     capture_problems, check_options, graph_module_of, input_signature,
                                     optimize)
 from rewriter.config import ConvertConfig

@@ -7,10 +7,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from passes.analysis import Assign, Classify
-from passes.graph_utils import is_cast
-from passes.infra import PassManager, graph_signature
-from passes.rewrite import InsertCasts
+from rewriter.passes.analysis import Assign, Classify
+from rewriter.passes.graph_utils import is_cast
+from rewriter.passes.infra import PassManager, graph_signature
+from rewriter.passes import InsertCasts
 from rewriter import meta
 from rewriter.capture import capture
 from rewriter.config import ConvertConfig

@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from passes.analysis import Classify
-from passes.infra import graph_signature
+from rewriter.passes.analysis import Classify
+from rewriter.passes.infra import graph_signature
 from rewriter import meta
 from rewriter.capture import capture
 

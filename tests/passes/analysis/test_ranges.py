@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from passes.analysis import Assign, Classify, Ranges
-from passes.analysis._calibration import as_batches
-from passes.analysis.ranges import _all_reduce
-from passes.infra import PassManager, graph_signature
+from rewriter.passes.analysis import Assign, Classify, Ranges
+from rewriter.passes.analysis._calibration import as_batches
+from rewriter.passes.analysis.ranges import _all_reduce
+from rewriter.passes.infra import PassManager, graph_signature
 from rewriter import meta
 from rewriter.capture import capture
 from rewriter.config import ConvertConfig

@@ -11,10 +11,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from passes.analysis import Assign, Classify, Sensitivity
-from passes.analysis._calibration import as_batches
-from passes.analysis.sensitivity import _search, run_bound
-from passes.infra import PassManager, graph_signature
+from rewriter.passes.analysis import Assign, Classify, Sensitivity
+from rewriter.passes.analysis._calibration import as_batches
+from rewriter.passes.analysis.sensitivity import _search, run_bound
+from rewriter.passes.infra import PassManager, graph_signature
 from rewriter import meta
 from rewriter.capture import capture
 from rewriter.config import ConvertConfig

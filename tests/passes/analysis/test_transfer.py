@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from passes.analysis import Assign, Classify
-from passes.analysis.transfer import TransferMeasurements, node_keys
-from passes.infra import PassManager, graph_signature
+from rewriter.passes.analysis import Assign, Classify
+from rewriter.passes.analysis.transfer import TransferMeasurements, node_keys
+from rewriter.passes.infra import PassManager, graph_signature
 from rewriter import meta
 from rewriter.capture import capture
 from rewriter.config import ConvertConfig

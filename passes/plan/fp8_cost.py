@@ -1,0 +1,581 @@
+"""Fp8Cost: decide, per GEMM, whether FP8 pays off; every GEMM kept in BF16 says why.
+
+Runs after `assign` (precision="fp8" only). For every tensor-core op (the op table's LOWP class) it
+writes node.meta[FP8] = {"use": bool, "rule": ..., "reason": ..., plus the shape and the estimate}.
+`rewrite/fp8` then rewrites exactly the nodes with "use": True. Rules, in order (the first that fails
+is the reason):
+
+  precision  the node was decided bf16 (an override or a measurement may have kept it fp32)
+  override   the user did not override it to bf16: under precision="fp8" an override KEY=bf16 on a GEMM
+             (op type, module regex or module path) means "this GEMM stays bf16, not FP8"
+  op         linear, addmm, mm or matmul whose second operand is a stored 2-D weight; GEMMs of two
+             activations (attention), batched GEMMs and convolutions stay bf16
+  dims       K and N multiples of 16 (`torch._scaled_mm`: mat1 [M, K] and mat2 [K, N], ScaledBlas.cpp)
+  hardware   the target GPU has FP8 tensor cores: compute capability 8.9+ (`torch._scaled_mm`)
+  size       M*N*K >= FP8_MIN_MNK (FP8 loses on small GEMMs: torchao Float8Linear 0.80x at
+             M,K,N = 1024,2048,1024 on H100; pytorch/ao#1297, TransformerEngine#445), and
+             M >= FP8_MIN_ROWS (measured end to end: see that constant)
+  cost       estimate FP8_ROOFLINE_EFFICIENCY x t_bf16 / (t_fp8 + t_quantize) >= FP8_MIN_SPEEDUP
+
+mode="train" applies the same rules to the training step (`estimate_train_speedup`): the forward,
+grad_x and grad_w GEMMs (the same FLOPs each) in bf16 against FP8, plus the dynamic quantization of x,
+the weight and grad_out and the transposed float8 copies the backward GEMMs read. Training always scales
+dynamically per tensor (weights change every step: no static scales, no stored FP8 weights; gradients in
+float8_e5m2, rewriter/runtime/fp8_train_ops.py), so its records say {"scaling": "dynamic", "training":
+True, "grad_dtype": "float8_e5m2"}; Fp8Options(granularity="row") is refused in training mode
+(ConfigError), because the training GEMMs scale per tensor only.
+
+M is the example's batch*seq (rows of the activation in the captured example); a model traced at a
+small batch is judged at that batch, and the reason says which M it used.
+
+The roofline follows torchao's `torchao/testing/training/roofline_utils.py` (inference variant): a
+GEMM takes max(2MNK / rate, bytes / bandwidth, launch), and quantizing the activation costs its
+kernels' memory traffic, each at least one launch. Rates are those measured on the H100 in
+shared/ANCHORS.md (798 TFLOP/s bf16, 1449 TFLOP/s `_scaled_mm` fp8 at 8192^3); bandwidth is the H100
+SXM datasheet's 3.35 TB/s at torchao's 92% achievable. The quantization traffic is measured
+(tools/bench_gemm_fp8.py on the H100): eager quantization costs about 20 bytes per activation element
+(dynamic) and 32 (static: the clamp runs as its own kernels); under torch.compile
+(`Fp8Options(fused_quantization=True)`) inductor fuses it into the producer of the activation (about
+6 bytes per element dynamic, 1.5 static). So eager FP8 pays only on very large GEMMs, while compiled
+FP8 with calibrated (static) scales pays on the transformer GEMMs of BERT-large and GPT-2 medium.
+Inductor can only fuse into kernels it generates: an activation that comes straight (through views)
+from an extern kernel, attention or another GEMM in bf16, or from a bf16 graph input, is quantized by
+a kernel of its own that reads it again (3 bytes per element static, measured 12.2 us for BERT-large's
+12288 x 1024 attention output on the H100), which the bf16 GEMM does not pay: the estimate charges it
+("quantize": "own kernel" in the record), so the attention output projections of BERT-large and GPT-2
+medium stay bf16 (measured: 26.8 + 12.2 us in FP8 vs 37.3 us in bf16).
+
+Before (node.meta[FP8]): -
+After:  linear(768x768, M=4096)     {"use": False, "rule": "cost", "reason": "kept bf16: estimated 0.34x ..."}
+        linear(4096x14336, M=8192) {"use": True, "rule": "fp8", "reason": "float8_e4m3fn GEMM: estimated 1.17x ..."}
+
+Static scales: when `ranges` measured the activation (node.meta[RANGE]["amax"], finite and > 0), the
+activation scale is fixed at conversion: 448 / (amax * margin); otherwise it is computed per call.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import torch
+import torch.fx as fx
+
+from rewriter.passes.graph_utils import is_cast
+from rewriter.passes.infra import AnalysisPass, PassResult
+from rewriter.runtime.fp8_ops import E4M3_MAX
+from rewriter import meta
+from rewriter.config import ConvertConfig, Mode
+from rewriter.errors import ConfigError
+
+__all__ = ["Fp8Options", "Fp8Cost", "resolve_options", "GemmShape", "estimate_speedup", "estimate_train_speedup",
+           "gemm_operands", "stored_weight", "target_capability", "FP8_MIN_MNK", "FP8_MIN_ROWS", "FP8_MIN_SPEEDUP",
+           "FP8_ROOFLINE_EFFICIENCY", "FP8_AMAX_MARGIN", "FP8_DIM_MULTIPLE", "FP8_MIN_CAPABILITY", "BF16_FLOPS",
+           "FP8_FLOPS", "HBM_BYTES_PER_S", "KERNEL_LAUNCH_S", "FP8_GEMM_OPS"]
+
+# ---------------------------------------------------------------- constants (each with its source)
+
+FP8_DIM_MULTIPLE = 16
+"""`torch._scaled_mm` needs K and N divisible by 16 (aten/src/ATen/native/cuda/ScaledBlas.cpp)."""
+
+FP8_MIN_CAPABILITY = (8, 9)
+"""`torch._scaled_mm` runs on compute capability 8.9 (Ada) and 9.0+ (Hopper, Blackwell)."""
+
+FP8_MIN_MNK = 2 ** 31
+"""Smallest M*N*K rewritten: torchao Float8Linear runs at 0.80x BF16 at M,K,N = 1024,2048,1024
+(= 2^31) on an H100, 1.39x at 4096,8192,16384 (shared/ANCHORS.md, torchao float8 README)."""
+
+FP8_MIN_ROWS = 8192
+"""Fewest activation rows M (batch x seq) rewritten. Measured end to end on the H100 (tools/bench_fp8.py,
+compiled, static scales): with FP8 on its fused q/k/v and FFN-up GEMMs, BERT-base b32 s128 (M=4096)
+read 0.90x its bf16 model (tools/results/bench_fp8_base_vit_fused_h100.json), and in the next run three
+compiles of one identical bf16 graph spread over 3.00-3.73 ms (bench_fp8_base_vit_minrows_h100.json):
+at that size the model is bound by kernel launches and FP8 has nothing measurable to win, while it
+adds quantization. Every end-to-end FP8 win was measured at M >= 8192 (GPT-2 medium b8 s1024, the
+Llama MLP at 8192 rows, BERT-large and ViT-B at about 12,300 rows)."""
+
+FP8_ROOFLINE_EFFICIENCY = 0.8
+"""Share of the roofline speed-up an FP8 GEMM reaches, measured on the H100 at the GEMM shapes of
+BERT-large b32 s384 and GPT-2 medium b8 s1024 (tools/bench_gemm_fp8.py, results in
+tools/results/bench_gemm_fp8_h100.json): `_scaled_mm` alone ran 1.48x-1.77x a bf16 F.linear where the
+roofline says 1.82x (0.81-0.97), and compiled producer -> quantize -> GEMM modules reached 0.83-1.04 of
+the roofline with the quantization traffic below (0.70 for GELU producers with dynamic scales).
+0.8 is the lowest GEMM-alone ratio."""
+
+FP8_MIN_SPEEDUP = 1.05
+"""Estimated speed-up (roofline x FP8_ROOFLINE_EFFICIENCY) a GEMM needs to be rewritten: FP8 must
+never be slower than BF16, so a GEMM estimated near break-even stays BF16."""
+
+FP8_AMAX_MARGIN = 2.0
+"""Static scales map amax * margin to 448: one binade of head room for inputs larger than those
+calibrated (the Ranges pass uses the same margin for fp16 overflow). e4m3fn keeps 3 mantissa bits in
+every normal binade, so the head room costs precision only for values below amax * margin / 2^15
+(e4m3's smallest normal, 2^-6, scaled), which become subnormals one binade earlier."""
+
+BF16_FLOPS = 798e12   # shared/ANCHORS.md: bf16 GEMM 8192^3, H100 SXM, measured
+FP8_FLOPS = 1449e12   # shared/ANCHORS.md: `torch._scaled_mm` e4m3, bf16 out, 8192^3, H100 SXM, measured
+HBM_BYTES_PER_S = 3.35e12 * 0.92  # H100 SXM datasheet 3.35 TB/s x torchao's "pct_achievable_mem_bw"
+KERNEL_LAUNCH_S = 2e-6  # torchao roofline_utils KERNEL_LAUNCH_OVERHEAD_SEC (one tiny kernel on an H100)
+
+FP8_GEMM_OPS = ("linear", "addmm", "mm", "matmul")
+"""Ops rewritten to `rewriter::fp8_linear` when their second operand is a stored 2-D weight."""
+
+# Bytes moved per activation element by the quantization kernels, one entry per kernel (each costs at
+# least a launch), fitted to the H100 measurements of tools/bench_gemm_fp8.py (effective bytes per
+# element over all shapes: tools/results/bench_gemm_fp8_h100.json, "fit"):
+#   eager dynamic: amax, clamp_min, / 448, divide + write float8: 16.5-21.4 B measured (5 in theory)
+#   eager static:  bound, clamp, divide + write float8:              28.4-31.7 B measured
+#   fused dynamic (torch.compile): amax in one kernel, quantize in the producer: 3.0-4.4 B after a
+#                  LayerNorm, 5.3-7.8 B after a GELU
+#   fused static:  the producer writes float8 as well: 0.5-1.5 B
+#   own kernel (torch.compile, the producer is an extern kernel: attention, a GEMM, a bf16 input):
+#                  static: read bf16, write float8, 3 B (12.2 us for 12.6 M elements after cuDNN attention
+#                  in BERT-large: tools/results/bench_fp8_bert_large_profile_h100.json); dynamic: the
+#                  fused figures, as the amax kernel and the quantization read the activation anyway
+# Each is the largest value measured (fused dynamic: the range's middle, 6 B), so the estimate errs
+# towards keeping bf16.
+# (per-row scales cost the same: the division writes float8 directly, whatever dtype it computes in)
+_QUANT_KERNELS = {
+    ("eager", "dynamic"): (2, 0, 0, 20),
+    ("eager", "static"): (0, 16, 16),
+    ("fused", "dynamic"): (2, 4),
+    ("fused", "static"): (1.5,),
+    ("own kernel", "dynamic"): (2, 4),
+    ("own kernel", "static"): (3,),
+}
+
+_LAYOUT_OPS = frozenset("""
+view reshape _unsafe_view transpose permute t expand squeeze unsqueeze flatten unflatten contiguous clone
+alias detach dropout getitem split split_with_sizes chunk unbind slice select narrow
+""".split())
+"""Ops between a producer and a GEMM that inductor turns into indexing, not kernels (dropout: eval;
+getitem: of a split, or of attention's (output, logsumexp) tuple)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Options:
+    """How precision="fp8" converts GEMMs. Defaults are the module constants above.
+
+    Args:
+        granularity: "tensor" (one scale per weight and per activation: `_scaled_mm` tensorwise, the
+            torchao default) or "row" (per output channel weights, per row activations: rowwise).
+        margin: static activation scales are 448 / (amax * margin).
+        static_scales: use calibrated amax when the ranges pass measured it (else always dynamic).
+        min_mnk: GEMMs with M*N*K below this stay bf16.
+        min_rows: GEMMs whose activation has fewer rows M (batch x seq of the example) stay bf16.
+        min_speedup: GEMMs whose estimated speed-up is below this stay bf16 (0 disables the estimate).
+        fused_quantization: estimate for a model run under torch.compile, which fuses the activation
+            quantization into its producer (eager otherwise). None (the default): True when the
+            conversion's backend is "compile" with inductor, else False.
+        target: compute capability of the GPU the model will run on: "sm_90", "9.0", (9, 0), "cpu";
+            None: the current CUDA device, or, without one, an FP8 GPU (the converted model then
+            emulates FP8 here and says so).
+        fast_accum: `torch._scaled_mm(use_fast_accum=...)`: faster FP8 accumulation, as torchao's
+            inference and forward GEMMs use.
+
+    Example:
+        >>> rewriter.convert(model, (x,), precision="fp8", fp8=Fp8Options(granularity="row"))
+    """
+
+    granularity: str = "tensor"
+    margin: float = FP8_AMAX_MARGIN
+    static_scales: bool = True
+    min_mnk: int = FP8_MIN_MNK
+    min_rows: int = FP8_MIN_ROWS
+    min_speedup: float = FP8_MIN_SPEEDUP
+    fused_quantization: "bool | None" = None
+    target: "str | tuple[int, int] | None" = None
+    fast_accum: bool = True
+
+    def __post_init__(self):
+        if self.granularity not in ("tensor", "row"):
+            raise ConfigError(f"Fp8Options(granularity={self.granularity!r}): write 'tensor' (one scale "
+                              "per tensor) or 'row' (per output channel weights, per row activations)")
+        if not isinstance(self.margin, (int, float)) or not (1.0 <= float(self.margin) <= 2 ** 8):
+            raise ConfigError(f"Fp8Options(margin={self.margin!r}): write a number from 1 (scale amax to "
+                              "448 exactly) to 256, e.g. 2.0 for one binade of head room")
+        if not isinstance(self.min_mnk, int) or self.min_mnk < 0:
+            raise ConfigError(f"Fp8Options(min_mnk={self.min_mnk!r}): write a non-negative integer such as "
+                              f"{FP8_MIN_MNK} (0 rewrites GEMMs of any size)")
+        if not isinstance(self.min_rows, int) or self.min_rows < 0:
+            raise ConfigError(f"Fp8Options(min_rows={self.min_rows!r}): write a non-negative integer such as "
+                              f"{FP8_MIN_ROWS} (0 rewrites GEMMs at any batch x seq)")
+        if not isinstance(self.min_speedup, (int, float)) or self.min_speedup < 0:
+            raise ConfigError(f"Fp8Options(min_speedup={self.min_speedup!r}): write a number >= 0 such as "
+                              f"{FP8_MIN_SPEEDUP} (0 disables the estimate)")
+        target_capability(self.target)  # validates
+
+    @classmethod
+    def always(cls, **changes) -> "Fp8Options":
+        """Options that rewrite every eligible GEMM whatever its size (tests, emulation, accuracy
+        studies): min_mnk=0, min_rows=0, min_speedup=0."""
+        return cls(**{"min_mnk": 0, "min_rows": 0, "min_speedup": 0.0, **changes})
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["target"] = _target_text(self.target)
+        return out
+
+
+def _target_text(target) -> str | None:
+    cap = target_capability(target)
+    if cap is None:
+        return None
+    return "cpu" if cap == (0, 0) else f"sm_{cap[0]}{cap[1]}"
+
+
+def target_capability(target) -> tuple[int, int] | None:
+    """(major, minor) of the target of an `Fp8Options.target`; (0, 0) for "cpu"; None for "auto"."""
+    if target is None or target == "auto":
+        return None
+    if isinstance(target, tuple) and len(target) == 2 and all(isinstance(v, int) for v in target):
+        return target
+    text = str(target).strip().lower()
+    if text == "cpu":
+        return (0, 0)
+    found = re.fullmatch(r"(?:sm_?)?(\d+)(?:\.(\d+))?", text)
+    if found:
+        digits, minor = found.group(1), found.group(2)
+        if minor is not None:
+            return int(digits), int(minor)
+        if len(digits) >= 2:
+            return int(digits[:-1]), int(digits[-1])
+    raise ConfigError(f"Fp8Options(target={target!r}): write a compute capability such as 'sm_90', "
+                      "'sm_89', '9.0' or (9, 0), 'cpu', or None for the current device")
+
+
+def _resolve_target(options: Fp8Options) -> tuple[tuple[int, int] | None, str]:
+    """(capability or None for "an FP8 GPU assumed", words) of the hardware the plan is for."""
+    cap = target_capability(options.target)
+    if cap is not None:
+        return cap, ("cpu" if cap == (0, 0) else f"sm_{cap[0]}{cap[1]} (given)")
+    if torch.cuda.is_available() and torch.version.hip is None:
+        index = torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        return (major, minor), f"{torch.cuda.get_device_name(index)} (sm_{major}{minor}, this machine)"
+    return None, "an FP8 GPU (sm_89+; none here: the converted model emulates FP8 on this machine)"
+
+
+# ---------------------------------------------------------------- shapes and the estimate
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmShape:
+    m: int
+    n: int
+    k: int
+
+    @property
+    def mnk(self) -> int:
+        return self.m * self.n * self.k
+
+
+def _gemm_time(shape: GemmShape, flops: float, in_bytes: int) -> float:
+    m, n, k = shape.m, shape.n, shape.k
+    compute = 2.0 * m * n * k / flops
+    memory = ((m * k + k * n) * in_bytes + m * n * 2) / HBM_BYTES_PER_S
+    return max(compute, memory, KERNEL_LAUNCH_S)
+
+
+def _estimate(t_bf16: float, t_fp8: float, t_quant: float) -> tuple[float, dict]:
+    """(roofline x FP8_ROOFLINE_EFFICIENCY, the times in us and the roofline) of bf16 vs fp8 + quantize."""
+    roofline = t_bf16 / (t_fp8 + t_quant)
+    detail = {"bf16_us": round(t_bf16 * 1e6, 2), "fp8_us": round(t_fp8 * 1e6, 2),
+              "quant_us": round(t_quant * 1e6, 2), "roofline": round(roofline, 3)}
+    return roofline * FP8_ROOFLINE_EFFICIENCY, detail
+
+
+def estimate_speedup(shape: GemmShape, *, static: bool, fused: bool = False,
+                     own_kernel: bool = False) -> tuple[float, dict]:
+    """Estimated speed-up of one GEMM in FP8 (with the activation's quantization) over BF16 on an H100:
+    the roofline ratio times FP8_ROOFLINE_EFFICIENCY. `fused`: under torch.compile; `own_kernel`: there,
+    the producer of the activation is an extern kernel, so the quantization cannot fuse into it.
+
+    Returns:
+        (speed-up, {"bf16_us", "fp8_us", "quant_us", "roofline"}).
+
+    Example:
+        >>> estimate_speedup(GemmShape(8192, 14336, 4096), static=False)[0] > 1.1  # Llama MLP up_proj
+        True
+    """
+    t_bf16 = _gemm_time(shape, BF16_FLOPS, 2)
+    t_fp8 = _gemm_time(shape, FP8_FLOPS, 1)
+    where = ("own kernel" if own_kernel else "fused") if fused else "eager"
+    kernels = _QUANT_KERNELS[(where, "static" if static else "dynamic")]
+    elements = shape.m * shape.k
+    t_quant = sum(max(b * elements / HBM_BYTES_PER_S, KERNEL_LAUNCH_S) for b in kernels)
+    return _estimate(t_bf16, t_fp8, t_quant)
+
+
+def estimate_train_speedup(shape: GemmShape, *, fused: bool = False) -> tuple[float, dict]:
+    """Estimated speed-up of one linear's training step in FP8 over BF16 on an H100, as
+    `estimate_speedup` for the forward: three GEMMs of 2MNK FLOPs (y = x W^T [M,N,K], grad_x = g W
+    [M,K,N], grad_w = g^T x [N,K,M]), and on the FP8 side the dynamic quantization kernels of x [M, K],
+    the weight [N, K] and grad_out [M, N] plus one transposed float8 copy of each (read and write, one
+    byte each) for the backward GEMMs' column-major operands.
+
+    Returns:
+        (speed-up, {"bf16_us", "fp8_us", "quant_us", "roofline"}), times of the whole step of the linear.
+
+    Example:
+        >>> estimate_train_speedup(GemmShape(8192, 14336, 4096), fused=True)[0] > 1.1  # Llama MLP up_proj
+        True
+    """
+    m, n, k = shape.m, shape.n, shape.k
+    gemms = (shape, GemmShape(m, k, n), GemmShape(n, k, m))
+    t_bf16 = sum(_gemm_time(g, BF16_FLOPS, 2) for g in gemms)
+    t_fp8 = sum(_gemm_time(g, FP8_FLOPS, 1) for g in gemms)
+    kernels = _QUANT_KERNELS[("fused" if fused else "eager", "dynamic")]
+    traffic = [b * e for e in (m * k, n * k, m * n) for b in (*kernels, 2)]  # quantize, then transpose
+    t_quant = sum(max(b / HBM_BYTES_PER_S, KERNEL_LAUNCH_S) for b in traffic)
+    return _estimate(t_bf16, t_fp8, t_quant)
+
+
+def gemm_operands(node: fx.Node):
+    """(activation, weight, bias, weight_is_nk) of a GEMM node, or None when it is not one of
+    FP8_GEMM_OPS in the supported form. The weight may be a get_attr or a cast of one.
+
+    linear(x, w[N,K], b) -> weight_is_nk True; addmm(b, x, w[K,N]), mm(x, w[K,N]), matmul(x, w[K,N])
+    -> weight_is_nk False.
+    """
+    if node.op != "call_function":
+        return None
+    target = node.target
+    name = getattr(getattr(target, "_overloadpacket", None), "__name__", None)
+    if name is None:
+        name = getattr(target, "__name__", "")
+    name = name.split("::")[-1].split(".")[0]
+    args = node.args
+    if name == "linear":
+        if node.kwargs or len(args) < 2:
+            return None
+        return args[0], args[1], (args[2] if len(args) > 2 else None), True
+    if name == "addmm":
+        if any(float(node.kwargs.get(key, 1)) != 1.0 for key in ("beta", "alpha")) or len(args) != 3:
+            return None
+        return args[1], args[2], args[0], False
+    if name in ("mm", "matmul"):
+        if node.kwargs or len(args) != 2:
+            return None
+        return args[0], args[1], None, False
+    return None
+
+
+def stored_weight(value) -> fx.Node | None:
+    """The get_attr behind a GEMM's weight operand (through one dtype cast), or None."""
+    if not isinstance(value, fx.Node):
+        return None
+    if is_cast(value):
+        value = value.args[0]
+    return value if isinstance(value, fx.Node) and value.op == "get_attr" else None
+
+
+def _shape(node) -> tuple | None:
+    val = node.meta.get("val", node.meta.get("tensor_meta")) if isinstance(node, fx.Node) else None
+    shape = getattr(val, "shape", None)
+    return None if shape is None else tuple(shape)
+
+
+def _int(size) -> int:
+    try:
+        return int(size)
+    except Exception:  # symbolic: use the example's value
+        hint = getattr(getattr(size, "node", None), "hint", None)
+        return int(hint) if hint is not None else 1
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.1e}"
+
+
+# ---------------------------------------------------------------- the pass
+
+
+def resolve_options(options: Fp8Options | None, config: ConvertConfig) -> Fp8Options:
+    """`options` (default Fp8Options()) with fused_quantization=None decided by the backend: inductor
+    (backend="compile", the default compiler) fuses each activation's quantization into its producer."""
+    options = options or Fp8Options()
+    if options.fused_quantization is not None:
+        return options
+    return dataclasses.replace(options, fused_quantization=config.compiled_by_inductor())
+
+
+class Fp8Cost(AnalysisPass):
+    """Annotate every tensor-core op with node.meta[FP8] = {"use", "rule", "reason", ...}.
+
+    Args:
+        config: the conversion config (precision must be fp8 for anything to be used).
+        options: FP8 options (scaling, thresholds, target); defaults from the module constants.
+
+    Example:
+        >>> PassManager([Classify(), Assign(config), Fp8Cost(config)])(gm)
+        >>> {n.name: n.meta[meta.FP8]["reason"] for n in gm.graph.nodes if meta.FP8 in n.meta}
+    """
+
+    name = "fp8_cost"
+
+    def __init__(self, config: ConvertConfig, options: Fp8Options | None = None):
+        self.config = config
+        self.options = resolve_options(options, config)
+        if config.mode is Mode.TRAIN and self.options.granularity == "row":
+            raise ConfigError("Fp8Options(granularity='row') is for mode='eval': FP8 training scales x, the "
+                              "weight and the gradient per tensor (dynamic, as torchao's Float8Linear); write "
+                              "granularity='tensor' for mode='train'")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        from rewriter.runtime.fp8_ops import fp8_linear_op
+        from rewriter.runtime.fp8_train_ops import fp8_linear_train
+
+        cap, where = _resolve_target(self.options)
+        plan = {"use": [], "kept": {}}
+        for node in gm.graph.nodes:
+            info = meta.get(node, meta.OP_CLASS) or {}
+            if node.op != "call_function" or info.get("class") != "lowp":
+                continue
+            if node.target is fp8_linear_op or node.target is fp8_linear_train:
+                continue  # already rewritten: its record stays as the rewrite left it
+            record = self._judge(node, info.get("op", node.name), cap, where)
+            meta.put(node, meta.FP8, record)
+            if record["use"]:
+                plan["use"].append(node.name)
+            else:
+                plan["kept"][node.name] = record["reason"]
+        summary = gm.meta.setdefault(meta.FP8, {})
+        summary.update({"target": where, "options": self.options.to_dict(), "planned": plan["use"],
+                        "kept": plan["kept"]})
+        return PassResult(gm, False)
+
+    # ------------------------------------------------------------------ one node
+    def _judge(self, node: fx.Node, op: str, cap, where: str) -> dict:
+        opts = self.options
+        decision = meta.get(node, meta.DECISION) or {}
+
+        def keep(rule: str, reason: str, **extra) -> dict:
+            dtype = decision.get("dtype", "bfloat16")
+            short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype, dtype)
+            return {"use": False, "rule": rule, "reason": f"kept {short}: {reason}", **extra}
+
+        if decision.get("dtype") != "bfloat16":
+            return keep("precision", f"{op} was decided {decision.get('dtype')} by {decision.get('rule')} "
+                        f"({decision.get('reason')}); FP8 only replaces bf16 GEMMs")
+        if str(decision.get("rule", "")).startswith("override:"):
+            return keep("override", f"{decision.get('reason')}: under precision fp8 a bf16 override keeps the "
+                        "GEMM in bf16")
+        operands = gemm_operands(node)
+        if operands is None:
+            what = ("multiplies activations batch by batch" if op in ("bmm", "baddbmm") else
+                    "is a convolution" if op.startswith("conv") or op.startswith("_conv") else
+                    "is attention" if "attention" in op else f"is {op}")
+            return keep("op", f"{op} {what}; the FP8 rewrite handles {', '.join(FP8_GEMM_OPS)} with a "
+                        "stored 2-D weight")
+        x, w, _bias, nk = operands
+        weight = stored_weight(w)
+        x_shape, w_shape = _shape(x), _shape(w)
+        if weight is None:
+            return keep("op", f"{op} multiplies two activations (its second operand {getattr(w, 'name', w)} "
+                        "is computed at run time, not a stored weight); FP8 needs a pre-quantized weight")
+        if not x_shape or len(x_shape) < 2 or not w_shape or len(w_shape) != 2:
+            return keep("op", f"{op}: needs an activation of rank >= 2 and a 2-D weight "
+                        f"(got {x_shape} and {w_shape})")
+        n, k = (_int(w_shape[0]), _int(w_shape[1])) if nk else (_int(w_shape[1]), _int(w_shape[0]))
+        m = max(1, math.prod(_int(s) for s in x_shape[:-1]))
+        shape = GemmShape(m, n, k)
+        dims = {"m": m, "n": n, "k": k, "mnk": shape.mnk, "weight": str(weight.target)}
+        if k % FP8_DIM_MULTIPLE or n % FP8_DIM_MULTIPLE:
+            bad = " and ".join(f"{d}={v}" for d, v in (("K", k), ("N", n)) if v % FP8_DIM_MULTIPLE)
+            return keep("dims", f"{bad} not a multiple of {FP8_DIM_MULTIPLE} (torch._scaled_mm needs K and N "
+                        f"divisible by {FP8_DIM_MULTIPLE})", **dims)
+        if cap is not None and cap < FP8_MIN_CAPABILITY:
+            what = "the CPU has" if cap == (0, 0) else f"sm_{cap[0]}{cap[1]} has"
+            return keep("hardware", f"target {where}: {what} no FP8 tensor cores (torch._scaled_mm needs "
+                        f"sm_{FP8_MIN_CAPABILITY[0]}{FP8_MIN_CAPABILITY[1]}+)", **dims)
+        train = self.config.mode is Mode.TRAIN
+        amax, scaling_note = self._static_amax(x)
+        static = amax is not None
+        if train:
+            speedup, detail = estimate_train_speedup(shape, fused=opts.fused_quantization)
+            dims.update({"training": True, "grad_dtype": "float8_e5m2"})
+        else:
+            producer, own = _quantization_producer(x, decision.get("dtype"))
+            speedup, detail = estimate_speedup(shape, static=static, fused=opts.fused_quantization,
+                                               own_kernel=own)
+            if opts.fused_quantization:
+                dims["quantize"] = (f"own kernel: {producer} is not fusable (extern kernel or graph input)"
+                                    if own else f"fused into {producer}")
+        dims.update({"est_speedup": round(speedup, 3), **detail,
+                     "scaling": "static" if static else "dynamic", "granularity": opts.granularity})
+        if static:
+            dims.update({"amax": amax, "margin": float(opts.margin),
+                         "scale": E4M3_MAX / (amax * float(opts.margin))})
+        sizes = f"M={m} (example batch x seq), N={n}, K={k}"
+        if shape.mnk < opts.min_mnk:
+            return keep("size", f"M*N*K = {_fmt(shape.mnk)} < {_fmt(opts.min_mnk)} ({sizes}): FP8 loses on "
+                        "small GEMMs (torchao Float8Linear 0.80x at 1024x2048x1024 on H100)", **dims)
+        if m < opts.min_rows:
+            return keep("size", f"M = {m} rows < {opts.min_rows} ({sizes}): below 8192 rows no end-to-end FP8 "
+                        "gain was measured on an H100 (BERT-base at M=4096: 0.90x)", **dims)
+        mode = "fused quantization (torch.compile)" if opts.fused_quantization else "eager"
+        gemm, quantized = ((" forward + grad_x + grad_w", "x, weight and grad_out (+ transposes)") if train
+                           else ("", f"the activation ({dims['quantize']})" if "quantize" in dims
+                                 else "the activation"))
+        estimate = (f"estimated {speedup:.2f}x vs bf16 on an H100, {mode} (roofline {detail['roofline']:.2f}x x "
+                    f"{FP8_ROOFLINE_EFFICIENCY:g}: bf16{gemm} GEMM {detail['bf16_us']} us, fp8{gemm} GEMM "
+                    f"{detail['fp8_us']} us + quantizing {quantized} {detail['quant_us']} us; {sizes})")
+        if opts.min_speedup and speedup < opts.min_speedup:
+            return keep("cost", f"{estimate} < {opts.min_speedup:g}x", **dims)
+        forced = []
+        if shape.mnk < FP8_MIN_MNK:
+            forced.append(f"M*N*K {_fmt(shape.mnk)} < default {_fmt(FP8_MIN_MNK)}")
+        if m < FP8_MIN_ROWS:
+            forced.append(f"M {m} < default {FP8_MIN_ROWS} rows")
+        if speedup < FP8_MIN_SPEEDUP:
+            forced.append(f"{speedup:.2f}x < default {FP8_MIN_SPEEDUP:g}x")
+        if forced:
+            estimate += (f"; rewritten although {' and '.join(forced)}, because Fp8Options(min_mnk="
+                         f"{opts.min_mnk}, min_rows={opts.min_rows}, min_speedup={opts.min_speedup:g})")
+        if train:
+            what = "FP8 training GEMMs (float8_e4m3fn forward, float8_e5m2 gradients)"
+            how = "x and the fp32 master weight quantized on every call with dynamic per-tensor scales"
+        else:
+            what = "float8_e4m3fn GEMM"
+            how = (f"static activation scale 448/(amax {_fmt(amax)} x margin {opts.margin:g})" if static
+                   else f"dynamic per-{'row' if opts.granularity == 'row' else 'tensor'} activation scale "
+                        f"({scaling_note})")
+        return {"use": True, "rule": "fp8", "reason": f"{what}: {estimate}; {how}", **dims}
+
+    def _static_amax(self, x) -> tuple[float | None, str]:
+        if self.config.mode is Mode.TRAIN:
+            return None, "training scales dynamically"
+        if not self.options.static_scales:
+            return None, "static scales disabled"
+        value = x.args[0] if isinstance(x, fx.Node) and is_cast(x) else x
+        record = meta.get(value, meta.RANGE) if isinstance(value, fx.Node) else None
+        if not record or "amax" not in record:
+            return None, "no calibration range"
+        amax = record.get("amax")
+        if not isinstance(amax, (int, float)) or not math.isfinite(amax) or amax <= 0:
+            return None, f"calibrated amax {amax!r} is not a positive finite number"
+        if record.get("nonfinite"):
+            return None, f"calibration saw {record['nonfinite']} non-finite values"
+        return float(amax), "calibrated"
+
+
+def _quantization_producer(x, dtype: str | None) -> tuple[str, bool]:
+    """(name of the node whose kernel would quantize the activation `x`, True when that cannot be fused:
+    through layout ops, `x` comes from a graph input or an op of the LOWP class (GEMM, convolution,
+    attention: extern kernels) already in the GEMM's dtype, so no cast kernel exists to fuse into)."""
+    from rewriter.passes.op_tables import op_name
+
+    node = x
+    while isinstance(node, fx.Node) and node.op in ("call_function", "call_method") \
+            and op_name(node) in _LAYOUT_OPS \
+            and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    if not isinstance(node, fx.Node):
+        return str(node), False
+    if node.op in ("placeholder", "get_attr"):
+        own = meta.dtype_name(meta.value_dtype(node)) == dtype
+        return (node.name if own else f"the cast of {node.name}"), own
+    info = meta.get(node, meta.OP_CLASS) or {}
+    produced = (meta.get(node, meta.DECISION) or {}).get("dtype")
+    return node.name, info.get("class") == "lowp" and produced == dtype

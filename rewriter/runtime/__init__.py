@@ -1,0 +1,1 @@
+"""Runtime custom ops that converted graphs call (registered under the `rewriter::` namespace)."""
