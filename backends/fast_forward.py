@@ -42,6 +42,7 @@ import torch
 import torch.fx as fx
 
 from rewriter import meta
+from rewriter.backends import invariants
 
 __all__ = ["install", "uninstall", "is_installed", "binding_for", "RECORD_KEY"]
 
@@ -162,7 +163,12 @@ def install(gm: fx.GraphModule) -> dict:
             read.meta = node.meta
             node.replace_all_uses_with(read)
             graph.erase_node(node)
-        elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+    # weights are dictionary reads now: regions that read only weights and sizes run once per key
+    hoisted = invariants.hoist(graph, {n for n in graph.nodes
+                                       if n.op == "call_function" and n.target is operator.getitem
+                                       and fetch is not None and n.args[0] is fetch})
+    for node in list(graph.nodes):
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
             fn = binding_for(node)
             if fn is None:
                 kept[str(node.target)] += 1
@@ -189,7 +195,8 @@ def install(gm: fx.GraphModule) -> dict:
     forward._rw_fast = True
     cls._rw_standard_forward = standard
     cls.forward = forward
-    record = {"ops_bound": bound, "ops_kept": dict(kept.most_common()), "weights": len(slots)}
+    record = {"ops_bound": bound, "ops_kept": dict(kept.most_common()), "weights": len(slots),
+              "hoisted": hoisted}
     gm.meta[RECORD_KEY] = record
     return record
 
