@@ -17,7 +17,7 @@ import html
 import json
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # pragma: no cover
+if TYPE_CHECKING:  # pragma: no cover  (annotations only: diff imports this module)
     from rewriter.diff import Diff, NodeDiff
 
 __all__ = ["render_html", "layout", "COLORS", "short_dtype", "format_bytes"]
