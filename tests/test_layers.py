@@ -103,3 +103,15 @@ def test_a_broken_layer_or_cycle_is_reported(wheel_layout, tmp_path, module, lin
     result = _lint(layout, PYPROJECT)
     assert result.returncode != 0
     assert reported in result.stdout, result.stdout
+
+
+def test_every_public_name_is_importable_from_rewriter():
+    """What a user needs comes from `rewriter`; the ONNX names load onnx on first use, not on import."""
+    code = ("import sys, rewriter; heavy = {'onnx', 'onnxscript', 'onnxruntime'} & set(sys.modules); "
+            "assert not heavy, f'import rewriter loaded {heavy}'; "
+            "missing = [n for n in rewriter.__all__ if getattr(rewriter, n, None) is None]; "
+            "assert not missing, missing; "
+            "from rewriter import Fp8Options, BackendOptions, make_scaler, optimize, graph_module_of, "
+            "ort_session, export_onnx, TrainEvalGraphModule, ConvertConfig")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
