@@ -56,13 +56,15 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from rewriter import meta
+from rewriter.backend_options import BACKENDS, BackendOptions, backend_name
 from rewriter.backends import fast_forward
-from rewriter.errors import BackendError, ConfigError, InputError, describe_node
+from rewriter.errors import BackendError, InputError, describe_node
 
 __all__ = [
     "MODES",
     "optimize",
     "graph_module_of",
+    "is_converted",
     "check_options",
     "check_available",
     "no_gpu_reason",
@@ -74,87 +76,16 @@ __all__ = [
 ]
 
 #: Backend modes, in the order the CLI lists them (`--backend eager|compile|cuda_graphs`).
-MODES = ("eager", "compile", "cuda_graphs")
-
-_ALIASES = {"torch.compile": "compile", "inductor": "compile", "cudagraphs": "cuda_graphs",
-            "cuda-graphs": "cuda_graphs", "cuda_graph": "cuda_graphs", "cudagraph": "cuda_graphs",
-            "graphs": "cuda_graphs", "none": "eager", "": "eager"}
-
-_OPTIONS: dict[str, dict[str, str]] = {
-    "eager": {},
-    "compile": {
-        "compile_mode": "torch.compile mode: default, reduce-overhead, max-autotune, "
-                        "max-autotune-no-cudagraphs",
-        "dynamic": "None (batch dimension dynamic when the conversion kept it so), True or False",
-        "fullgraph": "True (default): a graph break is an error",
-        "compiler": "torch.compile backend, 'inductor' by default",
-        "options": "dict of inductor options (not together with compile_mode)",
-        "clone_outputs": "with compile_mode='reduce-overhead': clone outputs (default True)",
-    },
-    "cuda_graphs": {
-        "clone_outputs": "True (default): fresh outputs each call; False: static buffers, "
-                         "overwritten by the next call",
-        "warmup": "eager runs on a side stream before capture (default 2)",
-        "max_graphs": "None (unbounded) or the number of captured graphs to keep (LRU)",
-        "share_pool": "True (default): the graphs of one module share a memory pool",
-    },
-}
+MODES = BACKENDS
 
 
-def _mode_name(mode: Any) -> str:
-    text = str(getattr(mode, "value", mode)).strip().lower()
-    text = _ALIASES.get(text, text)
-    if text not in MODES:
-        raise ConfigError(f"unknown backend {mode!r}: write one of {', '.join(repr(m) for m in MODES)} "
-                          "(e.g. backend='compile')")
-    return text
-
-
-def check_options(mode: Any, options: "dict[str, Any] | None" = None) -> str:
-    """Validate a backend mode and its options; returns the canonical mode name.
+def check_options(mode: Any, options: "dict[str, Any] | BackendOptions | None" = None) -> str:
+    """Validate a backend mode and its options (rewriter.BackendOptions); returns the canonical mode name.
 
     Raises:
         ConfigError: unknown mode, unknown option, or an invalid option value.
     """
-    name = _mode_name(mode)
-    options = dict(options or {})
-    known = _OPTIONS[name]
-    for key in options:
-        if key not in known:
-            if not known:
-                raise ConfigError(f"backend {name!r} takes no options, got {key!r}; options belong to "
-                                  "backend='compile' or backend='cuda_graphs'")
-            listing = "; ".join(f"{k}: {v}" for k, v in known.items())
-            raise ConfigError(f"unknown option {key!r} for backend {name!r}; known options: {listing}")
-    if name == "compile":
-        cmode = options.get("compile_mode")
-        compiler = options.get("compiler", "inductor")
-        if cmode is not None:
-            if not isinstance(cmode, str):
-                raise ConfigError(f"compile_mode={cmode!r} must be a string such as 'max-autotune'")
-            if compiler == "inductor":
-                from torch._inductor import list_mode_options
-
-                valid = list(list_mode_options())
-                if cmode not in valid:
-                    raise ConfigError(f"unknown compile_mode {cmode!r}: write one of "
-                                      f"{', '.join(repr(v) for v in valid)}")
-            if options.get("options"):
-                raise ConfigError("give either compile_mode or options to torch.compile, not both "
-                                  "(torch.compile refuses both)")
-        if options.get("dynamic") not in (None, True, False):
-            raise ConfigError(f"dynamic={options['dynamic']!r} must be None, True or False")
-        if options.get("options") is not None and not isinstance(options["options"], dict):
-            raise ConfigError("options must be a dict of inductor options, e.g. "
-                              "{'epilogue_fusion': True}")
-    if name == "cuda_graphs":
-        warmup = options.get("warmup", 2)
-        if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
-            raise ConfigError(f"warmup={warmup!r} must be a whole number >= 0 (eager runs before capture)")
-        limit = options.get("max_graphs")
-        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-            raise ConfigError(f"max_graphs={limit!r} must be None or a whole number >= 1")
-    return name
+    return BackendOptions.of(options).check(mode)
 
 
 def check_available(mode: Any) -> None:
@@ -162,7 +93,7 @@ def check_available(mode: Any) -> None:
 
     `rewriter.convert` calls it before capturing, so a conversion is not wasted.
     """
-    if _mode_name(mode) == "cuda_graphs" and not torch.cuda.is_available():
+    if backend_name(mode) == "cuda_graphs" and not torch.cuda.is_available():
         raise BackendError(f"backend 'cuda_graphs' needs a CUDA GPU: torch.cuda.is_available() is False "
                            f"({no_gpu_reason()}). On the CPU use backend='eager' or backend='compile'.")
 
@@ -235,6 +166,19 @@ def graph_module_of(obj: Any) -> fx.GraphModule:
     raise InputError(f"expected the GraphModule returned by rewriter.convert (or a backend wrapper of it), "
                      f"got {type(obj).__name__}; convert the model first with "
                      "rewriter.convert(model, example_inputs, precision=...)")
+
+
+def is_converted(model: Any) -> bool:
+    """True for a GraphModule produced by `convert` (or loaded back from a converted .pt2), also
+    inside a backend wrapper (`graph_module_of`)."""
+    if not isinstance(model, fx.GraphModule):
+        try:
+            model = graph_module_of(model)
+        except InputError:
+            return False
+    if meta.INFO in model.meta:
+        return True
+    return any(meta.CREATED in n.meta or meta.DECISION in n.meta for n in model.graph.nodes)
 
 
 # ----------------------------------------------------------------------------- wrappers

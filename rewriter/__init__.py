@@ -16,23 +16,41 @@ if (not _os.path.isdir(_os.path.join(__path__[0], "passes"))
         and _os.path.isfile(_os.path.join(_root, "passes", "__init__.py"))):
     __path__.append(_root)
 
+from rewriter.backend_options import BackendOptions
+from rewriter.backends.torch_backend import graph_module_of, optimize
 from rewriter.config import ConvertConfig, Mode, Override, Precision
 from rewriter.diff import diff
 from rewriter.errors import BackendError, CaptureError, ConfigError, InputError, PassError, RewriterError
+from rewriter.fp8_options import Fp8Options
 from rewriter.io import load, save
+from rewriter.loss_scale import make_scaler
 from rewriter.pipeline import convert
+from rewriter.training import TrainEvalGraphModule
 
 __version__ = "0.1.0"
 
-__all__ = ["convert", "diff", "save", "load", "export_onnx", "ConvertConfig", "Precision", "Mode",
-           "Override", "RewriterError", "ConfigError", "CaptureError", "InputError", "PassError", "BackendError",
-           "__version__"]
+__all__ = ["convert", "diff", "save", "load", "export_onnx", "ort_session", "optimize", "graph_module_of",
+           "make_scaler", "ConvertConfig", "Fp8Options", "BackendOptions", "Precision", "Mode", "Override",
+           "TrainEvalGraphModule", "RewriterError", "ConfigError", "CaptureError", "InputError", "PassError",
+           "BackendError", "__version__"]
+
+# Names imported on first use: the ONNX backend pulls in onnx and onnxscript, which `import rewriter`
+# (and `rewrite --help`) should not pay for. name -> module that defines it.
+_LAZY = {
+    "export_onnx": "rewriter.backends.onnx_backend",
+    "ort_session": "rewriter.backends.onnx_backend",
+}
 
 
 def __getattr__(name):
-    # export_onnx pulls in onnx/onnxscript: imported on first use so `import rewriter` stays fast
-    if name == "export_onnx":
-        from rewriter.backends.onnx_backend import export_onnx
+    if name in _LAZY:
+        import importlib
 
-        return export_onnx
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'rewriter' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -6,7 +6,9 @@ Override precedence, lowest to highest (documented once, here, and in the README
 
 An override maps a key to a precision: an op name (``"softmax"``, ``"linear"``), a module regex
 (``"re:encoder\\.layer\\.0\\..*"``) or an exact module path (``"encoder.layer.0.attention"``).
-Module keys apply to every node whose module path equals the key or lies below it.
+Module keys apply to every node whose module path equals the key or lies below it. A bare word
+(``"softmax"``, ``"classifier"``) is an op name when the op table knows it, else a top-level module path;
+the analysis that owns the op table decides (`Override.resolve`), so this module imports no pass.
 """
 from __future__ import annotations
 
@@ -17,9 +19,11 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from rewriter.backend_options import BackendOptions, closest
 from rewriter.errors import ConfigError
+from rewriter.fp8_options import Fp8Options, resolve_options
 
-__all__ = ["Precision", "Mode", "Override", "ConvertConfig", "parse_overrides"]
+__all__ = ["Precision", "Mode", "Override", "ConvertConfig", "parse_overrides", "BackendOptions", "Fp8Options"]
 
 
 class Precision(str, enum.Enum):
@@ -63,7 +67,8 @@ class Mode(str, enum.Enum):
 class Override:
     """One user override: nodes matching `key` run in `precision`.
 
-    `kind` is "op" (an op name), "regex" (module-path regex, written "re:...") or "module" (exact path).
+    `kind` is "op" (an op name), "regex" (module-path regex, written "re:..."), "module" (exact path) or
+    "name" (a bare word: an op name or a top-level module; `resolve` turns it into "op" or "module").
     """
 
     key: str
@@ -72,12 +77,23 @@ class Override:
 
     _RANK = {"op": 2, "regex": 3, "module": 4}
 
+    def resolve(self, is_op: Callable[[str], bool]) -> "Override":
+        """This override with a bare word ("name") decided: an "op" when `is_op(key)` (the op table's
+        passes/op_tables.is_known_op), else a top-level "module". Other kinds are returned as they are."""
+        if self.kind != "name":
+            return self
+        return dataclasses.replace(self, kind="op" if is_op(self.key) else "module")
+
     @property
     def rank(self) -> int:
         """Precedence; higher wins. default=0 and analysis=1 sit below every override."""
+        if self.kind == "name":
+            raise ValueError(f"override {self.key!r} is a bare word: resolve(is_op) it first")
         return self._RANK[self.kind]
 
     def matches(self, op_name: str, module_path: str | None) -> bool:
+        if self.kind == "name":
+            raise ValueError(f"override {self.key!r} is a bare word: resolve(is_op) it first")
         if self.kind == "op":
             return op_name == self.key
         if module_path is None:
@@ -97,10 +113,7 @@ def _classify_key(key: str) -> str:
         return "regex"
     if "." in key or key in ("",):
         return "module"
-    # A bare word is an op name when the op table knows it, else a top-level module name.
-    from rewriter.passes.op_tables import is_known_op
-
-    return "op" if is_known_op(key) else "module"
+    return "name"  # an op name or a top-level module: Assign decides with the op table (Override.resolve)
 
 
 def parse_overrides(overrides: "Mapping[str, Any] | list[str] | None") -> tuple[Override, ...]:
@@ -129,7 +142,10 @@ def parse_overrides(overrides: "Mapping[str, Any] | list[str] | None") -> tuple[
 
 @dataclasses.dataclass(frozen=True)
 class ConvertConfig:
-    """Everything `convert` needs to know besides the model and its inputs.
+    """Everything `convert` needs to know besides the model, its inputs and the calibration data.
+
+    Every field is also a keyword option of `rewriter.convert`: `convert(model, x, precision="bf16")`
+    and `convert(model, x, config=ConvertConfig(precision="bf16"))` build this same object.
 
     Args:
         precision: "fp16", "bf16" or "fp8".
@@ -138,16 +154,26 @@ class ConvertConfig:
             casts inside the graph).
         keep_io_types: model inputs and outputs keep their dtypes (default True).
         dynamic_batch: keep dimension 0 of the inputs dynamic when the model allows it.
-        tolerance: output error budget (relative L2) for measured decisions; needs calibration.
+        tolerance: output error budget (relative L2) for measured decisions; needs calibration data
+            (`convert(..., calibration=...)`).
         metric: optional `metric(reference, candidate) -> float` used instead of relative L2.
         allow_bf16_fallback: with fp16, nodes whose range only overflows fp16 may run in bf16
             instead of fp32.
         backend: how the converted graph runs (backends/torch_backend.py): "eager" (default; the
             GraphModule itself), "compile" (torch.compile) or "cuda_graphs" (captured per input
             shape and replayed; GPU and mode="eval" only).
-        backend_options: options of the backend, e.g. {"compile_mode": "max-autotune-no-cudagraphs"}
-            or {"clone_outputs": False}; stored as a sorted tuple of (name, value) pairs, read them
-            with `backend_kwargs()`.
+        backend_options: a `BackendOptions` (or a dict of its fields), e.g.
+            BackendOptions(compile_mode="max-autotune-no-cudagraphs") or {"clone_outputs": False}.
+        fp8: with precision="fp8", how GEMMs are converted: an `Fp8Options` (or a dict of its fields).
+
+    Raises:
+        ConfigError: a value that cannot work, saying what to write instead.
+
+    Example:
+        >>> ConvertConfig(precision="bf16", backend="compile").backend_kwargs()
+        {}
+        >>> ConvertConfig.from_options(precision="bf16") == ConvertConfig(precision="bf16")
+        True
     """
 
     precision: Precision = Precision.FP16
@@ -159,7 +185,8 @@ class ConvertConfig:
     metric: Callable[[Any, Any], float] | None = None
     allow_bf16_fallback: bool = False
     backend: str = "eager"
-    backend_options: tuple[tuple[str, Any], ...] = ()
+    backend_options: BackendOptions = BackendOptions()
+    fp8: Fp8Options = Fp8Options()
 
     def __post_init__(self):
         object.__setattr__(self, "precision", Precision.parse(self.precision))
@@ -172,39 +199,69 @@ class ConvertConfig:
         if not isinstance(self.overrides, tuple) or not all(isinstance(o, Override) for o in self.overrides):
             object.__setattr__(self, "overrides", parse_overrides(self.overrides))
         if self.tolerance is not None:
-            if not isinstance(self.tolerance, (int, float)) or not (0 < float(self.tolerance) < 1e3):
+            if (not isinstance(self.tolerance, (int, float)) or isinstance(self.tolerance, bool)
+                    or not (0 < float(self.tolerance) < 1e3)):
                 raise ConfigError(f"tolerance={self.tolerance!r} must be a positive number "
                                   "(an output error budget such as 1e-2)")
         if self.metric is not None and not callable(self.metric):
             raise ConfigError("metric must be a function metric(reference, candidate) -> float")
-        self._check_backend()
-
-    def _check_backend(self) -> None:
-        from rewriter.backends.torch_backend import check_options
-
-        options = self.backend_options
-        if options is None:
-            options = ()
-        if isinstance(options, Mapping):
-            options = tuple(options.items())
-        try:
-            options = tuple(sorted(((str(k), v) for k, v in options), key=lambda kv: kv[0]))
-        except (TypeError, ValueError):
-            raise ConfigError(f"backend_options={self.backend_options!r} must be a dict such as "
-                              "{'compile_mode': 'max-autotune-no-cudagraphs'}") from None
-        object.__setattr__(self, "backend", check_options(self.backend, dict(options)))
-        object.__setattr__(self, "backend_options", options)
+        for name in ("keep_io_types", "dynamic_batch", "allow_bf16_fallback"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False")
+        object.__setattr__(self, "backend_options", BackendOptions.of(self.backend_options))
+        object.__setattr__(self, "backend", self.backend_options.check(self.backend))
         if self.backend == "cuda_graphs" and self.mode is Mode.TRAIN:
             raise ConfigError("backend 'cuda_graphs' is inference only: use mode='eval', or "
                               "backend='compile' for training")
+        object.__setattr__(self, "fp8", _fp8_options(self.fp8))
+        if self.precision is Precision.FP8:
+            self.fp8.check_mode(self.mode.value)
+
+    @classmethod
+    def from_options(cls, config: "ConvertConfig | None" = None, **options: Any) -> "ConvertConfig":
+        """The config of `convert(model, inputs, config=..., **options)`: `config` as it is, or one built
+        from the keyword options (any field of ConvertConfig), never a mix of both.
+
+        Raises:
+            ConfigError: both `config` and options, an option that is not a field (with the closest
+                field), or an invalid value.
+        """
+        if config is not None:
+            if not isinstance(config, ConvertConfig):
+                raise ConfigError(f"config={type(config).__name__} must be a rewriter.ConvertConfig, e.g. "
+                                  "config=rewriter.ConvertConfig(precision='bf16')")
+            if options:
+                given = ", ".join(f"{k}=..." for k in options)
+                raise ConfigError(f"pass either config= or keyword options, not both (got config= and {given}): "
+                                  f"write config=config.replace({given}), or leave config= out")
+            return config
+        cls._check_names(options, "convert() got an unknown option")
+        return cls(**options)
+
+    def replace(self, **changes: Any) -> "ConvertConfig":
+        """A copy with `changes` applied and validated again, e.g. `config.replace(precision="bf16")`."""
+        self._check_names(changes, "ConvertConfig has no field")
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def _check_names(cls, options: Mapping[str, Any], what: str) -> None:
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in options:
+            if key not in names:
+                raise ConfigError(f"{what} {key!r}{closest(key, names)} (the options are the fields of "
+                                  f"rewriter.ConvertConfig: {', '.join(names)})")
 
     def backend_kwargs(self) -> dict[str, Any]:
-        """backend_options as keyword arguments of rewriter.backends.torch_backend.optimize."""
-        return dict(self.backend_options)
+        """The backend options that are set, as keyword arguments of `rewriter.optimize`."""
+        return self.backend_options.kwargs()
 
     def compiled_by_inductor(self) -> bool:
         """backend="compile" with inductor (the default compiler): passes may shape the graph for it."""
-        return self.backend == "compile" and self.backend_kwargs().get("compiler", "inductor") == "inductor"
+        return self.backend == "compile" and self.backend_options.compiler in (None, "inductor")
+
+    def fp8_options(self) -> Fp8Options:
+        """`fp8` with fused_quantization=None decided by the backend (see fp8_options.resolve_options)."""
+        return resolve_options(self.fp8, self)
 
     @property
     def island_dtype(self) -> torch.dtype:
@@ -219,6 +276,20 @@ class ConvertConfig:
             "dynamic_batch": self.dynamic_batch,
             "tolerance": self.tolerance,
             "backend": self.backend,
-            "backend_options": {k: (v if isinstance(v, (str, int, float, bool, type(None))) else repr(v))
-                                for k, v in self.backend_options},
+            "backend_options": self.backend_options.to_dict(),
         }
+
+
+def _fp8_options(value: Any) -> Fp8Options:
+    if isinstance(value, Fp8Options):
+        return value
+    if value is None:
+        return Fp8Options()
+    if isinstance(value, Mapping):
+        names = [f.name for f in dataclasses.fields(Fp8Options)]
+        for key in value:
+            if key not in names:
+                raise ConfigError(f"unknown FP8 option {key!r}{closest(key, names)} "
+                                  f"(the fields of rewriter.Fp8Options: {', '.join(names)})")
+        return Fp8Options(**value)
+    raise ConfigError(f"fp8={value!r} must be a rewriter.Fp8Options, e.g. fp8=Fp8Options(granularity='row')")

@@ -13,6 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import rewriter
+from rewriter import meta
+from rewriter.config import Precision
+
 __all__ = ["DemoEncoder", "demo_inputs", "run_demo"]
 
 
@@ -95,10 +99,6 @@ def run_demo(precision: str = "fp16", device: str | None = None) -> int:
 
     from rich.console import Console
     from rich.table import Table
-
-    import rewriter
-    from rewriter import meta
-    from rewriter.config import Precision
 
     console = Console()
     prec = Precision.parse(precision)

@@ -28,22 +28,17 @@ import torch.fx as fx
 import torch.nn as nn
 
 from rewriter import meta
+from rewriter.backends.torch_backend import is_converted
+from rewriter.capture import capture
 from rewriter.errors import InputError
+from rewriter.io import load
+from rewriter.passes.graph_utils import is_cast
+from rewriter.passes.op_tables import op_name
+from rewriter.report import format_bytes, render_html, short_dtype
 
 __all__ = ["diff", "Diff", "NodeDiff", "Summary", "short_dtype", "format_bytes", "parameter_bytes"]
 
 _FORMAT = "rewriter.diff/1"
-
-_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64",
-          "float8_e4m3fn": "fp8e4m3", "float8_e5m2": "fp8e5m2"}
-
-
-def short_dtype(name: str | None) -> str:
-    """'float16' -> 'fp16'; None -> '-'."""
-    if name is None:
-        return "-"
-    return _SHORT.get(name, name)
-
 
 @dataclasses.dataclass(frozen=True)
 class NodeDiff:
@@ -130,15 +125,6 @@ class Summary:
         out["notes"] = list(self.notes)
         out["param_bytes_saved"] = self.param_bytes_saved
         return out
-
-
-def format_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
-    return f"{n} B"  # pragma: no cover
 
 
 def _cut(text: str | None, width: int) -> str:
@@ -254,8 +240,6 @@ class Diff:
 
     def to_html(self, title: str | None = None) -> str:
         """A self-contained HTML page (no network): summary, sortable table, picture of the graph."""
-        from rewriter.report import render_html
-
         return render_html(self, title=title)
 
 
@@ -271,21 +255,13 @@ def _columns(rows: list[tuple]) -> list[str]:
 # ---------------------------------------------------------------------- building the diff
 
 
-def _is_cast(node: fx.Node) -> bool:
-    from rewriter.passes.graph_utils import is_cast
-
-    return is_cast(node)
-
-
 def _op_name(node: fx.Node) -> str:
     info = meta.get(node, meta.OP_CLASS)
     if info and info.get("op"):
         return str(info["op"])
-    if _is_cast(node):
+    if is_cast(node):
         return "cast"
     try:
-        from rewriter.passes.op_tables import op_name
-
         return op_name(node)
     except Exception:  # op naming is cosmetic here
         return str(node.target)
@@ -293,7 +269,7 @@ def _op_name(node: fx.Node) -> str:
 
 def _source(node: fx.Node) -> fx.Node:
     """The value a chain of rewriter-made casts starts from."""
-    while meta.CREATED in node.meta and _is_cast(node) and isinstance(node.args[0], fx.Node):
+    while meta.CREATED in node.meta and is_cast(node) and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return node
 
@@ -331,16 +307,8 @@ def _fetch(gm: fx.GraphModule, target: str):
     return obj
 
 
-def _is_converted(model: Any) -> bool:
-    from rewriter.pipeline import is_converted
-
-    return is_converted(model)
-
-
 def _as_model(value: Any, what: str) -> nn.Module:
     if isinstance(value, (str, os.PathLike)):
-        from rewriter.io import load
-
         return load(value)
     if isinstance(value, torch.export.ExportedProgram):
         return value.module()
@@ -365,7 +333,7 @@ class _Before:
 
 def _before_state(before: nn.Module, after: fx.GraphModule, capture_before: bool) -> _Before:
     notes: list[str] = []
-    converted = _is_converted(before)
+    converted = is_converted(before)
     graph_module = before if converted else None
     if not converted and capture_before:
         recorded = after.meta.get(meta.EXAMPLE_INPUTS)
@@ -373,8 +341,6 @@ def _before_state(before: nn.Module, after: fx.GraphModule, capture_before: bool
             notes.append("the converted model has no recorded example inputs: nodes removed from the "
                          "original graph are not shown")
         else:
-            from rewriter.capture import capture
-
             args, kwargs = recorded
             dynamic = bool((after.meta.get(meta.INFO) or {}).get("dynamic_batch", True))
             try:
@@ -395,7 +361,7 @@ def _before_state(before: nn.Module, after: fx.GraphModule, capture_before: bool
                 dtypes[name] = dtype
                 if node.op in ("call_function", "call_method", "call_module"):
                     ops[name] = node
-            if _is_cast(node) and (converted or meta.CREATED not in node.meta):
+            if is_cast(node) and (converted or meta.CREATED not in node.meta):
                 casts[_cast_key(node)] = node
             consumers[node.name] = [u.name for u in node.users]
     return _Before(dtypes, ops, casts, consumers, parameter_bytes(before), converted, notes)
@@ -408,7 +374,7 @@ def _removed(state: _Before, after: fx.GraphModule) -> list[fx.Node]:
     for node in after.graph.nodes:
         if meta.CREATED not in node.meta:
             origin_names.add(meta.origin(node)[0])
-        if _is_cast(node):
+        if is_cast(node):
             after_casts.add(_cast_key(node))
     gone: dict[str, fx.Node] = {}
     for name, node in state.ops.items():
@@ -430,7 +396,7 @@ def _is_getitem(node: fx.Node) -> bool:
 
 def _removed_reason(node: fx.Node, after: fx.GraphModule) -> tuple[str, str]:
     """(rule, reason) for a node of `before` that is gone."""
-    if _is_cast(node):
+    if is_cast(node):
         target = short_dtype(meta.dtype_name(node.kwargs.get("dtype")))
         src = node.args[0].name if isinstance(node.args[0], fx.Node) else "?"
         if meta.CREATED in node.meta:
@@ -476,7 +442,7 @@ def diff(before: Any, after: Any, *, capture_before: bool = True) -> Diff:
     """
     before = _as_model(before, "before")
     after = _as_model(after, "after")
-    if not isinstance(after, fx.GraphModule) or not _is_converted(after):
+    if not isinstance(after, fx.GraphModule) or not is_converted(after):
         raise InputError(
             f"diff: 'after' ({type(after).__name__}) is not a converted model: it has no rewriter "
             "annotations. Pass the GraphModule returned by rewriter.convert, or a .pt2 written by "
@@ -486,7 +452,7 @@ def diff(before: Any, after: Any, *, capture_before: bool = True) -> Diff:
     gone = _removed(state, after)
     removed_for: dict[str, list[str]] = collections.defaultdict(list)
     for node in gone:
-        if _is_cast(node):
+        if is_cast(node):
             for user in state.consumers.get(node.name, []):
                 removed_for[user].append(node.name)
 
@@ -497,7 +463,7 @@ def diff(before: Any, after: Any, *, capture_before: bool = True) -> Diff:
             entries.append(entry)
     for node in gone:
         rule, reason = _removed_reason(node, after)
-        cast = _is_cast(node)
+        cast = is_cast(node)
         old = meta.dtype_name(node.kwargs.get("dtype")) if cast else state.dtypes.get(meta.origin(node)[0])
         entries.append(NodeDiff(
             index=-1, name=node.name, op="cast" if cast else _op_name(node),
@@ -518,7 +484,7 @@ def _entry(node: fx.Node, index: int, gm: fx.GraphModule, state: _Before,
         old = state.dtypes[origin_name]
     new = meta.dtype_name(meta.value_dtype(node))
     inputs = tuple(n.name for n in node.all_input_nodes)
-    casts_added = tuple(n.name for n in node.all_input_nodes if meta.CREATED in n.meta and _is_cast(n))
+    casts_added = tuple(n.name for n in node.all_input_nodes if meta.CREATED in n.meta and is_cast(n))
     common = dict(index=index, name=node.name, module=meta.module_path(node) or None, inputs=inputs,
                   casts_added=casts_added, casts_removed=tuple(removed_for.get(origin_name, ())),
                   range=meta.get(node, meta.RANGE), sensitivity=meta.get(node, meta.SENSITIVITY),
@@ -554,8 +520,8 @@ def _entry(node: fx.Node, index: int, gm: fx.GraphModule, state: _Before,
     if node.op == "call_module" and not node.users and meta.value_dtype(node) is None:
         return None  # export's guard function: no value, nothing to show
     if created:
-        return NodeDiff(op="cast" if _is_cast(node) else _op_name(node),
-                        kind="cast" if _is_cast(node) else "compute", old_dtype=None, new_dtype=new,
+        return NodeDiff(op="cast" if is_cast(node) else _op_name(node),
+                        kind="cast" if is_cast(node) else "compute", old_dtype=None, new_dtype=new,
                         compute_dtype=new, change="added" if not _cast_existed(node, state) else "none",
                         rule=created.get("pass"), reason=created.get("reason"), **common)
     compute = decision.get("dtype")
@@ -570,8 +536,8 @@ def _entry(node: fx.Node, index: int, gm: fx.GraphModule, state: _Before,
         reason = f"dtype changed from {short_dtype(old)} to {short_dtype(new)}"
     rule = decision.get("rule")
     change, rule, reason = _with_rewrites(change, rule, reason, common["rewritten"])
-    return NodeDiff(op="cast" if _is_cast(node) else _op_name(node),
-                    kind="cast" if _is_cast(node) else "compute", old_dtype=old, new_dtype=new,
+    return NodeDiff(op="cast" if is_cast(node) else _op_name(node),
+                    kind="cast" if is_cast(node) else "compute", old_dtype=old, new_dtype=new,
                     compute_dtype=compute, change=change, rule=rule, reason=reason, **common)
 
 
@@ -587,7 +553,7 @@ def _with_rewrites(change: str, rule: str | None, reason: str | None,
 
 
 def _cast_existed(node: fx.Node, state: _Before) -> bool:
-    return state.converted and _is_cast(node) and _cast_key(node) in state.casts
+    return state.converted and is_cast(node) and _cast_key(node) in state.casts
 
 
 def _summarize(entries: list[NodeDiff], state: _Before, after: fx.GraphModule, record: dict) -> Summary:

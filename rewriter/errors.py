@@ -6,6 +6,8 @@ anything else to exit code 1.
 """
 from __future__ import annotations
 
+from rewriter import meta
+
 __all__ = [
     "RewriterError",
     "ConfigError",
@@ -44,8 +46,6 @@ class BackendError(RewriterError):
 
 def describe_node(node) -> str:
     """One line naming an fx node and the module it came from, for error messages."""
-    from rewriter import meta
-
     path = meta.module_path(node) or "<top level>"
     try:
         text = node.format_node()

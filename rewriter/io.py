@@ -41,7 +41,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from rewriter import meta
-from rewriter.capture import batch_dynamic_shapes
+from rewriter.backends import fast_forward
+from rewriter.capture import batch_dynamic_shapes, normalize_inputs
 from rewriter.errors import InputError
 
 __all__ = ["save", "load", "prepare", "Prepared", "atomic_write", "check_writable", "PICKLE_SUFFIXES",
@@ -111,8 +112,6 @@ def atomic_write(path: "str | os.PathLike", *, force: bool = False, what: str = 
 
 def _example_inputs(gm: fx.GraphModule, example_inputs: Any) -> tuple[tuple, dict]:
     if example_inputs is not None:
-        from rewriter.capture import normalize_inputs
-
         return normalize_inputs(example_inputs, None)
     recorded = gm.meta.get(meta.EXAMPLE_INPUTS)
     if recorded is None:
@@ -386,8 +385,6 @@ def _load_program(path: Path) -> fx.GraphModule:
         args, kwargs = ep.example_inputs
         gm.meta[meta.EXAMPLE_INPUTS] = (tuple(args), dict(kwargs))
     if text:  # a converted model runs eagerly as convert() returned it: with the fast forward
-        from rewriter.backends import fast_forward
-
         fast_forward.install(gm)
     return gm
 

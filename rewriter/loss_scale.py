@@ -32,6 +32,9 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from rewriter import meta
+from rewriter.backends.torch_backend import graph_module_of  # unwraps compile/DDP/torch.compile wrappers
+from rewriter.config import Precision
 from rewriter.errors import ConfigError, InputError, RewriterError
 
 __all__ = ["LossScaler", "StepInfo", "make_scaler", "needs_loss_scaling"]
@@ -231,9 +234,6 @@ class LossScaler:
 
 def needs_loss_scaling(model_or_precision: Any) -> tuple[bool, str]:
     """(whether fp16 gradients flow through the model, why), for a converted model or a precision."""
-    from rewriter import meta
-    from rewriter.config import Precision
-
     if isinstance(model_or_precision, (str, Precision)):
         precision = Precision.parse(model_or_precision)
         if precision is Precision.FP16:
@@ -241,8 +241,6 @@ def needs_loss_scaling(model_or_precision: Any) -> tuple[bool, str]:
         return False, (f"{precision.value} computes in {meta.dtype_name(precision.island_dtype)}, whose "
                        "exponent range is fp32's: gradients neither underflow nor overflow, no scaling"
                        + ("; " + _FP8_GRADS if precision is Precision.FP8 else ""))
-    from rewriter.backends.torch_backend import graph_module_of  # unwraps compile/DDP/torch.compile wrappers
-
     try:
         gm = graph_module_of(model_or_precision)
     except RewriterError:

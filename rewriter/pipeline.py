@@ -2,41 +2,28 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Callable, Iterable
 
 import torch.fx as fx
 import torch.nn as nn
 
 from rewriter import meta
+from rewriter.backends.torch_backend import check_available, graph_module_of, is_converted, optimize
 from rewriter.capture import capture, normalize_inputs
 from rewriter.config import ConvertConfig, Mode, Precision
 from rewriter.errors import ConfigError
+from rewriter.fp8_options import Fp8Options, resolve_options
 from rewriter.passes import (Assign, CastWeights, CausalAttention, ChannelsLast, Classify, FoldBatchNorm,
                              FoldCasts, Fp8Cost, Fp8Rewrite, FuseGelu, FuseLinears, InsertCasts, PaddingMask,
                              Ranges, Sensitivity, SigmoidGelu, TrainBatchNorm, TransferMeasurements)
 from rewriter.passes.analysis._calibration import as_batches
 from rewriter.passes.infra import Pass, PassManager
-from rewriter.passes.plan.fp8_cost import Fp8Options, resolve_options
+from rewriter.training import TrainEvalGraphModule, capture_train_eval
 
 __all__ = ["convert", "is_converted", "build_passes", "PassContext", "Step", "PASS_TABLE", "STAGES", "INFO_KEY"]
 
 INFO_KEY = meta.INFO  # key of the conversion record in GraphModule.meta
-
-
-def is_converted(model: Any) -> bool:
-    """True for a GraphModule produced by `convert` (or loaded back from a converted .pt2), also
-    inside a backend wrapper (rewriter.backends.torch_backend.graph_module_of)."""
-    if not isinstance(model, fx.GraphModule):
-        from rewriter.backends.torch_backend import graph_module_of
-        from rewriter.errors import InputError
-
-        try:
-            model = graph_module_of(model)
-        except InputError:
-            return False
-    if INFO_KEY in model.meta:
-        return True
-    return any(meta.CREATED in n.meta or meta.DECISION in n.meta for n in model.graph.nodes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +36,7 @@ class PassContext:
         calibration: calibration batches (measured on the evaluation graph only), or None.
         held_out: batches only used to report the final error of the accuracy-budget search.
         progress: progress callback `progress(step, text)`.
-        fp8: the resolved Fp8Options when precision="fp8".
+        fp8: the resolved Fp8Options when precision="fp8" (`config.fp8` unless build_passes got others).
         source: for a training graph, the converted evaluation graph whose measurements it copies.
     """
 
@@ -134,61 +121,62 @@ def build_passes(config: ConvertConfig, *, calibration=None, reference_fn=None, 
     receives their per-batch and per-run progress. `graph="train"` with `source` (the converted
     evaluation graph) builds the training graph's passes of a mode="train" conversion.
     """
-    fp8 = resolve_options(fp8, config) if config.precision is Precision.FP8 else None
+    fp8 = resolve_options(fp8, config) if config.precision is Precision.FP8 else None  # None: config.fp8
     batches = as_batches(calibration) if calibration is not None else None  # once: a generator feeds two passes
     ctx = PassContext(config, graph, batches, held_out, progress, fp8, source)
     return [step.make(ctx) for step in PASS_TABLE if step.when(ctx)]
 
 
 def convert(model: nn.Module, example_inputs: Any = None, example_kwargs: dict | None = None, *,
-            precision: str = "fp16", overrides: Any = None, calibration: Iterable | None = None,
-            tolerance: float | None = None, metric: Callable | None = None, mode: str = "eval",
-            keep_io_types: bool = True, dynamic_batch: bool = True,
-            config: ConvertConfig | None = None, progress: bool = False,
-            fp8: Fp8Options | None = None, backend: str = "eager",
-            backend_options: dict | None = None) -> fx.GraphModule:
+            calibration: Iterable | None = None, progress: bool = False, config: ConvertConfig | None = None,
+            **options: Any) -> fx.GraphModule:
     """Rewrite `model` for lower precision.
 
     Args:
         model: the fp32 nn.Module; it is never modified.
         example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
         example_kwargs: keyword inputs besides the positional ones.
-        precision: "fp16", "bf16" or "fp8".
-        overrides: {"softmax": "fp16", "re:encoder\\.layer\\.0\\..*": "fp32", "classifier": "fp32"}
-            or ["KEY=PRECISION", ...]; precedence: op type < module regex < exact module path.
-        calibration: iterable of example-input tuples for measured decisions.
-        tolerance: output error budget (relative L2) for measured decisions.
-        metric: metric(reference, candidate) -> float used instead of relative L2.
-        mode: "eval" (weights stored 16-bit) or "train" (fp32 master weights).
-        keep_io_types: inputs and outputs keep their dtypes.
-        dynamic_batch: keep dimension 0 dynamic when the model allows it.
-        config: a ready ConvertConfig instead of the keyword arguments above.
+        calibration: iterable of example-input tuples for measured decisions (ranges, and with a
+            `tolerance` the accuracy-budget search).
         progress: print a line per step.
-        fp8: with precision="fp8", how GEMMs are converted (scaling granularity, cost-model
-            thresholds, target GPU); see passes/plan/fp8_cost.Fp8Options.
-        backend: "eager" (default), "compile" (torch.compile of the converted graph) or
-            "cuda_graphs" (captured per input shape and replayed; GPU, eval only); see
-            backends/torch_backend.py.
-        backend_options: options of the backend, e.g. {"compile_mode": "max-autotune-no-cudagraphs"},
-            {"dynamic": False}, {"clone_outputs": False, "max_graphs": 4}.
+        config: a ready `rewriter.ConvertConfig`, instead of keyword options (not both).
+        **options: any field of `rewriter.ConvertConfig`, validated the same way, e.g.
+            precision: "fp16", "bf16" or "fp8".
+            overrides: {"softmax": "fp16", "re:encoder\\.layer\\.0\\..*": "fp32", "classifier": "fp32"}
+                or ["KEY=PRECISION", ...]; precedence: op type < module regex < exact module path.
+            tolerance: output error budget (relative L2) for measured decisions; needs calibration.
+            metric: metric(reference, candidate) -> float used instead of relative L2.
+            mode: "eval" (weights stored 16-bit) or "train" (fp32 master weights).
+            keep_io_types: inputs and outputs keep their dtypes.
+            dynamic_batch: keep dimension 0 dynamic when the model allows it.
+            fp8: with precision="fp8", a `rewriter.Fp8Options` (scaling granularity, cost-model
+                thresholds, target GPU).
+            backend: "eager" (default), "compile" (torch.compile of the converted graph) or
+                "cuda_graphs" (captured per input shape and replayed; GPU, eval only).
+            backend_options: a `rewriter.BackendOptions` or a dict of its fields, e.g.
+                {"compile_mode": "max-autotune-no-cudagraphs"}, {"clone_outputs": False, "max_graphs": 4}.
 
     Returns:
         A torch.fx.GraphModule called exactly like `model`. `gm.meta["rewriter"]` records how it
         was made; `rewriter.diff(model, gm)` shows what changed and why. With backend "compile" or
-        "cuda_graphs": a `rewriter.backends.torch_backend.TorchBackendModule` (an nn.Module) whose
-        `.graph_module` is that GraphModule, with `.graph` and `.meta` read through to it;
-        `rewriter.backends.torch_backend.graph_module_of(result)` returns the GraphModule in every case.
+        "cuda_graphs": a `TorchBackendModule` (an nn.Module) whose `.graph_module` is that GraphModule,
+        with `.graph` and `.meta` read through to it; `rewriter.graph_module_of(result)` returns the
+        GraphModule in every case.
+
+    Raises:
+        ConfigError: an invalid option (saying what to write), `config=` together with keyword options,
+            or a `tolerance` without `calibration`.
 
     Example:
         >>> fast = rewriter.convert(model, (x,), precision="bf16")
         >>> fast(x).dtype == model(x).dtype
         True
     """
-    if config is None:
-        config = ConvertConfig(precision=precision, overrides=overrides, mode=mode,
-                               keep_io_types=keep_io_types, dynamic_batch=dynamic_batch,
-                               tolerance=tolerance, metric=metric, backend=backend,
-                               backend_options=backend_options)
+    config = ConvertConfig.from_options(config, **options)
+    if config.tolerance is not None and calibration is None:
+        raise ConfigError(f"tolerance needs calibration data: pass calibration=[(x1,), (x2,), ...] (batches of "
+                          f"example inputs the error budget tolerance={config.tolerance!r} is measured on), "
+                          "or leave tolerance out")
     if is_converted(model):
         done = model.meta.get(INFO_KEY, {}).get("config", {}).get("precision")
         if done not in (None, config.precision.value):
@@ -196,25 +184,18 @@ def convert(model: nn.Module, example_inputs: Any = None, example_kwargs: dict |
                               f"fp32 model to {config.precision.value} instead")
         return _apply_backend(model, config)
     if config.backend != "eager":  # fail before capturing when the backend cannot run here
-        from rewriter.backends.torch_backend import check_available
-
         check_available(config.backend)
-    if tolerance is not None and calibration is None and config.tolerance is not None:
-        raise ConfigError("tolerance needs calibration data: pass calibration=[(x1,), (x2,), ...]")
     say = _reporter(progress)
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
     if config.mode is Mode.TRAIN:  # a training and an evaluation graph on one set of fp32 parameters
-        from rewriter.training import convert_train
-
-        gm, captured = convert_train(model, args, kwargs, config, calibration=calibration, say=say,
-                                     fp8=fp8)
+        gm, captured = _convert_train(model, args, kwargs, config, calibration=calibration, say=say)
     else:
         say("capture", f"tracing {type(model).__name__}")
         captured = capture(model, args, kwargs, dynamic_batch=config.dynamic_batch, train=False)
         say("capture", f"{captured.method}, {len(captured.graph_module.graph.nodes)} nodes"
             + "".join(f"; {n}" for n in captured.notes))
         gm = captured.graph_module
-        passes = build_passes(config, calibration=calibration, progress=say, fp8=fp8)
+        passes = build_passes(config, calibration=calibration, progress=say)
         PassManager(passes, on_pass=lambda name, s, m: say(name, f"{s:.2f}s{' (modified)' if m else ''}"))(gm)
     gm.meta[INFO_KEY] = {
         "config": config.to_dict(),
@@ -229,17 +210,37 @@ def convert(model: nn.Module, example_inputs: Any = None, example_kwargs: dict |
     return _apply_backend(gm, config)
 
 
+def _convert_train(model: nn.Module, args: tuple, kwargs: dict, config: ConvertConfig, *, calibration,
+                   say) -> tuple[TrainEvalGraphModule, Any]:
+    """mode="train": both graphs captured (rewriter/training.py), the passes of PASS_TABLE on each, joined
+    into one TrainEvalGraphModule on the fp32 parameters. Returns (it, the training graph's Captured)."""
+    # the passes first: a configuration they refuse fails before the two captures
+    eval_passes = build_passes(config, calibration=calibration, progress=say)
+    captured = capture_train_eval(model, args, kwargs, config, say=say)
+
+    def report(mode):
+        return lambda name, s, m: say(f"{mode}:{name}", f"{s:.2f}s{' (modified)' if m else ''}")
+
+    eval_gm, train_gm = captured["eval"].graph_module, captured["train"].graph_module
+    PassManager(eval_passes, on_pass=report("eval"))(eval_gm)
+    # Measurements are not repeated on the training graph (dropout noise, statistics updates): the
+    # decisions made on the eval graph are copied over (TransferMeasurements, the pass table's row for
+    # the training graph) and Assign applies them with the overrides.
+    train_passes = build_passes(dataclasses.replace(config, tolerance=None, metric=None), graph="train",
+                                source=eval_gm)
+    PassManager(train_passes, on_pass=report("train"))(train_gm)
+    gm = TrainEvalGraphModule(train_gm, eval_gm, class_name=type(model).__name__)
+    gm.train(model.training)
+    return gm, captured["train"]
+
+
 def _apply_backend(model, config: ConvertConfig):
     """The converted GraphModule run by `config.backend`: itself for eager (with the fast forward of
     backends/fast_forward.py), else a wrapper of it."""
-    from rewriter.backends.torch_backend import graph_module_of, optimize
-
     return optimize(graph_module_of(model), mode=config.backend, **config.backend_kwargs())
 
 
 def _reporter(enabled: bool):
-    import sys
-
     def say(step: str, text: str) -> None:
         if enabled:
             print(f"[rewrite] {step}: {text}", file=sys.stderr, flush=True)

@@ -17,10 +17,10 @@ import html
 import json
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # pragma: no cover
+if TYPE_CHECKING:  # pragma: no cover  (annotations only: diff imports this module)
     from rewriter.diff import Diff, NodeDiff
 
-__all__ = ["render_html", "layout", "COLORS"]
+__all__ = ["render_html", "layout", "COLORS", "short_dtype", "format_bytes"]
 
 COLORS = {  # fill by compute dtype; light enough for dark text
     "float32": "#9ecae9", "float16": "#ffbe7d", "bfloat16": "#8cd17d", "float8_e4m3fn": "#d4a6c8",
@@ -35,9 +35,27 @@ def _color(dtype: str | None) -> str:
     return COLORS.get(dtype, COLORS[None])
 
 
-def _short(dtype: str | None) -> str:
-    from rewriter.diff import short_dtype
+_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64",
+          "float8_e4m3fn": "fp8e4m3", "float8_e5m2": "fp8e5m2"}
 
+
+def short_dtype(name: str | None) -> str:
+    """'float16' -> 'fp16'; None -> '-'."""
+    if name is None:
+        return "-"
+    return _SHORT.get(name, name)
+
+
+def format_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _short(dtype: str | None) -> str:
     return short_dtype(dtype)
 
 
@@ -184,8 +202,6 @@ def _rows(diff: "Diff") -> str:
 
 
 def _summary(diff: "Diff") -> str:
-    from rewriter.diff import format_bytes
-
     s = diff.summary
     dtypes = sorted(set(s.precision_before) | set(s.precision_after), key=lambda d: (d != "float32", d))
     per = "".join(f'<li><span class="sw" style="background:{_color(d)}"></span>{_short(d)}: '

@@ -33,13 +33,19 @@ import importlib
 import statistics
 import sys
 import time
+from collections import Counter
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rewriter import meta
 from rewriter.errors import RewriterError
+from rewriter.fp8_options import Fp8Options
+from rewriter.loss_scale import make_scaler
+from rewriter.pipeline import convert
+from rewriter.runtime.fp8_ops import emulation_reason, fp8_gemm_supported
 
 __all__ = ["DigitsCNN", "Reverser", "Task", "Run", "TASKS", "PRECISIONS", "TRAINABLE",
            "MissingDependencyError", "require_sklearn", "digits_task", "reverse_task", "make_task", "train",
@@ -226,9 +232,6 @@ def train(task: Task, precision: str, *, steps: int = 300, device: "str | torch.
     `growth_interval`: clean fp16 steps before the loss scale doubles (None: GradScaler's 2000).
     `log(line)` gets a line per step; `on_step(step, loss, scale)` the same as numbers.
     """
-    from rewriter.loss_scale import make_scaler
-    from rewriter.pipeline import convert
-
     device = torch.device(device)
     torch.manual_seed(seed)
     model = task.make_model().to(device)
@@ -281,9 +284,6 @@ def _forced_fp8(device: torch.device):
     GPU, a pre-sm_89 one would keep every GEMM in bf16 ("no FP8 tensor cores") and show nothing, while
     planned for an H100 the GEMMs are emulated here with the same quantization.
     """
-    from rewriter.passes.plan.fp8_cost import Fp8Options
-    from rewriter.runtime.fp8_ops import fp8_gemm_supported
-
     return Fp8Options.always(target=None if fp8_gemm_supported(device) else "sm_90")
 
 
@@ -295,11 +295,6 @@ def fp8_summary(model: nn.Module, device: "str | torch.device") -> tuple[int, st
     training graph, the one gradients flow through, as rewriter/loss_scale.py does; a record with rule
     "op" and no weight is a tensor-core op the FP8 rewrite does not handle (convolution, attention, bmm).
     """
-    from collections import Counter
-
-    from rewriter.runtime.fp8_ops import emulation_reason
-    from rewriter import meta
-
     linears, others = [], Counter()
     for n in model.graph.nodes:
         r = meta.get(n, meta.FP8)

@@ -10,6 +10,7 @@ one module that owns one set of parameters and buffers and runs one of two graph
                                                          forward: self.training ? train graph : eval graph
                                                          parameters: fp32, trainable, shared by both graphs
 
+rewriter/pipeline.py runs the passes on both graphs; this module captures them and joins the results.
 Both graphs run the same passes with the same configuration (overrides included). Measured decisions
 (calibration) are made on the evaluation graph only, whose forward is deterministic and leaves the
 batch-norm statistics alone, and are copied to the training graph (passes/analysis/transfer.py).
@@ -32,7 +33,6 @@ Example:
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Callable
 
@@ -45,7 +45,7 @@ from rewriter.capture import Captured, capture
 from rewriter.config import ConvertConfig
 from rewriter.errors import CaptureError, RewriterError
 
-__all__ = ["TrainEvalGraphModule", "convert_train"]
+__all__ = ["TrainEvalGraphModule", "capture_train_eval"]
 
 _STATE = ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules")
 _EVAL_PREFIX = "_eval_"
@@ -219,28 +219,19 @@ def _repoint(eval_gm: fx.GraphModule, main: fx.GraphModule) -> fx.Graph:
     return graph
 
 
-def convert_train(model: nn.Module, args: tuple, kwargs: dict, config: ConvertConfig, *,
-                  calibration=None, say: Callable[[str, str], None] = lambda step, text: None,
-                  fp8=None) -> tuple[TrainEvalGraphModule, Captured]:
-    """Capture and convert `model` in training and evaluation mode; one module runs both.
+def capture_train_eval(model: nn.Module, args: tuple, kwargs: dict, config: ConvertConfig, *,
+                       say: Callable[[str, str], None]) -> dict[str, Captured]:
+    """Capture `model` in evaluation and in training mode ({"eval": ..., "train": ...}).
+
+    The passes run on both graphs in rewriter/pipeline.py; `TrainEvalGraphModule(train_gm, eval_gm)` then
+    joins the converted graphs on one set of parameters.
 
     Args:
         model: the fp32 model; not modified (its flags and batch-norm statistics are restored).
         args, kwargs: normalised example inputs.
         config: the conversion configuration (mode "train").
-        calibration: calibration batches; measured on the evaluation graph, applied to both.
         say: progress callback `say(step, text)`.
-        fp8: Fp8Options for precision="fp8": both graphs get the same FP8 training GEMMs
-            (rewriter/runtime/fp8_train_ops.py) on the shared fp32 parameters.
-
-    Returns:
-        (the converted module, the Captured record of the training graph).
     """
-    from rewriter.passes.infra import PassManager
-    from rewriter.pipeline import build_passes  # pipeline imports this module lazily
-
-    # the passes first: a configuration they refuse fails before the two captures
-    eval_passes = build_passes(config, calibration=calibration, progress=say, fp8=fp8)
     captured: dict[str, Captured] = {}
     for mode in ("eval", "train"):
         say("capture", f"{mode} graph of {type(model).__name__}")
@@ -252,19 +243,4 @@ def convert_train(model: nn.Module, args: tuple, kwargs: dict, config: ConvertCo
         c = captured[mode]
         say("capture", f"{mode}: {c.method}, {len(c.graph_module.graph.nodes)} nodes"
             + "".join(f"; {n}" for n in c.notes))
-
-    def report(mode):
-        return lambda name, s, m: say(f"{mode}:{name}", f"{s:.2f}s{' (modified)' if m else ''}")
-
-    eval_gm, train_gm = captured["eval"].graph_module, captured["train"].graph_module
-    PassManager(eval_passes, on_pass=report("eval"))(eval_gm)
-    # Measurements are not repeated on the training graph (dropout noise, statistics updates): the
-    # decisions made on the eval graph are copied over (TransferMeasurements, the pass table's row for
-    # the training graph) and Assign applies them with the overrides.
-    train_passes = build_passes(dataclasses.replace(config, tolerance=None, metric=None), fp8=fp8,
-                                graph="train", source=eval_gm)
-    PassManager(train_passes, on_pass=report("train"))(train_gm)
-    gm = TrainEvalGraphModule(train_gm, eval_gm, class_name=type(model).__name__)
-    gm.train(model.training)
-    return gm, captured["train"]
-
+    return captured

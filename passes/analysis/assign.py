@@ -25,7 +25,7 @@ import torch.fx as fx
 
 from rewriter.passes.graph_utils import float_inputs, is_param, is_tuple_getitem
 from rewriter.passes.infra import AnalysisPass, PassResult
-from rewriter.passes.op_tables import promotes_natively
+from rewriter.passes.op_tables import is_known_op, promotes_natively
 from rewriter import meta
 from rewriter.config import ConvertConfig, Precision
 
@@ -52,13 +52,15 @@ class Assign(AnalysisPass):
 
     def __init__(self, config: ConvertConfig):
         self.config = config
+        # a bare-word override is an op when the op table knows it, else a top-level module
+        self.overrides = tuple(o.resolve(is_known_op) for o in config.overrides)
 
     # ------------------------------------------------------------------ forced decisions
     def _forced(self, node: fx.Node, op: str):
         """(dtype, rule, reason) from the highest-precedence override or measurement, or None."""
         path = meta.module_path(node)
         best = None
-        for o in self.config.overrides:
+        for o in self.overrides:
             if o.matches(op, path) and (best is None or o.rank >= best.rank):
                 best = o
         if best is not None:

@@ -38,7 +38,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from rewriter.passes.plan.fp8_cost import Fp8Options, gemm_operands, stored_weight
+from rewriter.fp8_options import Fp8Options
+from rewriter.passes.plan.fp8_cost import gemm_operands, stored_weight
 from rewriter.passes.graph_utils import attr_owner, free_attr_name
 from rewriter.passes.infra import Pass, PassResult
 from rewriter.runtime.fp8_ops import E4M3_MAX, FP8_DTYPE, emulation_reason, fp8_linear_op, quantize_weight
@@ -85,7 +86,7 @@ class Fp8Rewrite(Pass):
 
     def __init__(self, config: ConvertConfig, options: Fp8Options | None = None):
         self.config = config
-        self.options = options or Fp8Options()
+        self.options = options if options is not None else config.fp8_options()
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         if self.config.mode is Mode.TRAIN:

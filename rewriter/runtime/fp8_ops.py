@@ -37,14 +37,18 @@ import warnings
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-__all__ = ["E4M3_MAX", "FP8_DTYPE", "SCALE_EPS", "Fp8EmulationWarning", "fp8_linear_op", "fp8_linear",
+__all__ = ["E4M3_MAX", "FP8_DTYPE", "SCALE_EPS", "FP8_MIN_CAPABILITY", "FP8_DIM_MULTIPLE",
+           "Fp8EmulationWarning", "fp8_linear_op", "fp8_linear",
            "quantize_weight", "activation_scale", "quantize_activation", "casts_saturate", "fp8_gemm_supported",
            "emulation_reason", "reset_emulation_notice", "emulation_noticed"]
 
 FP8_DTYPE = torch.float8_e4m3fn
 E4M3_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448: largest finite float8_e4m3fn
 SCALE_EPS = 1e-12  # smallest amax used for a scale (all-zero tensors), as torchao's float8 EPS
-_MIN_CAPABILITY = (8, 9)  # torch._scaled_mm: "compute capability >= 9.0 or 8.9" (ScaledBlas.cpp)
+FP8_MIN_CAPABILITY = (8, 9)
+"""`torch._scaled_mm` runs on compute capability 8.9 (Ada) and 9.0+ (Hopper, Blackwell) (ScaledBlas.cpp)."""
+FP8_DIM_MULTIPLE = 16
+"""`torch._scaled_mm` needs K and N divisible by 16 (aten/src/ATen/native/cuda/ScaledBlas.cpp)."""
 
 _NAMESPACE = "rewriter"
 _SCHEMA = ("fp8_linear(Tensor x, Tensor w_fp8, Tensor w_scale, Tensor? bias, Tensor? x_scale, "
@@ -79,7 +83,7 @@ def fp8_gemm_supported(device: "torch.device | str | None" = None) -> bool:
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return _capability(index) >= _MIN_CAPABILITY
+    return _capability(index) >= FP8_MIN_CAPABILITY
 
 
 def emulation_reason(device: "torch.device | str | None" = None) -> str | None:

@@ -32,9 +32,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rewriter.passes.plan.fp8_cost import FP8_DIM_MULTIPLE
 from rewriter.runtime import fp8_ops
-from rewriter.runtime.fp8_ops import FP8_DTYPE, activation_scale, quantize_activation
+from rewriter.runtime.fp8_ops import FP8_DIM_MULTIPLE, FP8_DTYPE, activation_scale, quantize_activation
 
 __all__ = ["GRAD_DTYPE", "E5M2_MAX", "Fp8LinearTrain", "fp8_linear_train", "quantize_tensorwise"]
 
