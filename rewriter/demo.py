@@ -149,7 +149,9 @@ def run_demo(precision: str = "fp16", device: str | None = None) -> int:
     for col in ("variant", "rel. L2 error vs fp32", "finite", "param MB") + (("ms",) if timing else ()):
         results.add_column(col, justify="right" if col != "variant" else "left")
     rows = [("fp32", ref, model, lambda: model(ids)),
-            (f"torch.autocast {prec.value}", auto, model, None),
+            # autocast knows fp16 and bf16 only: with fp8 the row is its closest mode, named as what it runs
+            (f"torch.autocast {'bf16' if dtype == torch.bfloat16 else 'fp16'}"
+             + (" (has no fp8)" if prec.value == "fp8" else ""), auto, model, None),
             (f"blanket .to({meta.dtype_name(dtype)})", blanket, blanket_model, lambda: blanket_model(ids)),
             (f"rewriter {prec.value} ({casts} casts)", ours, fast, lambda: fast(ids))]
     for name, out, module, fn in rows:
