@@ -19,7 +19,8 @@ from typing import Iterator
 
 from rewriter.errors import InputError
 
-__all__ = ["atomic_write", "atomic_write_dir", "check_writable", "write_error", "WRITE_ERRNOS", "same_file"]
+__all__ = ["atomic_write", "atomic_write_dir", "writing", "check_writable", "write_error", "WRITE_ERRNOS",
+           "same_file"]
 
 
 def _umask() -> int:
@@ -102,7 +103,7 @@ def atomic_write(path: "str | os.PathLike", *, force: bool = False, what: str = 
         check_writable(path, force=force, what=what)  # it may have appeared meanwhile
         os.replace(tmp, path)
     except OSError as exc:  # disk full, read-only, quota: the user can act on these
-        if exc.errno in WRITE_ERRNOS:
+        if exc.errno in WRITE_ERRNOS and _concerns(exc, tmp):
             raise write_error(exc, path, what) from exc
         raise
     finally:
@@ -133,7 +134,7 @@ def atomic_write_dir(path: "str | os.PathLike", *, force: bool = False, what: st
         for f in side + [target]:
             os.replace(f, path.parent / f.name)
     except OSError as exc:
-        if exc.errno in WRITE_ERRNOS:
+        if exc.errno in WRITE_ERRNOS and _concerns(exc, folder):
             raise write_error(exc, path, what) from exc
         raise
     finally:
@@ -147,3 +148,30 @@ def same_file(a: "str | os.PathLike", b: "str | os.PathLike") -> bool:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def writing(path: "str | os.PathLike") -> Iterator[None]:
+    """Attribute OSErrors raised inside to `path` (a write() error carries no file name), so that of
+    two nested atomic writes the one whose file failed reports it.
+
+    Example:
+        >>> with atomic_write("a.pt2") as a, atomic_write("b.html") as b:
+        ...     with writing(a):
+        ...         write_program(a)
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
+
+
+def _concerns(exc: OSError, staged: Path) -> bool:
+    """Whether an OSError from the body of an atomic write is about its own staged file (or folder):
+    an error without a file name is taken as ours; one naming another file belongs to that file's writer."""
+    if exc.filename is None:
+        return True
+    name = Path(exc.filename)
+    return name == staged or staged in name.parents

@@ -52,6 +52,7 @@ def run(args, ui: Ui) -> int:
     from rewriter import meta
     from rewriter.diff import diff
     from rewriter.errors import InputError
+    from rewriter.files import writing
     from rewriter.io import prepare
     from rewriter.measure import compare
     from rewriter.pipeline import is_converted
@@ -111,13 +112,15 @@ def run(args, ui: Ui) -> int:
         staged_out = staged(out, args.force, "output") if prepared is not None \
             else staged_dir(out, args.force, "output")
         with staged_out as tmp_out, staged(report, args.force, "report") as tmp_report:
-            if prepared is not None:
-                prepared.write(tmp_out)
-            else:
-                exported = exporter(gm, str(tmp_out), optimize=args.optimize,
-                                    assume_right_padding=args.assume_right_padding, **export_options)
+            with writing(tmp_out):  # a disk-full error names the file it happened to
+                if prepared is not None:
+                    prepared.write(tmp_out)
+                else:
+                    exported = exporter(gm, str(tmp_out), optimize=args.optimize,
+                                        assume_right_padding=args.assume_right_padding, **export_options)
             if tmp_report is not None:
-                tmp_report.write_text(html, encoding="utf-8")
+                with writing(tmp_report):
+                    tmp_report.write_text(html, encoding="utf-8")
     _print_summary(ui, args, d, out, report, errors, exported, backend, backend_opts)
     return 0
 

@@ -14,6 +14,7 @@ __all__ = ["run"]
 def run(args, ui: Ui) -> int:
     from rewriter.diff import diff
     from rewriter.errors import InputError
+    from rewriter.files import writing
     from rewriter.pipeline import is_converted
 
     html_path = Path(args.html) if args.html else None
@@ -33,10 +34,10 @@ def run(args, ui: Ui) -> int:
         with ui.step("writing " + " and ".join(str(p) for p in (html_path, json_path) if p)):
             with staged(html_path, args.force, "--html file") as tmp_html, \
                     staged(json_path, args.force, "--json file") as tmp_json:
-                if tmp_html is not None:
-                    tmp_html.write_text(html, encoding="utf-8")
-                if tmp_json is not None:
-                    tmp_json.write_text(text_json, encoding="utf-8")
+                for tmp, text in ((tmp_html, html), (tmp_json, text_json)):
+                    if tmp is not None:
+                        with writing(tmp):  # a disk-full error names the file it happened to
+                            tmp.write_text(text, encoding="utf-8")
     sys.stdout.write(d.to_text(max_rows=None if args.all else 60, width=ui.width) + "\n")
     sys.stdout.flush()
     return 0
