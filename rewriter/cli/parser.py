@@ -168,7 +168,10 @@ class _VersionAction(argparse.Action):
         super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        parser.exit(message=_version() + "\n")
+        import sys
+
+        sys.stdout.write(_version() + "\n")  # stdout, as `--version` of most tools
+        parser.exit()
 
 
 def _add_convert(sub, common) -> None:
