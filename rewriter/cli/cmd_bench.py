@@ -21,7 +21,9 @@ class _Variant:
     name: str
     fn: Callable[[], Any]
     weight_bytes: int
-    note: str = ""
+    note: str = ""                 # a footnote on the row (what it runs, when its name cannot say)
+    converted: bool = False        # its outputs must match the reference's structure
+    first_call: str = ""           # what its first (untimed) call does besides running
     cells: dict = dataclasses.field(default_factory=dict)
 
 
@@ -119,15 +121,16 @@ def run(args, ui: Ui) -> int:
     else:
         variants.append(_Variant(f"autocast {short}", autocast_run, parameter_bytes(reference)))
     variants.append(_Variant(f"converted {precision}", lambda: converted(*b_args, **b_kwargs),
-                             parameter_bytes(converted)))
+                             parameter_bytes(converted), converted=True))
     if backend not in (None, "eager"):
         from rewriter.backends.torch_backend import optimize
 
         run_backend = optimize(converted, mode=backend, **backend_opts)
         variants.append(_Variant(f"converted {precision} + {backend_label(backend, backend_opts)}",
-                                 lambda: run_backend(*b_args, **b_kwargs), parameter_bytes(converted)))
+                                 lambda: run_backend(*b_args, **b_kwargs), parameter_bytes(converted),
+                                 converted=True, first_call="compiles" if backend == "compile" else "captures"))
     expected = _expected(args, reference, b_args, b_kwargs)
-    live = _check_variants(args, ui, variants, expected, device, backend, notes)
+    live = _check_variants(args, ui, variants, expected, device, notes)
     _time_variants(args, ui, live, device)
     _print_table(args, ui, variants, device)
     if device.type == "cpu":
@@ -145,7 +148,7 @@ def _to_device(value, device):
     return pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, value)
 
 
-def _check_variants(args, ui: Ui, variants: list[_Variant], expected, device, backend, notes: list) -> list:
+def _check_variants(args, ui: Ui, variants: list[_Variant], expected, device, notes: list) -> list:
     """One call of each variant: its error against the reference and its peak memory. A variant that
     fails gets a 'failed' row and a note; the converted model's outputs must match --reference's."""
     import torch
@@ -155,11 +158,8 @@ def _check_variants(args, ui: Ui, variants: list[_Variant], expected, device, ba
     from rewriter.measure import compare, peak_memory
 
     live = []
-    for i, v in enumerate(variants):
-        first = ""
-        if i == 3:
-            first = " (the first call compiles, untimed)" if backend == "compile" else \
-                " (the first call captures, untimed)"
+    for v in variants:
+        first = f" (the first call {v.first_call}, untimed)" if v.first_call else ""
         with ui.step(f"checking {v.name} on {device}{first}"), torch.no_grad():
             try:
                 out = v.fn()
@@ -170,7 +170,7 @@ def _check_variants(args, ui: Ui, variants: list[_Variant], expected, device, ba
                 notes.append(f"{v.name} failed: {type(exc).__name__}: {_first_line(exc)}")
                 continue
         err = compare(expected, out)
-        if args.reference and v.name.startswith("converted") and err.reason and "non-finite" not in err.reason:
+        if args.reference and v.converted and err.mismatch:
             raise InputError(f"--reference {args.reference!r} does not match {args.model}: {err.reason}. Give "
                              f"the original fp32 model that {args.model} was converted from")
         if err.reason:
