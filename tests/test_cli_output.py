@@ -152,3 +152,20 @@ def test_demo_fp8_row_names_what_autocast_runs(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "autocast fp8" not in out
     assert "torch.autocast bf16 (has no fp8)" in out
+
+
+def test_bench_fp8_names_the_autocast_row_for_what_it_runs(columns, capsys):
+    assert main(["bench", MLP, "--input-shape", "4,16", "--precision", "fp8", "--repeat", "1", "--warmup", "0",
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "autocast fp8" not in out and "converted fp8" in out
+    row = next(line for line in out.splitlines() if line.startswith("autocast"))
+    assert row.startswith("autocast bf16 *")
+    assert "* torch.autocast has no FP8 mode: this row runs its bf16 mode" in out
+
+
+def test_verbose_prints_every_training_step(capsys):
+    assert main(["demo", "--train", "--task", "reverse", "--precisions", "fp32", "--steps", "2", "--device", "cpu",
+                 "--verbose"]) == 0
+    err = capsys.readouterr().err
+    assert "step    0" in err and "step    1" in err

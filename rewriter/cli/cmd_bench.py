@@ -117,7 +117,7 @@ def run(args, ui: Ui) -> int:
     variants = [_Variant("fp32", lambda: reference(*b_args, **b_kwargs), parameter_bytes(reference))]
     if precision == "fp8":  # autocast has no fp8: the row says what it runs
         variants.append(_Variant(f"autocast {short}", autocast_run, parameter_bytes(reference),
-                                 "torch.autocast has no FP8; its closest mode"))
+                                 f"torch.autocast has no FP8 mode: this row runs its {short} mode, the closest"))
     else:
         variants.append(_Variant(f"autocast {short}", autocast_run, parameter_bytes(reference)))
     variants.append(_Variant(f"converted {precision}", lambda: converted(*b_args, **b_kwargs),
