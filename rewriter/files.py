@@ -42,8 +42,16 @@ def check_writable(path: "str | os.PathLike", *, force: bool, what: str = "outpu
         raise InputError(f"{what} {str(path)!r} already exists and was left untouched; pass --force "
                          "(force=True) to overwrite it, or choose another path")
     if not os.access(path.parent, os.W_OK):  # before any work (root passes this; writing tells then)
-        raise write_error(PermissionError(errno.EACCES, os.strerror(errno.EACCES)), path, what)
+        code = errno.EROFS if _read_only_mount(path.parent) else errno.EACCES
+        raise write_error(OSError(code, os.strerror(code)), path, what)
     return path
+
+
+def _read_only_mount(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
 
 
 #: OSError numbers that mean "this output cannot be written here" (the user can act), not a bug.

@@ -153,3 +153,29 @@ def test_existing_output_needs_force_and_is_replaced_atomically(models, tmp_path
     assert "already exists" in capsys.readouterr().err and out.read_bytes() == b"precious"
     assert main(["-q", "convert", str(models["fp32"]), "-o", str(out), "--force"]) == 0
     assert out.stat().st_size > 1000 and _leftovers(tmp_path) == []
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 20 KiB tmpfs (root only): a real disk that fills up, where the system allows mounting one."""
+    import shutil
+    import subprocess
+
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if shutil.which("mount") is None or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=20k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root); the monkeypatched tests above cover the path")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_real_full_disk_exits_2_not_134(full_disk, capsys):
+    # torch's C++ archive writer aborted the process (exit 134) here; the archive is now written by Python
+    out = full_disk / "m.pt2"
+    code = main(["convert", MLP, "--input-shape", "4,16", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "ENOSPC" in err and str(out) in err
+    assert list(full_disk.iterdir()) == []
