@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import torch
 
 import rewriter
 from rewriter.cli import main
@@ -44,9 +45,13 @@ def _recording_convert(calls):
     return convert
 
 
+DYNAMIC = torch.export.Dim.DYNAMIC
+
+
 @pytest.mark.parametrize("flags, expected", [
-    (["--dynamic", "0"], {"dynamic_shapes": {"*": (0,)}, "static": False}),
-    (["--dynamic", "0:0"], {"dynamic_shapes": {0: (0,)}, "static": False}),
+    (["--dynamic", "0"], {"dynamic_shapes": ({0: DYNAMIC},), "static": False}),
+    (["--dynamic", "0:0,1"], {"dynamic_shapes": ({0: DYNAMIC, 1: DYNAMIC},), "static": False}),
+    (["--dynamic", "x:1"], {"dynamic_shapes": ({1: DYNAMIC},), "static": False}),  # forward(self, x)
     (["--static"], {"dynamic_shapes": None, "static": True}),
     ([], {"dynamic_shapes": None, "static": False}),
 ])
@@ -73,8 +78,6 @@ def test_shape_flag_refused_when_the_library_does_not_take_it(tmp_path, monkeypa
 
 
 def test_target_reaches_export_onnx(tmp_path, monkeypatch, capsys):
-    import rewriter.backends.onnx_backend as onnx_backend
-
     calls = []
 
     def fake_export(gm, path, *, optimize=False, assume_right_padding=False, target=None, **options):
@@ -83,7 +86,7 @@ def test_target_reaches_export_onnx(tmp_path, monkeypatch, capsys):
             fh.write(b"onnx")
         return None
 
-    monkeypatch.setattr(onnx_backend, "export_onnx", fake_export)
+    monkeypatch.setattr(rewriter, "export_onnx", fake_export, raising=False)  # what the CLI calls
     out = tmp_path / "m.onnx"
     assert main(["-q", "convert", MLP, "--input-shape", "4,16", "-o", str(out), "--target", "ort-cpu"]) == 0
     assert calls == ["ort-cpu"] and out.read_bytes() == b"onnx"
@@ -92,3 +95,33 @@ def test_target_reaches_export_onnx(tmp_path, monkeypatch, capsys):
     assert "--target ort-cuda: these flags shape an ONNX export" in capsys.readouterr().err
     assert main(["convert", MLP, "--input-shape", "4,16", "-o", str(out), "--target", "cuda"]) == 2
     assert "invalid choice: 'cuda'" in capsys.readouterr().err
+
+
+class _TwoInputs(torch.nn.Module):
+    def forward(self, ids, mask=None):
+        return ids * mask
+
+
+def test_dynamic_shapes_from_names_keyword_inputs():
+    from rewriter.cli.loading import dynamic_shapes_from
+
+    ids, mask = torch.ones(2, 8), torch.ones(2, 8)
+    model = _TwoInputs()
+    assert dynamic_shapes_from({"*": (0,), "mask": (1,)}, model, (ids,), {"mask": mask}) == \
+        {"ids": {0: DYNAMIC}, "mask": {0: DYNAMIC, 1: DYNAMIC}}
+    assert dynamic_shapes_from({1: (1,)}, model, (ids, mask), {}) == (None, {1: DYNAMIC})
+    assert dynamic_shapes_from({"*": (3,)}, model, (ids, mask), {}) == (None, None)  # "*": where it exists
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ({"attention_mask": (1,)}, "does not take; its inputs are 0 (ids), 1 (mask)"),
+    ({5: (0,)}, "does not take"),
+    ({"ids": (2,)}, "input ids has 2 dimensions [2, 8]; dimension 2 does not exist"),
+])
+def test_dynamic_shapes_from_refuses_what_does_not_exist(spec, expected):
+    from rewriter.cli.loading import dynamic_shapes_from
+    from rewriter.errors import InputError
+
+    with pytest.raises(InputError) as info:
+        dynamic_shapes_from(spec, _TwoInputs(), (torch.ones(2, 8),), {"mask": torch.ones(2, 8)})
+    assert expected in str(info.value)

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 from pathlib import Path
 from typing import Callable
 
-from rewriter.cli.loading import example_inputs, load_calibration, load_model
+from rewriter.cli.loading import dynamic_shapes_from, example_inputs, load_calibration, load_model
 from rewriter.cli.options import backend_choice, backend_label, check_backend_here, pass_through
 from rewriter.cli.outputs import check_outputs, staged, staged_dir
 from rewriter.cli.ui import Ui
@@ -15,15 +14,16 @@ __all__ = ["run"]
 
 
 def _onnx_exporter() -> Callable:
+    """rewriter.export_onnx (the public name: wherever the ONNX backend lives in this installation)."""
+    import rewriter
     from rewriter.errors import InputError
 
     try:
-        module = importlib.import_module("rewriter.backends.onnx_backend")
-        return getattr(module, "export_onnx")
+        return getattr(rewriter, "export_onnx")
     except (ImportError, AttributeError) as exc:
-        raise InputError(f"cannot write .onnx: the ONNX backend (rewriter.backends.onnx_backend.export_onnx) is not "
-                         f"available in this installation ({exc}). Write a .pt2 instead (-o model.pt2), "
-                         "or install a rewriter version with the ONNX backend") from exc
+        raise InputError(f"cannot write .onnx: rewriter.export_onnx is not available in this installation "
+                         f"({exc}). Write a .pt2 instead (-o model.pt2), or install the ONNX extras "
+                         "(pip install onnx onnxscript onnxruntime)") from exc
 
 
 def _check_flags(args, suffix: str, out: Path, backend: "str | None") -> None:
@@ -66,7 +66,7 @@ def run(args, ui: Ui) -> int:
     check_outputs([args.model], [(out, "output"), (report, "report")], args.force)
     exporter = _onnx_exporter() if suffix == ".onnx" else None
     shape_options = pass_through(rewriter.convert, "rewriter.convert", {
-        "dynamic_shapes": ("--dynamic", args.dynamic), "static": ("--static", args.static)})
+        "dynamic_shapes": ("--dynamic", args.dynamic), "static": ("--static", args.static)})  # checked early
     export_options = pass_through(exporter, "rewriter.export_onnx", {"target": ("--target", args.target)}) \
         if exporter is not None else {}
     calibration = load_calibration(args.calibration) if args.calibration else None
@@ -78,6 +78,8 @@ def run(args, ui: Ui) -> int:
             raise InputError(f"{args.model} is already converted (to {done}); convert the original fp32 "
                              "model instead")
         ex_args, ex_kwargs = example_inputs(loaded, args.input_shape, args.input_dtype)
+        if "dynamic_shapes" in shape_options:
+            shape_options["dynamic_shapes"] = dynamic_shapes_from(args.dynamic, loaded.model, ex_args, ex_kwargs)
 
     with ui.step(f"converting to {args.precision} (capture, analysis, rewrite)") as status:
         with contextlib.redirect_stderr(ui.progress(status)):

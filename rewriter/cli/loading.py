@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Loaded", "is_factory", "load_model", "example_inputs", "load_calibration", "device_from"]
+__all__ = ["Loaded", "is_factory", "load_model", "example_inputs", "load_calibration", "device_from",
+           "dynamic_shapes_from"]
 
 _FACTORY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
@@ -158,3 +159,53 @@ def device_from(text: "str | None"):
     if device.type not in ("cuda", "cpu"):
         raise InputError(f"--device {text}: only cuda and cpu are supported here")
     return device
+
+
+def dynamic_shapes_from(spec: dict, model, args: tuple, kwargs: dict):
+    """torch.export's `dynamic_shapes` for --dynamic DIMS (parsed as {input: dims}, "*" for every tensor
+    input) and the example inputs: a tuple by position, or a dict by parameter name when there are keyword
+    inputs; every named dimension is `Dim.DYNAMIC`. An input or dimension that does not exist is an
+    InputError naming the inputs there are."""
+    import inspect
+
+    import torch
+
+    from rewriter.errors import InputError
+
+    dynamic = torch.export.Dim.DYNAMIC
+    names: list[str] = []
+    values = list(args)
+    try:
+        signature = inspect.signature(model.forward)
+        bound = signature.bind(*args, **kwargs)
+        plain = all(signature.parameters[n].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                     inspect.Parameter.KEYWORD_ONLY,
+                                                     inspect.Parameter.POSITIONAL_ONLY) for n in bound.arguments)
+    except (TypeError, ValueError) as exc:
+        if kwargs:
+            raise InputError(f"--dynamic: cannot match the inputs to {type(model).__name__}.forward ({exc}); "
+                             "name the inputs by position instead") from exc
+        plain = False
+    if plain:
+        names, values = list(bound.arguments), list(bound.arguments.values())
+    keys = [(i, names[i] if names else None) for i in range(len(values))]
+    known = {k for pair in keys for k in pair if k is not None}
+    unknown = [k for k in spec if k != "*" and k not in known]
+    if unknown:
+        listed = ", ".join(f"{i}" + (f" ({n})" if n else "") for i, n in keys)
+        raise InputError(f"--dynamic names input {unknown[0]!r}, which {type(model).__name__} does not take; "
+                         f"its inputs are {listed}")
+
+    def dims_of(i: int, name, value):
+        if not isinstance(value, torch.Tensor):
+            return None
+        wanted = set(spec.get("*", ())) | set(spec.get(i, ())) | set(spec.get(name, ()))
+        explicit = set(spec.get(i, ())) | set(spec.get(name, ()))
+        too_big = sorted(d for d in explicit if d >= value.dim())
+        if too_big:
+            raise InputError(f"--dynamic: input {name or i} has {value.dim()} dimensions "
+                             f"{list(value.shape)}; dimension {too_big[0]} does not exist")
+        return {d: dynamic for d in sorted(wanted) if d < value.dim()} or None
+
+    shapes = [dims_of(i, n, v) for (i, n), v in zip(keys, values)]
+    return dict(zip(names, shapes)) if kwargs else tuple(shapes)

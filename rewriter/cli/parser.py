@@ -94,8 +94,8 @@ def _train_precisions(text: str) -> list[str]:
 
 
 def parse_dynamic(text: str) -> dict:
-    """--dynamic DIMS: which input dimensions stay symbolic, as {input: (dims...)} for convert's
-    `dynamic_shapes`. An entry is DIM (that dimension of every tensor input, key "*"), or INPUT:DIM
+    """--dynamic DIMS: which input dimensions stay symbolic, as {input: (dims...)}; once the example
+    inputs are known, loading.dynamic_shapes_from makes torch.export's `dynamic_shapes` of it. An entry is DIM (that dimension of every tensor input, key "*"), or INPUT:DIM
     where INPUT is a positional index or a keyword name, e.g. "0,1" or "0:0,0:1,attention_mask:1"."""
     result: dict = {}
     for entry in (e.strip() for e in text.split(",")):
@@ -192,11 +192,11 @@ def _add_convert(sub, common) -> None:
                                                         "model is never replaced)")
     shapes = p.add_mutually_exclusive_group()
     shapes.add_argument("--dynamic", type=parse_dynamic, default=None, metavar="DIMS",
-                        help="input dimensions that stay symbolic (convert's dynamic_shapes): DIM for that "
-                             "dimension of every tensor input, or INPUT:DIM (INPUT a position or keyword "
-                             "name), comma-separated, e.g. --dynamic 0,1 (batch and sequence) or "
-                             "--dynamic 0:0,attention_mask:1. Default: the library's (batch dynamic when "
-                             "the model allows it)")
+                        help="input dimensions that stay symbolic, passed to convert as torch.export's "
+                             "dynamic_shapes (Dim.DYNAMIC): DIM for that dimension of every tensor input, or "
+                             "INPUT:DIM (INPUT a position or keyword name), comma-separated, e.g. --dynamic "
+                             "0,1 (batch and sequence) or --dynamic 0:0,attention_mask:1. Default: the "
+                             "library's (the dimensions the model allows stay dynamic)")
     shapes.add_argument("--static", action="store_true",
                         help="capture every input dimension as fixed to the example shapes (convert's "
                              "static=True): the converted model then accepts those shapes only")
