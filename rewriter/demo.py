@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import rewriter
-from rewriter import meta
+from rewriter import meta, measure
 from rewriter.config import Precision
 
 __all__ = ["DemoEncoder", "demo_inputs", "run_demo"]
@@ -64,24 +64,8 @@ def demo_inputs(batch: int = 16, seq: int = 128, vocab: int = 1000, device="cpu"
     return torch.randint(0, vocab, (batch, seq), generator=g).to(device)
 
 
-def _rel_l2(out, ref) -> float:
-    out, ref = out.double(), ref.double()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
 def _time(fn, device, repeats: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e3
+    return measure.measure(fn, device=device, warmup=3, repeats=repeats).median_ms
 
 
 def _param_bytes(module: nn.Module) -> int:
@@ -149,12 +133,14 @@ def run_demo(precision: str = "fp16", device: str | None = None) -> int:
     for col in ("variant", "rel. L2 error vs fp32", "finite", "param MB") + (("ms",) if timing else ()):
         results.add_column(col, justify="right" if col != "variant" else "left")
     rows = [("fp32", ref, model, lambda: model(ids)),
-            (f"torch.autocast {prec.value}", auto, model, None),
+            # autocast knows fp16 and bf16 only: with fp8 the row is its closest mode, named as what it runs
+            (f"torch.autocast {'bf16' if dtype == torch.bfloat16 else 'fp16'}"
+             + (" (has no fp8)" if prec.value == "fp8" else ""), auto, model, None),
             (f"blanket .to({meta.dtype_name(dtype)})", blanket, blanket_model, lambda: blanket_model(ids)),
             (f"rewriter {prec.value} ({casts} casts)", ours, fast, lambda: fast(ids))]
     for name, out, module, fn in rows:
         finite = bool(torch.isfinite(out).all())
-        err = _rel_l2(out, ref) if finite else float("nan")
+        err = measure.rel_l2(ref, out) if finite else float("nan")
         row = [name, f"{err:.2e}" if finite else "inf/NaN", "yes" if finite else "[red]no[/]",
                f"{_param_bytes(module) / 2**20:.2f}"]
         if timing:
@@ -165,7 +151,7 @@ def run_demo(precision: str = "fp16", device: str | None = None) -> int:
                 row.append(f"{_time(fn or autocast_call, dev):.2f}")
         results.add_row(*row)
     console.print(results)
-    ok = bool(torch.isfinite(ours).all()) and _rel_l2(ours, ref) <= _rel_l2(auto, ref) * 1.05 + 1e-6
+    ok = bool(torch.isfinite(ours).all()) and measure.rel_l2(ref, ours) <= measure.rel_l2(ref, auto) * 1.05 + 1e-6
     console.print("[green]converted model is finite and as accurate as autocast[/]" if ok else
                   "[red]converted model is less accurate than autocast[/]")
     console.print("next: rewriter.diff(model, fast) shows every decision and why; "

@@ -21,6 +21,7 @@ import collections
 import dataclasses
 import json
 import os
+import textwrap
 from typing import Any, Iterable
 
 import torch
@@ -156,11 +157,13 @@ class Diff:
         return self.to_text()
 
     # ------------------------------------------------------------------ text
-    def to_text(self, max_rows: int | None = 60) -> str:
+    def to_text(self, max_rows: int | None = 60, width: int | None = None) -> str:
         """Summary, then the changed ops and casts one per line, weights and fp32 keeps grouped.
 
         Args:
             max_rows: most lines per section (None: all); the JSON and HTML always have all.
+            width: fit every line in this many columns (a terminal's 80): long names are cut with an
+                ellipsis, each reason goes on its own wrapped line under its node. None: one line per node.
         """
         s = self.summary
         lines = [f"rewriter diff: {s.model} -> {s.precision or '?'}"
@@ -199,7 +202,7 @@ class Diff:
                     dt += f" (in {short_dtype(n.compute_dtype)})"
             rows.append((mark, _cut(n.name, 28), _cut(n.op, 16), _cut(n.module or "", 28), dt,
                          n.rule or "", _cut(n.reason, 90)))
-        lines.extend(_columns(rows))
+        lines.extend(_columns(rows, width))
         if max_rows is not None and len(ops) > max_rows:
             lines.append(f"  ... {len(ops) - max_rows} more (see --json or --html for every node)")
 
@@ -222,10 +225,10 @@ class Diff:
             for n in kept[: max_rows if max_rows is not None else None]:
                 rows.append(("", _cut(n.name, 28), _cut(n.op, 16), _cut(n.module or "", 28),
                              n.rule or "", _cut(n.reason, 90)))
-            lines.extend(_columns(rows))
+            lines.extend(_columns(rows, width))
             if max_rows is not None and len(kept) > max_rows:
                 lines.append(f"  ... {len(kept) - max_rows} more")
-        return "\n".join(lines)
+        return "\n".join(lines) if width is None else "\n".join(_fit(line, width) for line in lines)
 
     # ------------------------------------------------------------------ json / html
     def to_dict(self, *, all_nodes: bool = False) -> dict:
@@ -243,13 +246,38 @@ class Diff:
         return render_html(self, title=title)
 
 
-def _columns(rows: list[tuple]) -> list[str]:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+def _columns(rows: list[tuple], width: int | None = None) -> list[str]:
+    """Aligned columns. With a width: the last column (the reason) goes on its own indented line
+    under each row, and the name columns (node, module) shrink until a row fits."""
+    if width is None:
+        widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+        out = []
+        for row in rows:
+            cells = [str(c).ljust(w) for c, w in zip(row[:-1], widths[:-1])] + [str(row[-1])]
+            out.append(("  " + " ".join(cells)).rstrip())
+        return out
+    head = [tuple(str(c) for c in r[:-1]) for r in rows]
+    widths = [max(len(r[i]) for r in head) for i in range(len(head[0]))]
+    shrinkable = [i for i, name in enumerate(head[0]) if name in ("node", "module")]
+    while 2 + sum(widths) + len(widths) - 1 > width and any(widths[i] > 8 for i in shrinkable):
+        i = max(shrinkable, key=lambda k: widths[k])
+        widths[i] -= 1
     out = []
-    for row in rows:
-        cells = [str(c).ljust(w) for c, w in zip(row[:-1], widths[:-1])] + [str(row[-1])]
-        out.append(("  " + " ".join(cells)).rstrip())
+    for k, (row, cells) in enumerate(zip(rows, head)):
+        out.append(("  " + " ".join(_cut(c, w).ljust(w) for c, w in zip(cells, widths))).rstrip())
+        reason = str(row[-1]) if k else ""
+        if reason:
+            out += textwrap.wrap(reason, width, initial_indent="      ", subsequent_indent="      ",
+                                 break_on_hyphens=False)
     return out
+
+
+def _fit(line: str, width: int) -> str:
+    """A summary line wrapped to `width`, continuation lines indented under its text."""
+    if len(line) <= width:
+        return line
+    indent = " " * (len(line) - len(line.lstrip()) + 4)
+    return "\n".join(textwrap.wrap(line, width, subsequent_indent=indent, break_on_hyphens=False))
 
 
 # ---------------------------------------------------------------------- building the diff

@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io as _bytes_io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -44,67 +44,16 @@ from rewriter import meta
 from rewriter.backends import fast_forward
 from rewriter.capture import batch_dynamic_shapes, normalize_inputs
 from rewriter.errors import InputError
+from rewriter.files import WRITE_ERRNOS, atomic_write, check_writable, write_error  # noqa: F401 (re-exported)
 
-__all__ = ["save", "load", "prepare", "Prepared", "atomic_write", "check_writable", "PICKLE_SUFFIXES",
-           "RECORD_FILE"]
+__all__ = ["save", "load", "prepare", "Prepared", "atomic_write", "check_writable", "write_error",
+           "WRITE_ERRNOS", "PICKLE_SUFFIXES", "RECORD_FILE"]
 
 RECORD_FILE = "rewriter.json"            # extra file inside the .pt2 archive
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl")
 _FORMAT = "rewriter.pt2/1"
 _GRAPH_KEYS = tuple(k for k in (getattr(meta, "CALIBRATION", None),) if k)  # JSON-able GraphModule.meta
 
-
-# ---------------------------------------------------------------- atomic files
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def check_writable(path: "str | os.PathLike", *, force: bool, what: str = "output") -> Path:
-    """Refuse a missing folder, a directory or (without force) an existing file. Returns the Path."""
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{what} {str(path)!r} is a directory: give a file name such as "
-                         f"{str(path / ('model' + (path.suffix or '.pt2')))!r}")
-    if not path.parent.is_dir():
-        raise InputError(f"cannot write {what} {str(path)!r}: the folder {str(path.parent)!r} does not "
-                         "exist; create it first or choose another path")
-    if path.exists() and not force:
-        raise InputError(f"{what} {str(path)!r} already exists and was left untouched; pass --force "
-                         "(force=True) to overwrite it, or choose another path")
-    return path
-
-
-@contextlib.contextmanager
-def atomic_write(path: "str | os.PathLike", *, force: bool = False, what: str = "output") -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path`, on failure it is removed.
-
-    The temporary file keeps the suffix of `path` (exporters look at it). Nothing is left behind
-    when the body raises, and an existing `path` is replaced only with force=True.
-
-    Example:
-        >>> with atomic_write("report.html") as tmp:
-        ...     tmp.write_text(html)
-    """
-    path = check_writable(path, force=force, what=what)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        if not tmp.exists() or tmp.stat().st_size == 0:
-            raise InputError(f"writing {what} {str(path)!r} produced no data")
-        os.chmod(tmp, 0o666 & ~_umask())
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        check_writable(path, force=force, what=what)  # it may have appeared meanwhile
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 # ---------------------------------------------------------------- save
@@ -225,8 +174,21 @@ class Prepared:
     extra_files: dict[str, str]  # the conversion record, stored beside the program in the archive
 
     def write(self, path: "str | os.PathLike") -> None:
-        """Write to `path` as it is (callers make it atomic, see `save`)."""
-        torch.export.save(self.program, str(path), extra_files=dict(self.extra_files))
+        """Write to `path` as it is (callers make it atomic, see `save`).
+
+        The archive is built in memory first and written with Python's file API: torch's C++ archive
+        writer aborts the process when the disk fills up, while a Python write raises OSError(ENOSPC),
+        which `atomic_write` turns into a message naming the file.
+        """
+        buffer = _bytes_io.BytesIO()
+        torch.export.save(self.program, buffer, extra_files=dict(self.extra_files))
+        view = buffer.getbuffer()
+        try:
+            with open(path, "wb") as fh:
+                for start in range(0, len(view), 1 << 24):
+                    fh.write(view[start:start + (1 << 24)])
+        finally:
+            view.release()
 
 
 def prepare(gm: fx.GraphModule, *, example_inputs: Any = None, where: str = "a .pt2 file") -> Prepared:

@@ -190,9 +190,11 @@ class Comparison:
     max_abs: float
     reason: str | None = None
     tensors: int = 0
+    mismatch: bool = False   # the outputs differ in structure or shape: not the same model's outputs
 
     def to_dict(self) -> dict:
-        return {"rel_l2": self.rel_l2, "max_abs": self.max_abs, "reason": self.reason, "tensors": self.tensors}
+        return {"rel_l2": self.rel_l2, "max_abs": self.max_abs, "reason": self.reason, "tensors": self.tensors,
+                "mismatch": self.mismatch}
 
 
 def _is_leaf_container(value) -> bool:
@@ -254,13 +256,14 @@ def compare(reference, candidate) -> Comparison:
     if [p for p, _ in ref] != [p for p, _ in got]:
         missing = sorted({p for p, _ in ref} ^ {p for p, _ in got})
         return Comparison(nan, nan, f"the outputs differ in structure: the reference has {len(ref)} floating "
-                          f"tensors, the candidate {len(got)} (first difference at {missing[0] if missing else '?'})")
+                          f"tensors, the candidate {len(got)} (first difference at {missing[0] if missing else '?'})",
+                          mismatch=True)
     num = den = 0.0
     max_abs = 0.0
     for (path, r), (_, g) in zip(ref, got):
         if tuple(r.shape) != tuple(g.shape):
             return Comparison(nan, nan, f"{path}: shape {tuple(g.shape)} in the candidate, {tuple(r.shape)} in "
-                              "the reference")
+                              "the reference", mismatch=True)
         r64 = r.detach().to("cpu", torch.complex128 if r.is_complex() else torch.float64)
         g64 = g.detach().to("cpu", torch.complex128 if g.is_complex() else torch.float64)
         bad_r, bad_g = _nonfinite(r64), _nonfinite(g64)

@@ -49,7 +49,7 @@ from rewriter.runtime.fp8_ops import emulation_reason, fp8_gemm_supported
 
 __all__ = ["DigitsCNN", "Reverser", "Task", "Run", "TASKS", "PRECISIONS", "TRAINABLE",
            "MissingDependencyError", "require_sklearn", "digits_task", "reverse_task", "make_task", "train",
-           "report", "scale_at", "fp8_summary"]
+           "report", "scale_at", "fp8_summary", "notes"]
 
 #: Precisions the demo trains in by default ("fp32" = the unconverted model).
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -391,3 +391,55 @@ def report(runs: list[Run], every: int, title: str = "") -> str:
             parts = r.fp8_gemms.split("; ")
             out += [(head if i == 0 else " " * len(head)) + part for i, part in enumerate(parts)]
     return "\n".join(out)
+
+
+def notes(runs: list[Run], device: "str | torch.device", *, growth_interval: int,
+          fp8_warnings: "list[str] | None" = None) -> list[str]:
+    """The explanations printed under the tables of a training-demo run: fp16 loss scaling, why fp8 is
+    forced and emulated, what step times on this device mean, runs whose loss is not finite.
+    `fp8_warnings` are Fp8EmulationWarning messages caught during the runs (said once here)."""
+    import math
+
+    device = torch.device(device)
+    precisions = {r.precision for r in runs}
+    out = []
+    if "fp16" in precisions:
+        out.append(f"fp16 loss scale: dynamic (torch.amp.GradScaler through rewriter.loss_scale): it starts "
+                   f"at 65536, doubles after {growth_interval} clean steps (--growth-interval; GradScaler's "
+                   "default, 2000, would not move within a short run) and halves on an inf/NaN gradient, whose "
+                   "step is skipped. bf16 and fp32 need no scaling.")
+    if "fp8" in precisions:
+        out += _fp8_notes(device, fp8_warnings or [], runs)
+    if device.type == "cpu":
+        out.append("step times are measured on the CPU, where 16-bit kernels (fp16 above all) are often "
+                   "slower than fp32. Loss curves and accuracy are meaningful on any device.")
+    else:
+        out.append("these models are tiny: their steps are bound by kernel launches, not arithmetic, so "
+                   "16-bit steps are not faster here; tools/bench_train.py times realistic sizes.")
+    for r in runs:
+        if not all(math.isfinite(v) for v in r.losses[-1:]):
+            out.append(f"{r.task} {r.precision}: the final loss is not finite ({r.losses[-1]})")
+    return out
+
+
+def _fp8_notes(device: torch.device, fp8_warnings: list[str], runs: list[Run]) -> list[str]:
+    import math
+
+    from rewriter.passes.plan.fp8_cost import FP8_MIN_MNK, FP8_MIN_ROWS
+    from rewriter.runtime.fp8_ops import emulation_reason
+
+    out = [f"fp8 forces every eligible linear into FP8 GEMMs (Fp8Options.always()): the demo's GEMMs (under "
+           f"a thousand rows of batch x sequence) are far below the size where FP8 pays, and the cost model "
+           f"alone would keep them all in bf16 (it wants at least {FP8_MIN_ROWS} rows and M*N*K >= "
+           f"2^{int(math.log2(FP8_MIN_MNK))}). The fp8 rows show FP8's numerics, not its speed; "
+           "tools/bench_train.py --device cuda --compile --models llama_mlp,gpt2_medium --variants bf16,fp8 "
+           "times FP8 training at realistic sizes."]
+    reason = emulation_reason(device)
+    if reason is not None and any(r.fp8_linears for r in runs):
+        where = "the CPU" if device.type == "cpu" else f"{device} ({reason.partition(': ')[0]})"
+        out.append(f"on {where} the FP8 GEMMs are emulated: quantized to e4m3 and e5m2 as on an FP8 GPU, then "
+                   "multiplied in fp32. Same numerics, no speed-up: fp8 step times here say nothing about FP8's.")
+    for message in dict.fromkeys(fp8_warnings):  # e.g. torch._scaled_mm refused a GEMM on an FP8 GPU
+        if message != reason:
+            out.append(f"fp8: {message}")
+    return out

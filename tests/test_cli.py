@@ -356,7 +356,7 @@ def test_bench_reports_error_on_cpu(converted, fp32_pt2, capsys):
     assert code == 0
     for variant in ("fp32", "autocast fp16", "converted fp16"):
         assert variant in stdout
-    assert "no GPU here" in stdout and "rel L2 err" in stdout
+    assert "no GPU here" in stdout and "rel L2" in stdout
 
 
 def test_bench_converts_a_factory_model(capsys):
@@ -488,9 +488,9 @@ def test_tools_train_demo_is_a_thin_wrapper_of_the_command(monkeypatch):
 
 def test_backend_flags_parse_with_aliases():
     from rewriter.backends.torch_backend import MODES
-    from rewriter.cli import _BACKENDS, build_parser
+    from rewriter.cli import BACKENDS, build_parser
 
-    assert _BACKENDS == MODES
+    assert BACKENDS == MODES
     parser = build_parser()
     args = parser.parse_args(["bench", "m.pt2", "--backend", "cuda-graphs"])
     assert args.backend == "cuda_graphs" and args.compile_mode is None

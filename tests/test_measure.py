@@ -67,9 +67,10 @@ def test_non_finite_gives_nan_with_a_reason():
 
 def test_structure_and_shape_mismatch_give_nan_with_a_reason():
     c = measure.compare((torch.ones(2), torch.ones(2)), (torch.ones(2),))
-    assert math.isnan(c.rel_l2) and "differ in structure" in c.reason
+    assert math.isnan(c.rel_l2) and "differ in structure" in c.reason and c.mismatch
     c = measure.compare(torch.ones(2, 3), torch.ones(3, 2))
-    assert math.isnan(c.rel_l2) and "shape" in c.reason
+    assert math.isnan(c.rel_l2) and "shape" in c.reason and c.mismatch
+    assert not measure.compare(torch.ones(2), torch.tensor([1.0, float("nan")])).mismatch
     c = measure.compare(torch.tensor([1, 2]), torch.tensor([1, 2]))
     assert math.isnan(c.rel_l2) and "no floating-point tensor" in c.reason
 
