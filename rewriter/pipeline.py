@@ -146,7 +146,8 @@ def convert(model: nn.Module, example_inputs: Any = None, example_kwargs: dict |
             keep_io_types: bool = True, dynamic_batch: bool = True,
             config: ConvertConfig | None = None, progress: bool = False,
             fp8: Fp8Options | None = None, backend: str = "eager",
-            backend_options: dict | None = None) -> fx.GraphModule:
+            backend_options: dict | None = None, generate: bool | None = None,
+            max_cache_len: int | None = None) -> fx.GraphModule:
     """Rewrite `model` for lower precision.
 
     Args:
@@ -171,6 +172,10 @@ def convert(model: nn.Module, example_inputs: Any = None, example_kwargs: dict |
             backends/torch_backend.py.
         backend_options: options of the backend, e.g. {"compile_mode": "max-autotune-no-cudagraphs"},
             {"dynamic": False}, {"clone_outputs": False, "max_graphs": 4}.
+        generate: True converts a Hugging Face causal LM into a model that generates (prefill and
+            decode graphs over a static KV cache, rewriter/generation_model.py); None (default) does so
+            for causal LMs whose config has use_cache=True, in mode="eval"; False keeps the forward graph.
+        max_cache_len: with generate, the slots of the static KV cache (prompt + new tokens).
 
     Returns:
         A torch.fx.GraphModule called exactly like `model`. `gm.meta["rewriter"]` records how it
@@ -202,6 +207,12 @@ def convert(model: nn.Module, example_inputs: Any = None, example_kwargs: dict |
     if tolerance is not None and calibration is None and config.tolerance is not None:
         raise ConfigError("tolerance needs calibration data: pass calibration=[(x1,), (x2,), ...]")
     say = _reporter(progress)
+    from rewriter.generation import wants_generation
+
+    if generate or (generate is None and wants_generation(model, config.mode)):
+        from rewriter.generation_model import convert_for_generation
+
+        return convert_for_generation(model, config, max_cache_len, say=say)
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
     if config.mode is Mode.TRAIN:  # a training and an evaluation graph on one set of fp32 parameters
         from rewriter.training import convert_train
