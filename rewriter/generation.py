@@ -39,7 +39,8 @@ from rewriter import meta
 from rewriter.config import ConvertConfig
 from rewriter.errors import ConfigError, InputError
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "wants_generation", "check_supported", "StepGraphs", "convert_steps"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "wants_generation", "check_supported", "StepGraphs", "convert_steps",
+           "capture_steps", "cache_in_place", "share_weights", "own_weights", "new_cache", "step_mask"]
 
 # model_type -> how its attention reaches the cache (every one calls cache.update(k, v, layer_idx) and
 # takes a prepared 4-D mask as it is)
@@ -262,36 +263,34 @@ def _set(mod: nn.Module, name: str, value: torch.Tensor) -> None:
         mod._buffers[name] = value
 
 
-def share_and_own(graphs: tuple[fx.GraphModule, ...], model: nn.Module) -> dict:
-    """One copy of every weight for all graphs, none of them the user's tensor.
+def share_weights(first: fx.GraphModule, gm: fx.GraphModule) -> int:
+    """Make `gm` read `first`'s tensor wherever both hold an equal one (same name, dtype, shape and
+    values): the prefill and decode graphs keep one copy of every weight. Returns the count shared."""
+    mine = _tensors(first)
+    shared = 0
+    for key, (mod, name, t) in _tensors(gm).items():
+        other = mine.get(key)
+        if other is not None and other[2] is not t and other[2].dtype == t.dtype \
+                and other[2].shape == t.shape and torch.equal(other[2], t):
+            _set(mod, name, other[2])
+            shared += 1
+    return shared
 
-    A tensor of a later graph equal (name, dtype, shape, values) to the first graph's is replaced by
-    it; a tensor whose storage belongs to `model` is cloned once (convert never lets later changes to
-    the user's model leak into the converted one). Returns counts for the conversion record.
-    """
+
+def own_weights(graphs: tuple[fx.GraphModule, ...], model: nn.Module) -> int:
+    """Clone, once, every tensor the graphs still share with the user's `model` (convert never lets
+    later changes to the user's model leak into the converted one). Returns the count cloned."""
     user = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())
             if t.numel()}
-    first = _tensors(graphs[0])
-    shared = cloned = 0
     clones: dict[int, torch.Tensor] = {}
-    for gm in graphs[1:]:
-        for key, (mod, name, t) in _tensors(gm).items():
-            other = first.get(key)
-            if other is not None and other[2] is not t and other[2].dtype == t.dtype \
-                    and other[2].shape == t.shape and torch.equal(other[2], t):
-                _set(mod, name, other[2])
-                shared += 1
     for gm in graphs:
         for key, (mod, name, t) in _tensors(gm).items():
             if t.numel() and t.untyped_storage().data_ptr() in user:
                 if id(t) not in clones:
-                    clones[id(t)] = nn.Parameter(t.detach().clone(), False) \
-                        if isinstance(t, nn.Parameter) else t.detach().clone()
-                    cloned += 1
+                    clones[id(t)] = t.detach().clone()
                 _set(mod, name, clones[id(t)])
-    for gm in graphs:
         gm.requires_grad_(False)
-    return {"shared_between_graphs": shared, "cloned_from_user_model": cloned}
+    return len(clones)
 
 
 def convert_steps(model: nn.Module, config: ConvertConfig, max_cache_len: int, say=None) -> StepGraphs:
@@ -314,12 +313,19 @@ def convert_steps(model: nn.Module, config: ConvertConfig, max_cache_len: int, s
     finally:
         for m, flag in flags:
             m.training = flag
-    in_place = []
+    in_place, shared = [], [0]
+
+    def after_pass(kind, gm, name, seconds, modified):
+        say(f"{kind} {name}", f"{seconds:.2f}s{' (modified)' if modified else ''}")
+        if gm is not graphs[0] and modified:  # share each new tensor (fused, cast) as soon as it exists
+            shared[0] += share_weights(graphs[0], gm)
+
     for kind, gm in zip(("prefill", "decode"), graphs):
         PassManager(build_passes(config, progress=say),
-                    on_pass=lambda name, s, m, kind=kind: say(f"{kind} {name}", f"{s:.2f}s"))(gm)
+                    on_pass=lambda name, s, m, kind=kind, gm=gm: after_pass(kind, gm, name, s, m))(gm)
         in_place.append(cache_in_place(gm))
-    weights = share_and_own(graphs, model)
+    shared[0] += share_weights(graphs[0], graphs[1])
+    weights = {"shared_between_graphs": shared[0], "cloned_from_user_model": own_weights(graphs, model)}
     layers = cache_layout(model.config)[0]
     record = {
         "config": config.to_dict(), "capture": "torch.export (generation steps)", "model": type(model).__name__,
