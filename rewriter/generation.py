@@ -287,7 +287,8 @@ def own_weights(graphs: tuple[fx.GraphModule, ...], model: nn.Module) -> int:
         for key, (mod, name, t) in _tensors(gm).items():
             if t.numel() and t.untyped_storage().data_ptr() in user:
                 if id(t) not in clones:
-                    clones[id(t)] = t.detach().clone()
+                    copy = t.detach().clone()
+                    clones[id(t)] = nn.Parameter(copy, False) if isinstance(t, nn.Parameter) else copy
                 _set(mod, name, clones[id(t)])
         gm.requires_grad_(False)
     return len(clones)
