@@ -60,6 +60,31 @@ class GenerativeLM(nn.Module, GenerationMixin):
         self._next_position: torch.Tensor | None = None  # [B] position id of the next token
         self._length = 0                                # slots written so far (same for every row)
         self._fresh = True                              # the next forward is a prefill
+        from rewriter.backends import fast_forward
+
+        for gm in (self.prefill_graph, self.decode_graph):  # the eager backend's fast forward
+            fast_forward.install(gm)
+        self.set_decode_backend("eager")
+
+    def set_decode_backend(self, backend: str = "eager", compile_mode: str = "max-autotune-no-cudagraphs"):
+        """How the decode graph runs: "eager", "compile" (torch.compile, static shapes), "cuda_graphs"
+        (captured once per batch size and replayed; CUDA only) or "compile+cuda_graphs".
+
+        The decode step's shapes never change for a batch size and the cache tensors keep their
+        addresses, so one CUDA graph per batch size replays every step. Returns self.
+        """
+        from rewriter.errors import ConfigError
+
+        choices = ("eager", "compile", "cuda_graphs", "compile+cuda_graphs")
+        if backend not in choices:
+            raise ConfigError(f"decode backend {backend!r}: write one of {', '.join(map(repr, choices))}")
+        self._decode_fn = self.decode_graph
+        if backend.startswith("compile"):
+            self._decode_fn = torch.compile(self.decode_graph, mode=compile_mode, dynamic=False, fullgraph=True)
+        self._cuda_graphs = backend.endswith("cuda_graphs")
+        self._graphs: dict = {}
+        self.decode_backend = backend
+        return self
 
     # ------------------------------------------------------------------ what GenerationMixin reads
 
@@ -159,10 +184,36 @@ class GenerativeLM(nn.Module, GenerationMixin):
         self._valid[:, slot] = True
         cache_position = torch.full((1,), slot, dtype=torch.long, device=tokens.device)
         mask = self._valid[:, None, None, :]
-        logits = self.decode_graph(tokens, self._next_position[:, None], cache_position, mask, self.cache)
+        inputs = (tokens, self._next_position[:, None], cache_position, mask)
+        if self._cuda_graphs and tokens.is_cuda:
+            logits = self._replay(inputs)
+        else:
+            logits = self._decode_fn(*inputs, self.cache)
         self._next_position = self._next_position + 1
         self._length = slot + 1
         return logits
+
+    def _replay(self, inputs: tuple) -> torch.Tensor:
+        """The decode step from a CUDA graph captured for this batch size and these cache tensors."""
+        key = (inputs[0].shape[0], self.cache[0].data_ptr())
+        entry = self._graphs.get(key)
+        if entry is None:
+            static = tuple(t.clone() for t in inputs)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up writes this step's keys and values, as the replay will
+                for _ in range(2):
+                    self._decode_fn(*static, self.cache)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self._decode_fn(*static, self.cache)
+            entry = self._graphs[key] = (graph, static, out)
+        graph, static, out = entry
+        for dst, src in zip(static, inputs):
+            dst.copy_(src)
+        graph.replay()
+        return out.clone()
 
     @torch.no_grad()
     def greedy(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -208,5 +259,11 @@ def convert_for_generation(model: nn.Module, config, max_cache_len: int | None =
         generation_config = GenerationConfig.from_model_config(model.config)
     import copy
 
-    return GenerativeLM(steps, copy.deepcopy(model.config), copy.deepcopy(generation_config),
+    fast = GenerativeLM(steps, copy.deepcopy(model.config), copy.deepcopy(generation_config),
                         getattr(model, "main_input_name", "input_ids"))
+    # backend="compile" / "cuda_graphs" apply to the decode graph, the one that runs per token
+    decode = {"eager": "eager", "compile": "compile", "cuda_graphs": "cuda_graphs"}[config.backend]
+    options = config.backend_kwargs()
+    if decode == "compile" and options.get("compile_mode"):
+        return fast.set_decode_backend(decode, compile_mode=options["compile_mode"])
+    return fast.set_decode_backend(decode)
