@@ -229,9 +229,10 @@ def cache_in_place(gm: fx.GraphModule) -> int:
         if readers:
             continue
         src.target = _A.index_copy_.default
-        meta.put(src, meta.REWRITTEN, {"pass": "generation.cache_in_place", "reason":
-                 f"the KV cache input {dst.name} is updated in place (export made a functional copy and "
-                 "a write-back of the whole cache)"})
+        meta.put(src, meta.REWRITTEN, [*(meta.get(src, meta.REWRITTEN) or []), {
+            "pass": "generation.cache_in_place", "reason":
+            f"the KV cache input {dst.name} is updated in place (export made a functional copy and a "
+            "write-back of the whole cache)"}])
         gm.graph.erase_node(node)
         count += 1
     gm.graph.lint()
@@ -338,6 +339,11 @@ def convert_steps(model: nn.Module, config: ConvertConfig, max_cache_len: int, s
             **weights,
         },
     }
+    fp8 = {kind: gm.meta[meta.FP8] for kind, gm in zip(("prefill", "decode"), graphs) if meta.FP8 in gm.meta}
+    if fp8:  # each graph has its own FP8 plan: a prefill GEMM is compute-bound, a decode GEMM reads weights
+        record["generation"]["fp8_gemms"] = {
+            kind: {"fp8": len(plan.get("planned", [])), "kept": len(plan.get("kept", {})),
+                   "kept_because": sorted(set(plan.get("kept", {}).values()))[:3]} for kind, plan in fp8.items()}
     for kind, gm in zip(("prefill", "decode"), graphs):
         gm.meta[INFO_KEY] = {**record, "graph": kind}
     return StepGraphs(graphs[0], graphs[1], cache_dtype, max_cache_len, record)

@@ -121,7 +121,7 @@ def test_cache_is_updated_in_place_and_stays_16_bit(converted):
         assert ops.count(A.index_copy_.default) == 2 * layers
         assert A.index_copy.default not in ops and A.copy_.default not in ops
         rewritten = [meta.get(n, meta.REWRITTEN) for n in gm.graph.nodes if n.target is A.index_copy_.default]
-        assert all(r and r["pass"] == "generation.cache_in_place" for r in rewritten)
+        assert all(r and r[-1]["pass"] == "generation.cache_in_place" for r in rewritten)
     record = fast.record["generation"]
     assert record["cache_dtype"] == "bfloat16" and record["cache_dtype_reason"]
     assert all(t.dtype == torch.bfloat16 for t in fast.cache)
