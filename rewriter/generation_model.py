@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from rewriter.errors import InputError
-from rewriter.generation import StepGraphs, check_room, new_cache, step_mask
+from rewriter.generation import StepGraphs, check_room, new_cache, new_scales, step_mask
 
 try:
     from transformers import GenerationMixin
@@ -56,6 +56,7 @@ class GenerativeLM(nn.Module, GenerationMixin):
         self.max_cache_len = steps.max_cache_len
         self.record = steps.record
         self.cache: list[torch.Tensor] = []
+        self.scales: list[torch.Tensor] | None = None  # FP8 cache: per layer, key/value and KV head
         self._valid: torch.Tensor | None = None      # [B, C] slots holding real tokens
         self._next_position: torch.Tensor | None = None  # [B] position id of the next token
         self._length = 0                                # slots written so far (same for every row)
@@ -98,7 +99,15 @@ class GenerativeLM(nn.Module, GenerationMixin):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.cache_dtype
+        return torch.bfloat16 if self.cache_dtype == torch.float8_e4m3fn else self.cache_dtype
+
+    def _extra(self, device) -> tuple:
+        """The scales argument of an FP8 cache's graphs (nothing for a 16-bit cache)."""
+        if self.cache_dtype != torch.float8_e4m3fn:
+            return ()
+        if self.scales is None or self.scales[0].device != device:
+            self.scales = new_scales(self.config, device)
+        return (self.scales,)
 
     @classmethod
     def can_generate(cls) -> bool:
@@ -164,7 +173,8 @@ class GenerativeLM(nn.Module, GenerationMixin):
         cache_position = torch.arange(length, device=device)
         mask = step_mask(self._valid, cache_position)
         graph = self.prefill_graph if length > 1 else self.decode_graph
-        logits = graph(input_ids, positions, cache_position, mask, self.cache)
+        # (an FP8 cache's 1-token prompt runs the decode graph: it keeps the scales it has, 1.0 at first)
+        logits = graph(input_ids, positions, cache_position, mask, self.cache, *self._extra(device))
         self._next_position = real.long().sum(-1)
         self._length = length
         self._fresh = False
@@ -188,7 +198,7 @@ class GenerativeLM(nn.Module, GenerationMixin):
         if self._cuda_graphs and tokens.is_cuda:
             logits = self._replay(inputs)
         else:
-            logits = self._decode_fn(*inputs, self.cache)
+            logits = self._decode_fn(*inputs, self.cache, *self._extra(tokens.device))
         self._next_position = self._next_position + 1
         self._length = slot + 1
         return logits
@@ -203,11 +213,11 @@ class GenerativeLM(nn.Module, GenerationMixin):
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up writes this step's keys and values, as the replay will
                 for _ in range(2):
-                    self._decode_fn(*static, self.cache)
+                    self._decode_fn(*static, self.cache, *self._extra(static[0].device))
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = self._decode_fn(*static, self.cache)
+                out = self._decode_fn(*static, self.cache, *self._extra(static[0].device))
             entry = self._graphs[key] = (graph, static, out)
         graph, static, out = entry
         for dst, src in zip(static, inputs):
@@ -244,14 +254,15 @@ class GenerativeLM(nn.Module, GenerationMixin):
                 f"model={self.record.get('model')}")
 
 
-def convert_for_generation(model: nn.Module, config, max_cache_len: int | None = None, say=None) -> GenerativeLM:
+def convert_for_generation(model: nn.Module, config, max_cache_len: int | None = None, say=None,
+                           kv_cache: str | None = None) -> GenerativeLM:
     """The GenerativeLM of a Hugging Face causal LM converted with `config` (a ConvertConfig)."""
     from rewriter.generation import convert_steps
 
     if max_cache_len is None:
         limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 1024)
         max_cache_len = int(min(limit, 1024))
-    steps = convert_steps(model, config, int(max_cache_len), say=say)
+    steps = convert_steps(model, config, int(max_cache_len), say=say, kv_cache=kv_cache)
     generation_config = getattr(model, "generation_config", None)
     if generation_config is None:
         from transformers import GenerationConfig

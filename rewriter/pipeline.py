@@ -147,7 +147,7 @@ def convert(model: nn.Module, example_inputs: Any = None, example_kwargs: dict |
             config: ConvertConfig | None = None, progress: bool = False,
             fp8: Fp8Options | None = None, backend: str = "eager",
             backend_options: dict | None = None, generate: bool | None = None,
-            max_cache_len: int | None = None) -> fx.GraphModule:
+            max_cache_len: int | None = None, kv_cache: str | None = None) -> fx.GraphModule:
     """Rewrite `model` for lower precision.
 
     Args:
@@ -176,6 +176,7 @@ def convert(model: nn.Module, example_inputs: Any = None, example_kwargs: dict |
             decode graphs over a static KV cache, rewriter/generation_model.py); None (default) does so
             for causal LMs whose config has use_cache=True, in mode="eval"; False keeps the forward graph.
         max_cache_len: with generate, the slots of the static KV cache (prompt + new tokens).
+        kv_cache: with generate, "fp8" stores the KV cache as float8_e4m3fn with per-head scales.
 
     Returns:
         A torch.fx.GraphModule called exactly like `model`. `gm.meta["rewriter"]` records how it
@@ -212,7 +213,7 @@ def convert(model: nn.Module, example_inputs: Any = None, example_kwargs: dict |
     if generate or (generate is None and wants_generation(model, config.mode)):
         from rewriter.generation_model import convert_for_generation
 
-        return convert_for_generation(model, config, max_cache_len, say=say)
+        return convert_for_generation(model, config, max_cache_len, say=say, kv_cache=kv_cache)
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
     if config.mode is Mode.TRAIN:  # a training and an evaluation graph on one set of fp32 parameters
         from rewriter.training import convert_train
