@@ -79,6 +79,9 @@ def check_supported(model: nn.Module, max_cache_len: int) -> None:
     """Raise ConfigError naming what is missing when `model` cannot be converted for generation."""
     config = getattr(model, "config", None)
     name = type(model).__name__
+    if int(max_cache_len) < 4:
+        raise ConfigError(f"max_cache_len={max_cache_len} leaves no room for a prompt and new tokens: pass "
+                          "max_cache_len >= 4 (the longest prompt plus max_new_tokens)")
     if config is None or not callable(getattr(model, "can_generate", None)):
         raise ConfigError(f"generate=True needs a Hugging Face causal LM (a PreTrainedModel with a "
                           f"config and can_generate()); {name} has no "
@@ -224,25 +227,27 @@ def _export(step: _Step, args: tuple, dynamic_shapes) -> fx.GraphModule:
 
 
 def capture_steps(lm: nn.Module, max_cache_len: int, cache_dtype: torch.dtype,
-                  kv_dtype: torch.dtype | None = None) -> tuple[fx.GraphModule, ...]:
+                  kv_dtype: torch.dtype | None = None, example: tuple[int, int] = (2, 4)) -> tuple[fx.GraphModule, ...]:
     """Export the prefill (dynamic batch and prompt length) and decode (dynamic batch) step graphs.
     With kv_dtype=torch.float8_e4m3fn the cache holds FP8 bits and both graphs take a list of scales,
-    which the prefill graph sets from the prompt (see _StaticKV)."""
+    which the prefill graph sets from the prompt (see _StaticKV). `example` (batch, prompt length) sizes
+    the example inputs, whose shapes the passes read as the typical workload (the FP8 cost model)."""
     device = next(lm.parameters()).device
     vocab = int(lm.get_input_embeddings().num_embeddings)
     fp8 = kv_dtype == torch.float8_e4m3fn
     batch = torch.export.Dim("batch", min=1, max=4096)
     graphs = []
-    for length in (min(4, max_cache_len), 1):
+    rows = max(2, int(example[0]))  # a batch of 1 would fix the batch dimension
+    for length in (min(max(2, int(example[1])), max_cache_len - 1), 1):
         step = _Step(lm, calibrate=fp8 and length > 1).eval()
         g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, vocab, (2, length), generator=g).to(device)
-        positions = torch.arange(length, device=device).expand(2, length).contiguous()
+        ids = torch.randint(0, vocab, (rows, length), generator=g).to(device)
+        positions = torch.arange(length, device=device).expand(rows, length).contiguous()
         cache_position = torch.arange(length, device=device)
-        valid = torch.zeros(2, max_cache_len, dtype=torch.bool, device=device)
+        valid = torch.zeros(rows, max_cache_len, dtype=torch.bool, device=device)
         valid[:, :length] = True
         mask = step_mask(valid, cache_position)
-        cache = new_cache(lm.config, 2, max_cache_len, kv_dtype or cache_dtype, device)
+        cache = new_cache(lm.config, rows, max_cache_len, kv_dtype or cache_dtype, device)
         if length > 1:
             seq = torch.export.Dim("prompt", min=2, max=max_cache_len)
             shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: seq}, {0: batch, 2: seq},
@@ -345,7 +350,7 @@ def own_weights(graphs: tuple[fx.GraphModule, ...], model: nn.Module) -> int:
 
 
 def convert_steps(model: nn.Module, config: ConvertConfig, max_cache_len: int, say=None,
-                  kv_cache: str | None = None) -> StepGraphs:
+                  kv_cache: str | None = None, example: tuple[int, int] = (2, 4)) -> StepGraphs:
     """Capture and convert the prefill and decode graphs of `model` with `config` (PASS_TABLE).
     kv_cache="fp8" stores the cache as float8_e4m3fn with per-head scales set by each prefill."""
     from rewriter.pipeline import INFO_KEY, build_passes
@@ -366,7 +371,7 @@ def convert_steps(model: nn.Module, config: ConvertConfig, max_cache_len: int, s
     try:
         say("capture", f"prefill and decode graphs of {type(model).__name__}, cache {max_cache_len} x "
                        f"{meta.dtype_name(cache_dtype)}")
-        graphs = capture_steps(model, max_cache_len, cache_dtype, kv_dtype)
+        graphs = capture_steps(model, max_cache_len, cache_dtype, kv_dtype, example)
     finally:
         for m, flag in flags:
             m.training = flag
@@ -407,6 +412,22 @@ def convert_steps(model: nn.Module, config: ConvertConfig, max_cache_len: int, s
     for kind, gm in zip(("prefill", "decode"), graphs):
         gm.meta[INFO_KEY] = {**record, "graph": kind}
     return StepGraphs(graphs[0], graphs[1], kv_dtype or cache_dtype, max_cache_len, record)
+
+
+def example_shape(example_inputs: Any, example_kwargs: dict | None) -> tuple[int, int]:
+    """(batch, prompt length) of the user's example token ids (input_ids, or the first 2-D integer
+    tensor), else (2, 4)."""
+    from rewriter.capture import normalize_inputs
+
+    try:
+        args, kwargs = normalize_inputs(example_inputs, example_kwargs)
+    except InputError:
+        return (2, 4)
+    candidates = [kwargs.get("input_ids"), *args, *kwargs.values()]
+    for t in candidates:
+        if isinstance(t, torch.Tensor) and t.dim() == 2 and not t.is_floating_point():
+            return int(t.shape[0]), int(t.shape[1])
+    return (2, 4)
 
 
 def check_room(needed: int, max_cache_len: int, what: str) -> None:

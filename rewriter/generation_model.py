@@ -255,14 +255,17 @@ class GenerativeLM(nn.Module, GenerationMixin):
 
 
 def convert_for_generation(model: nn.Module, config, max_cache_len: int | None = None, say=None,
-                           kv_cache: str | None = None) -> GenerativeLM:
-    """The GenerativeLM of a Hugging Face causal LM converted with `config` (a ConvertConfig)."""
-    from rewriter.generation import convert_steps
+                           kv_cache: str | None = None, example_inputs: Any = None,
+                           example_kwargs: dict | None = None) -> GenerativeLM:
+    """The GenerativeLM of a Hugging Face causal LM converted with `config` (a ConvertConfig); the
+    example token ids' (batch, length) size the prefill graph's example (what the passes plan for)."""
+    from rewriter.generation import convert_steps, example_shape
 
     if max_cache_len is None:
         limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 1024)
         max_cache_len = int(min(limit, 1024))
-    steps = convert_steps(model, config, int(max_cache_len), say=say, kv_cache=kv_cache)
+    steps = convert_steps(model, config, int(max_cache_len), say=say, kv_cache=kv_cache,
+                          example=example_shape(example_inputs, example_kwargs))
     generation_config = getattr(model, "generation_config", None)
     if generation_config is None:
         from transformers import GenerationConfig

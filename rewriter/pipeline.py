@@ -213,7 +213,8 @@ def convert(model: nn.Module, example_inputs: Any = None, example_kwargs: dict |
     if generate or (generate is None and wants_generation(model, config.mode)):
         from rewriter.generation_model import convert_for_generation
 
-        return convert_for_generation(model, config, max_cache_len, say=say, kv_cache=kv_cache)
+        return convert_for_generation(model, config, max_cache_len, say=say, kv_cache=kv_cache,
+                                      example_inputs=example_inputs, example_kwargs=example_kwargs)
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
     if config.mode is Mode.TRAIN:  # a training and an evaluation graph on one set of fp32 parameters
         from rewriter.training import convert_train

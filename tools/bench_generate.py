@@ -8,6 +8,7 @@ Variants, all in one process, timed round-robin (each variant once per round, --
     ours bf16 cudagraphs    the same, decode graph replayed from a CUDA graph (GPU only)
     ours bf16 compile+cg    decode graph compiled by inductor, then replayed from a CUDA graph (GPU only)
     ours fp8 [...]          precision="fp8" (the FP8 GEMM cost model decides per linear), same backends
+    ours bf16 kv8 cudagraphs  bf16 with kv_cache="fp8" (e4m3 cache, per-head scales), CUDA graphs
 Per variant and batch: time to first token (prefill + first token, median), decode tokens/s (all
 sequences of the batch, tokens after the first / time after the first), end-to-end tokens/s. Greedy
 decoding with min_new_tokens = max_new_tokens, so every variant generates the same number of tokens.
@@ -32,7 +33,7 @@ import torch
 __all__ = ["main", "build_model", "VARIANTS"]
 
 VARIANTS = ("hf eager bf16", "hf static compile", "ours bf16", "ours bf16 cudagraphs", "ours bf16 compile+cg",
-            "ours fp8", "ours fp8 cudagraphs", "ours fp8 compile+cg")
+            "ours fp8", "ours fp8 cudagraphs", "ours fp8 compile+cg", "ours bf16 kv8 cudagraphs")
 
 
 def build_model(device: str, small: bool):
@@ -114,6 +115,7 @@ def build_variants(model, names, device: str, max_cache_len: int, notes: dict) -
                 runners[name] = run
             else:
                 precision = "fp8" if "fp8" in name else "bf16"
+                kv_cache = "fp8" if " kv8" in name else None
                 backend = ("compile+cuda_graphs" if name.endswith("compile+cg") else
                            "cuda_graphs" if name.endswith("cudagraphs") else "eager")
                 if backend != "eager" and device == "cpu":
@@ -124,8 +126,10 @@ def build_variants(model, names, device: str, max_cache_len: int, notes: dict) -
                     torch.cuda.reset_peak_memory_stats()
                     base = torch.cuda.memory_allocated()
                 start = time.perf_counter()
-                fast = rewriter.convert(model, {"input_ids": torch.ones(2, 8, dtype=torch.long, device=device)},
-                                        precision=precision, generate=True, max_cache_len=max_cache_len)
+                example = torch.ones(8, max_cache_len - 1, dtype=torch.long, device=device)  # the workload
+                fast = rewriter.convert(model, {"input_ids": example},
+                                        precision=precision, generate=True, max_cache_len=max_cache_len,
+                                        kv_cache=kv_cache)
                 seconds = time.perf_counter() - start
                 record = {"convert_s": round(seconds, 2), "converted_bytes": _bytes(fast)}
                 if device.startswith("cuda"):
