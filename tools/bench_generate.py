@@ -2,8 +2,8 @@
 
 Variants, all in one process, timed round-robin (each variant once per round, --repeats rounds, median):
     hf eager bf16           model.generate() with its DynamicCache
-    hf static compile       the transformers recipe: cache_implementation="static" and
-                            model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    hf static compile       the transformers recipe: generate(cache_implementation="static"), whose decode
+                            forward transformers 5 compiles itself on a GPU (mode="reduce-overhead")
     ours bf16               rewriter.convert(precision="bf16", generate=True): eager prefill and decode graphs
     ours bf16 cudagraphs    the same, decode graph replayed from a CUDA graph (GPU only)
     ours bf16 compile+cg    decode graph compiled by inductor, then replayed from a CUDA graph (GPU only)
@@ -77,9 +77,10 @@ def _bytes(module) -> int:
     return sum(t.numel() * t.element_size() for t in unique)
 
 
-def _hf_runner(model, static: bool):
+def _hf_runner(model, static: bool, max_cache_len: int | None = None):
     def generate(ids, mask, new):
-        kw = {"cache_implementation": "static"} if static else {}
+        # one cache size for every call (the TTFT call too): no recompilation between calls
+        kw = {"cache_implementation": "static", "max_cache_len": max_cache_len} if static else {}
         return model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                               do_sample=False, **kw)
     return generate
@@ -103,16 +104,9 @@ def build_variants(model, names, device: str, max_cache_len: int, notes: dict) -
                 if device == "cpu":
                     notes[name] = "skipped on CPU (reduce-overhead needs CUDA graphs)"
                     continue
-                compiled = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
-                plain = model.forward
-
-                def run(ids, mask, new, compiled=compiled, plain=plain):
-                    model.forward = compiled
-                    try:
-                        return _hf_runner(model, static=True)(ids, mask, new)
-                    finally:
-                        model.forward = plain
-                runners[name] = run
+                # transformers 5: a static cache on a GPU makes generate() compile the decode forward
+                # (CompileConfig: mode="reduce-overhead", i.e. CUDA graphs), the documented recipe
+                runners[name] = _hf_runner(model, static=True, max_cache_len=max_cache_len)
             else:
                 precision = "fp8" if "fp8" in name else "bf16"
                 kv_cache = "fp8" if " kv8" in name else None
