@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=32, help="held-out prompts (default 32)")
     parser.add_argument("--precisions", default="bf16,fp16", help="converted precisions (default bf16,fp16)")
     parser.add_argument("--show", type=int, default=4, help="prompts printed side by side (default 4)")
+    parser.add_argument("--kv8", action="store_true", help="also bf16 with an FP8 KV cache (kv_cache='fp8')")
     args = parser.parse_args(argv)
     import rewriter
     from rewriter.errors import RewriterError
@@ -138,14 +139,15 @@ def main(argv: list[str] | None = None) -> int:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
     runs["autocast bf16"] = autocast
-    for precision in [p.strip() for p in args.precisions.split(",") if p.strip()]:
+    wanted = [(p.strip(), None) for p in args.precisions.split(",") if p.strip()]
+    for precision, kv_cache in wanted + ([("bf16", "fp8")] if args.kv8 else []):
         try:
             fast = rewriter.convert(model, {"input_ids": ids}, precision=precision, generate=True,
-                                    max_cache_len=2 * MAX_LEN + 4)
+                                    max_cache_len=2 * MAX_LEN + 4, kv_cache=kv_cache)
         except RewriterError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        runs[f"converted {precision}"] = (lambda f: lambda: f.generate(ids, attention_mask=mask, max_new_tokens=new,
+        runs[f"converted {precision}{' kv8' if kv_cache else ''}"] = (lambda f: lambda: f.generate(ids, attention_mask=mask, max_new_tokens=new,
                                                                        do_sample=False))(fast)
     results = {}
     for name, run in runs.items():

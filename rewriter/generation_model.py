@@ -259,7 +259,12 @@ def convert_for_generation(model: nn.Module, config, max_cache_len: int | None =
                            example_kwargs: dict | None = None) -> GenerativeLM:
     """The GenerativeLM of a Hugging Face causal LM converted with `config` (a ConvertConfig); the
     example token ids' (batch, length) size the prefill graph's example (what the passes plan for)."""
+    from rewriter.errors import ConfigError
     from rewriter.generation import convert_steps, example_shape
+
+    if isinstance(model, GenerativeLM):
+        raise ConfigError(f"this model is already converted (GenerativeLM, {model.record['config']['precision']}, "
+                          f"cache {model.max_cache_len}): convert the original Hugging Face model instead")
 
     if max_cache_len is None:
         limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 1024)
