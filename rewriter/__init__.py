@@ -24,7 +24,7 @@ from rewriter.errors import BackendError, CaptureError, ConfigError, InputError,
 from rewriter.fp8_options import Fp8Options
 from rewriter.io import load, save
 from rewriter.loss_scale import make_scaler
-from rewriter.pipeline import convert
+from rewriter.api import convert
 from rewriter.training import TrainEvalGraphModule
 
 __version__ = "0.1.0"

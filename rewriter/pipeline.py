@@ -21,7 +21,7 @@ from rewriter.passes.analysis._calibration import as_batches
 from rewriter.passes.infra import Pass, PassManager
 from rewriter.training import TrainEvalGraphModule, capture_train_eval
 
-__all__ = ["convert", "is_converted", "build_passes", "PassContext", "Step", "PASS_TABLE", "STAGES", "INFO_KEY"]
+__all__ = ["convert", "reporter", "is_converted", "build_passes", "PassContext", "Step", "PASS_TABLE", "STAGES", "INFO_KEY"]
 
 INFO_KEY = meta.INFO  # key of the conversion record in GraphModule.meta
 
@@ -185,7 +185,7 @@ def convert(model: nn.Module, example_inputs: Any = None, example_kwargs: dict |
         return _apply_backend(model, config)
     if config.backend != "eager":  # fail before capturing when the backend cannot run here
         check_available(config.backend)
-    say = _reporter(progress)
+    say = reporter(progress)
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
     if config.mode is Mode.TRAIN:  # a training and an evaluation graph on one set of fp32 parameters
         gm, captured = _convert_train(model, args, kwargs, config, calibration=calibration, say=say)
@@ -240,7 +240,7 @@ def _apply_backend(model, config: ConvertConfig):
     return optimize(graph_module_of(model), mode=config.backend, **config.backend_kwargs())
 
 
-def _reporter(enabled: bool):
+def reporter(enabled: bool):
     def say(step: str, text: str) -> None:
         if enabled:
             print(f"[rewrite] {step}: {text}", file=sys.stderr, flush=True)

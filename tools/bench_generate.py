@@ -1,0 +1,220 @@
+"""Generation benchmark: a Llama-style 1B model (random init, bf16), prompt 512, 128 new tokens, batch 1 and 8.
+
+Variants, all in one process, timed round-robin (each variant once per round, --repeats rounds, median):
+    hf eager bf16           model.generate() with its DynamicCache
+    hf static compile       the transformers recipe: generate(cache_implementation="static"), whose decode
+                            forward transformers 5 compiles itself on a GPU (mode="reduce-overhead")
+    ours bf16               rewriter.convert(precision="bf16", generate=True): eager prefill and decode graphs
+    ours bf16 cudagraphs    the same, decode graph replayed from a CUDA graph (GPU only)
+    ours bf16 compile+cg    decode graph compiled by inductor, then replayed from a CUDA graph (GPU only)
+    ours fp8 [...]          precision="fp8" (the FP8 GEMM cost model decides per linear), same backends
+    ours bf16 kv8 cudagraphs  bf16 with kv_cache="fp8" (e4m3 cache, per-head scales), CUDA graphs
+Per variant and batch: time to first token (prefill + first token, median), decode tokens/s (all
+sequences of the batch, tokens after the first / time after the first), end-to-end tokens/s. Greedy
+decoding with min_new_tokens = max_new_tokens, so every variant generates the same number of tokens.
+Also measured: peak memory while converting the bf16 model (CUDA: max_memory_allocated above what was
+allocated before), against the converted model's bytes (target <= 1.5x), and whether our greedy tokens
+equal hf eager's on the first prompt.
+
+    python -m tools.bench_generate --device cuda --out bench_generate.json
+    python -m tools.bench_generate --device cpu --small --out /tmp/g.json     # smoke run, tiny model
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+__all__ = ["main", "build_model", "VARIANTS"]
+
+VARIANTS = ("hf eager bf16", "hf static compile", "ours bf16", "ours bf16 cudagraphs", "ours bf16 compile+cg",
+            "ours fp8", "ours fp8 cudagraphs", "ours fp8 compile+cg", "ours bf16 kv8 cudagraphs")
+
+
+def build_model(device: str, small: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if small:
+        config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    else:  # the shape of Llama 3.2 1B (untied head: 1.5B parameters with the separate LM head)
+        config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                             num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                             max_position_embeddings=4096, rope_theta=500000.0, tie_word_embeddings=False)
+    config.pad_token_id = 0
+    config.eos_token_id = None
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(before)
+    return model.eval()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: str) -> tuple[float, object]:
+    _sync(device)
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - start, out
+
+
+def _bytes(module) -> int:
+    unique = {id(t): t for t in list(module.parameters()) + list(module.buffers())}.values()
+    return sum(t.numel() * t.element_size() for t in unique)
+
+
+def _hf_runner(model, static: bool, max_cache_len: int | None = None):
+    def generate(ids, mask, new):
+        # one cache size for every call (the TTFT call too): no recompilation between calls
+        kw = {"cache_implementation": "static", "max_cache_len": max_cache_len} if static else {}
+        return model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                              do_sample=False, **kw)
+    return generate
+
+
+def _ours_runner(fast):
+    def generate(ids, mask, new):
+        return fast.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    return generate
+
+
+def build_variants(model, names, device: str, max_cache_len: int, notes: dict) -> dict:
+    import rewriter
+
+    runners = {}
+    for name in names:
+        try:
+            if name == "hf eager bf16":
+                runners[name] = _hf_runner(model, static=False)
+            elif name == "hf static compile":
+                if device == "cpu":
+                    notes[name] = "skipped on CPU (reduce-overhead needs CUDA graphs)"
+                    continue
+                # transformers 5: a static cache on a GPU makes generate() compile the decode forward
+                # (CompileConfig: mode="reduce-overhead", i.e. CUDA graphs), the documented recipe
+                runners[name] = _hf_runner(model, static=True, max_cache_len=max_cache_len)
+            else:
+                precision = "fp8" if "fp8" in name else "bf16"
+                kv_cache = "fp8" if " kv8" in name else None
+                backend = ("compile+cuda_graphs" if name.endswith("compile+cg") else
+                           "cuda_graphs" if name.endswith("cudagraphs") else "eager")
+                if backend != "eager" and device == "cpu":
+                    notes[name] = "skipped on CPU (CUDA graphs)"
+                    continue
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                start = time.perf_counter()
+                example = torch.ones(8, max_cache_len - 1, dtype=torch.long, device=device)  # the workload
+                fast = rewriter.convert(model, {"input_ids": example},
+                                        precision=precision, generate=True, max_cache_len=max_cache_len,
+                                        kv_cache=kv_cache)
+                seconds = time.perf_counter() - start
+                record = {"convert_s": round(seconds, 2), "converted_bytes": _bytes(fast)}
+                if device.startswith("cuda"):
+                    record["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base
+                    record["peak_over_converted"] = round(record["peak_extra_bytes"] / record["converted_bytes"], 3)
+                record["generation"] = fast.record.get("generation")
+                notes[name] = record
+                fast.set_decode_backend(backend)
+                runners[name] = _ours_runner(fast)
+        except Exception as exc:  # a variant that cannot be built is reported, the others run
+            notes[name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            traceback.print_exc(file=sys.stderr)
+    return runners
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--small", action="store_true", help="tiny model, short prompt (CPU smoke run)")
+    p.add_argument("--prompt", type=int, default=None, help="prompt length (512; --small: 16)")
+    p.add_argument("--new", type=int, default=None, help="new tokens (128; --small: 8)")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--out", default=None, help="write the results as JSON")
+    args = p.parse_args(argv)
+    prompt = args.prompt or (16 if args.small else 512)
+    new = args.new or (8 if args.small else 128)
+    batches = [int(b) for b in args.batches.split(",")]
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        print(f"error: unknown variants {unknown}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+
+    model = build_model(args.device, args.small)
+    vocab = model.config.vocab_size
+    results = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+               "torch": torch.__version__, "prompt": prompt, "new_tokens": new, "model_bytes": _bytes(model),
+               "notes": {}, "runs": {}}
+    runners = build_variants(model, names, args.device, prompt + new, results["notes"])
+    g = torch.Generator().manual_seed(0)
+    inputs = {b: torch.randint(1, vocab, (b, prompt), generator=g).to(args.device) for b in batches}
+    times: dict = {(n, b): {"ttft": [], "total": []} for n in runners for b in batches}
+    tokens: dict = {}
+    for name, run in list(runners.items()):  # warm-up (compiles, captures) before any timing
+        try:
+            for b in batches:
+                ids = inputs[b]
+                run(ids, torch.ones_like(ids), 1)
+                tokens[(name, b)] = run(ids, torch.ones_like(ids), new)[:, prompt:].cpu()
+        except Exception as exc:
+            results["notes"][name] = f"failed in warm-up: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            traceback.print_exc(file=sys.stderr)
+            del runners[name]
+    for _ in range(args.repeats):
+        for b in batches:
+            ids = inputs[b]
+            mask = torch.ones_like(ids)
+            for name, run in runners.items():
+                ttft, _ = _timed(lambda: run(ids, mask, 1), args.device)
+                total, _ = _timed(lambda: run(ids, mask, new), args.device)
+                times[(name, b)]["ttft"].append(ttft)
+                times[(name, b)]["total"].append(total)
+    for (name, b), t in times.items():
+        if name not in runners:
+            continue
+        ttft, total = statistics.median(t["ttft"]), statistics.median(t["total"])
+        row = {"batch": b, "ttft_ms": round(1e3 * ttft, 2),
+               "decode_tokens_per_s": round((new - 1) * b / max(total - ttft, 1e-9), 1),
+               "tokens_per_s": round(new * b / total, 1)}
+        reference = tokens.get(("hf eager bf16", b))
+        if reference is not None and (name, b) in tokens:
+            row["same_tokens_as_hf_eager"] = float((tokens[(name, b)] == reference).float().mean())
+        results["runs"][f"{name} b{b}"] = row
+    base = {b: results["runs"].get(f"ours bf16 b{b}") for b in batches}
+    for key, row in results["runs"].items():
+        ours = base[row["batch"]]
+        if ours:
+            row["decode_vs_ours_bf16"] = round(row["decode_tokens_per_s"] / ours["decode_tokens_per_s"], 3)
+    print(f"{'variant':28s} {'TTFT ms':>9s} {'decode tok/s':>13s} {'tok/s':>9s} {'vs ours bf16':>13s}")
+    for key, row in results["runs"].items():
+        print(f"{key:28s} {row['ttft_ms']:>9.1f} {row['decode_tokens_per_s']:>13.1f} {row['tokens_per_s']:>9.1f} "
+              f"{row.get('decode_vs_ours_bf16', float('nan')):>13.3f}")
+    for name, note in results["notes"].items():
+        print(f"{name}: {note}")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(results, fh, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
