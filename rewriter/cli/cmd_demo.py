@@ -26,6 +26,14 @@ def run(args, ui: Ui) -> int:
     training = {"--task": args.task, "--precisions": args.precisions, "--steps": args.steps,
                 "--log-every": args.log_every, "--seed": args.seed, "--threads": args.threads,
                 "--growth-interval": args.growth_interval, "--json": args.json, "--force": args.force or None}
+    if args.generate:
+        if args.train:
+            raise InputError("--generate and --train are two demos: run one at a time")
+        from rewriter import generation_demo
+
+        return int(generation_demo.main(["--kv8"] if args.kv8 else []) or 0)
+    if args.kv8:
+        raise InputError("--kv8 only applies to the generation demo: rewrite demo --generate --kv8")
     if args.train:
         if args.precision is not None:
             raise InputError(f"--precision {args.precision} picks the conversion demo's precision; the "

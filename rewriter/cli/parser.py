@@ -275,6 +275,10 @@ def _add_demo(sub, common) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="precision of the conversion demo (fp16); with --train use --precisions")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    p.add_argument("--generate", action="store_true",
+                   help="the generation demo instead: a tiny Llama-style LM trained in seconds to reverse digits "
+                        "generates side by side in fp32, autocast and converted bf16/fp16, with tokens/s")
+    p.add_argument("--kv8", action="store_true", help="with --generate: also bf16 with an FP8 KV cache")
     g = p.add_argument_group("training demo (--train)")
     g.add_argument("--train", action="store_true",
                    help="run the mixed-precision training demo instead of the conversion demo")
