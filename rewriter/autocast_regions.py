@@ -173,6 +173,7 @@ def _source_of(node) -> str | None:
                 continue
             line = rest.split("line ", 1)[-1].split(",", 1)[0].strip()
             code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            code = "" if code.startswith('File "') else code  # no source text (<stdin>, exec)
             return f"{os.path.basename(path)}:{line}: {code}".rstrip(": ")
     return None
 

@@ -142,3 +142,19 @@ def test_symbolic_trace_path_records_regions():
     assert "with torch.autocast(self.device_type, enabled=False)" in linears["lin3"]["reason"]
     with torch.no_grad():
         assert torch.allclose(gm(x), _intended(model, x), rtol=1e-5, atol=1e-6)
+
+
+def test_fp8_conversion_keeps_a_bf16_region_in_bf16():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+
+        def forward(self, x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.b(self.a(x).float())
+
+    fast = rewriter.convert(Model().eval(), (torch.randn(32, 64),), precision="fp8")
+    records = {meta.module_path(n): meta.get(n, meta.FP8) for n in fast.graph.nodes if meta.get(n, meta.FP8)}
+    assert records["b"]["use"] is False and records["b"]["rule"] == "autocast-region"
+    assert "dtype=torch.bfloat16" in records["b"]["reason"]

@@ -10,7 +10,8 @@ Per model, sequence length and dtype (bf16, fp16): relative L2 error vs strict f
 float64, of autocast, ours eager, ours compiled (backend="compile") and torch.compile(model.to(dtype));
 latency (median of --repeats blocks of --iters calls, CUDA events on a GPU) and the ratios ours eager /
 autocast and ours compiled / torch.compile(model.to(dtype)); how many autocast regions capture found.
-`within_1_5x` says whether ours stays within 1.5x autocast's error (the issue-17 bar).
+`within_1_5x` says whether ours stays within 1.5x autocast's error (+1e-6, fp32 reassociation where
+autocast is exact): the issue-17 bar.
 
     python -m tools.autocast_regions_bench --device cuda --out tools/results/autocast_regions_h200.json
     python -m tools.autocast_regions_bench --device cpu --tiny --no-compile --iters 1 --repeats 1   # smoke
@@ -180,9 +181,9 @@ def run_row(name: str, seq: int, batch: int, dtype: torch.dtype, ns, device) -> 
             traceback.print_exc(file=sys.stderr)
     err, lat = row["error"], row["latency_ms"]
     for key in ("ours", "ours_compiled"):
-        if key in err and "autocast" in err:
-            row[f"{key}_error_vs_autocast"] = err[key] / max(err["autocast"], 1e-30)
-            row[f"{key}_within_1_5x"] = err[key] <= 1.5 * err["autocast"]
+        if key in err and "autocast" in err:  # 1e-6: fp32 reassociation where autocast is exact
+            row[f"{key}_error_vs_autocast"] = err[key] / err["autocast"] if err["autocast"] else None
+            row[f"{key}_within_1_5x"] = err[key] <= 1.5 * err["autocast"] + 1e-6
     if "ours" in lat and "autocast" in lat:
         row["speedup_ours_vs_autocast"] = lat["autocast"] / lat["ours"]
     if "ours_compiled" in lat and "compile_cast" in lat:
