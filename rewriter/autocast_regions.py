@@ -181,7 +181,8 @@ def _source_of(node) -> str | None:
 def _enter_region(record: str) -> None:
     """Marker at the start of a region body: annotate the nodes the retrace creates from here on."""
     stack = _local.__dict__.setdefault("annotations", [])
-    context = fx_traceback.annotate({_KEY: record})
+    annotate = getattr(fx_traceback, "annotate", None) or _annotate  # public since torch 2.9
+    context = annotate({_KEY: record})
     context.__enter__()
     stack.append(context)
 
@@ -195,6 +196,21 @@ def _node_meta(key: int) -> None:
         fx_traceback.current_meta.update(saved)
 
 
+@contextlib.contextmanager
+def _annotate(values: dict) -> Iterator[None]:
+    """torch.fx.traceback.annotate for a torch without it: the same update of current_meta["custom"]."""
+    current = fx_traceback.current_meta
+    had, old = "custom" in current, dict(current.get("custom") or {})
+    current["custom"] = {**old, **values}
+    try:
+        yield
+    finally:
+        if had:
+            current["custom"] = old
+        else:
+            current.pop("custom", None)
+
+
 def _exit_region() -> None:
     stack = _local.__dict__.get("annotations") or []
     if stack:
@@ -202,7 +218,10 @@ def _exit_region() -> None:
 
 
 for _fn in (_enter_region, _exit_region, _node_meta):  # kept by dead-code elimination: they have no users
-    fx.node.has_side_effect(_fn)
+    if hasattr(fx.node, "has_side_effect"):
+        fx.node.has_side_effect(_fn)
+    else:  # older torch.fx: the registry the decorator fills
+        fx.node._side_effectful_functions.add(_fn)
 
 
 def _collect(gm: fx.GraphModule) -> int:
@@ -227,6 +246,10 @@ def _collect(gm: fx.GraphModule) -> int:
 def tracing(tracer: fx.Tracer) -> Iterator[None]:
     """While `tracer` traces on this thread, record every autocast region on the nodes created in it.
 
+    torch.autocast's __enter__/__exit__ are wrapped while any thread traces (installed by the first,
+    removed by the last); the wrappers act only for a thread that is tracing and pass through for
+    every other.
+
     Args:
         tracer: the torch.fx tracer; its `innermost()` (when it has one) names the current module.
 
@@ -234,35 +257,53 @@ def tracing(tracer: fx.Tracer) -> Iterator[None]:
         >>> with autocast_regions.tracing(tracer):
         ...     graph = tracer.trace(model)
     """
-    cls = torch.amp.autocast_mode.autocast
-    enter, exit_ = cls.__enter__, cls.__exit__
-    me = threading.get_ident()
-    open_regions: list[tuple[dict, set]] = []
-
-    def wrapped_enter(self):
-        if threading.get_ident() == me and getattr(tracer, "graph", None) is not None:
-            record = {"enabled": bool(self._enabled),
-                      "dtype": meta.dtype_name(self.fast_dtype) if self._enabled else None,
-                      "device": str(self.device), "module": _tracer_module(tracer),
-                      "source": _caller_source()}
-            open_regions.append((record, set(tracer.graph.nodes)))
-        return enter(self)
-
-    def wrapped_exit(self, *exc: Any):
-        result = exit_(self, *exc)
-        if threading.get_ident() == me and open_regions:
-            record, before = open_regions.pop()
-            for node in tracer.graph.nodes:
-                if node not in before and node.op not in ("placeholder", "output") \
-                        and meta.AUTOCAST not in node.meta:
-                    meta.put(node, meta.AUTOCAST, dict(record))
-        return result
-
-    cls.__enter__, cls.__exit__ = wrapped_enter, wrapped_exit
+    tracers = _local.__dict__.setdefault("tracers", [])
+    tracers.append((tracer, []))
+    with _install_lock:
+        if _installed[0] == 0:
+            cls = torch.amp.autocast_mode.autocast
+            _originals[:] = [cls.__enter__, cls.__exit__]
+            cls.__enter__, cls.__exit__ = _wrapped_enter, _wrapped_exit
+        _installed[0] += 1
     try:
         yield
     finally:
-        cls.__enter__, cls.__exit__ = enter, exit_
+        tracers.pop()
+        with _install_lock:
+            _installed[0] -= 1
+            if _installed[0] == 0:
+                cls = torch.amp.autocast_mode.autocast
+                cls.__enter__, cls.__exit__ = _originals
+
+
+_install_lock = threading.Lock()
+_installed = [0]       # threads tracing now
+_originals: list = []  # torch.autocast's own __enter__ and __exit__ while wrapped
+
+
+def _wrapped_enter(self):
+    tracers = _local.__dict__.get("tracers")
+    if tracers and getattr(tracers[-1][0], "graph", None) is not None:
+        tracer, open_regions = tracers[-1]
+        record = {"enabled": bool(self._enabled),
+                  "dtype": meta.dtype_name(self.fast_dtype) if self._enabled else None,
+                  "device": str(self.device), "module": _tracer_module(tracer),
+                  "source": _caller_source()}
+        open_regions.append((record, set(tracer.graph.nodes)))
+    return _originals[0](self)
+
+
+def _wrapped_exit(self, *exc: Any):
+    result = _originals[1](self, *exc)
+    tracers = _local.__dict__.get("tracers")
+    if tracers and tracers[-1][1]:
+        tracer, open_regions = tracers[-1]
+        record, before = open_regions.pop()
+        for node in tracer.graph.nodes:  # the innermost region closes first and wins
+            if node not in before and node.op not in ("placeholder", "output") \
+                    and meta.AUTOCAST not in node.meta:
+                meta.put(node, meta.AUTOCAST, dict(record))
+    return result
 
 
 def _tracer_module(tracer) -> str | None:

@@ -158,3 +158,25 @@ def test_fp8_conversion_keeps_a_bf16_region_in_bf16():
     records = {meta.module_path(n): meta.get(n, meta.FP8) for n in fast.graph.nodes if meta.get(n, meta.FP8)}
     assert records["b"]["use"] is False and records["b"]["rule"] == "autocast-region"
     assert "dtype=torch.bfloat16" in records["b"]["reason"]
+
+
+def test_a_torch_that_cannot_retrace_the_markers_still_converts(monkeypatch):
+    """Should run_decompositions refuse the marked bodies, the program is decomposed without them and
+    the user is told the regions are converted like the rest."""
+    original = torch.export.ExportedProgram.run_decompositions
+    calls = []
+
+    def refuse_once(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("unsupported call_function target")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions", refuse_once)
+    model = FreqsModel(dim=32).eval()
+    positions = torch.arange(64, dtype=torch.float32)[None].expand(2, -1).contiguous()
+    with pytest.warns(UserWarning, match="could not be marked"):
+        fast = rewriter.convert(model, (positions,), precision="bf16")
+    assert _decisions(fast, "matmul")[0]["rule"] == "op-table"
+    assert not autocast_regions.regions_of(fast)
+    assert fast(positions).shape == model(positions).shape
