@@ -122,7 +122,8 @@ def _mark_bodies(gm: fx.GraphModule) -> int:
         body = getattr(gm, body_node.target) if isinstance(body_node, fx.Node) else None
         if not isinstance(body, fx.GraphModule):
             continue
-        first = next((n for n in body.graph.nodes if n.op == "call_function"), None)
+        first = next((n for n in body.graph.nodes if n.op == "call_function" and n.meta.get("stack_trace")),
+                     None)
         record = {"enabled": enabled, "dtype": meta.dtype_name(dtype) if enabled else None,
                   "device": str(device),
                   "module": _module_of(node), "source": _source_of(first)}
