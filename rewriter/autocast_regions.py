@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import threading
 import traceback
 import warnings
@@ -41,10 +42,11 @@ import torch.fx.traceback as fx_traceback
 
 from rewriter import meta
 
-__all__ = ["decompose", "tracing", "describe", "regions_of"]
+__all__ = ["decompose", "tracing", "visible", "describe", "regions_of"]
 
 _KEY = "rewriter.autocast_region"  # the key inside node.meta["custom"] while run_decompositions retraces
 _local = threading.local()
+_install_lock = threading.Lock()  # guards the patches of visible() and tracing()
 
 
 def describe(record: dict) -> str:
@@ -64,6 +66,60 @@ def regions_of(gm: fx.GraphModule) -> list[dict]:
         if record:
             seen.setdefault(json.dumps(record, sort_keys=True), record)
     return list(seen.values())
+
+
+# ---------------------------------------------------------------- regions libraries hide
+
+
+@contextlib.contextmanager
+def visible() -> Iterator[None]:
+    """While the model is captured, library helpers that skip `torch.autocast(enabled=False)` when
+    autocast is off enter it anyway, so the region is seen.
+
+    transformers' `maybe_autocast(device, enabled=False)` returns a nullcontext unless autocast is on
+    (GPT-2's upcast attention, Nemotron's layer norm, Ernie/ESM/Phi-4 rotary code...): captured in
+    fp32, the region would vanish and its matmuls turn 16-bit. Entering a disabled autocast where
+    autocast is already off changes no value, so the patched helper computes the same in every
+    thread; it is installed by the first capture and removed by the last.
+
+    Example:
+        >>> with autocast_regions.visible():
+        ...     ep = torch.export.export(model, args, strict=False)
+    """
+    with _install_lock:
+        if _visible[0] == 0:
+            _patch_maybe_autocast()
+        _visible[0] += 1
+    try:
+        yield
+    finally:
+        with _install_lock:
+            _visible[0] -= 1
+            if _visible[0] == 0:
+                for module, original in _patched:
+                    module.maybe_autocast = original
+                _patched.clear()
+
+
+_visible = [0]                     # captures in progress
+_patched: list[tuple[Any, Any]] = []  # (module, its own maybe_autocast) while patched
+
+
+def _patch_maybe_autocast() -> None:
+    generic = sys.modules.get("transformers.utils.generic")
+    original = getattr(generic, "maybe_autocast", None)
+    if original is None:
+        return
+
+    def maybe_autocast(device_type, dtype=None, enabled=True, cache_enabled=None):
+        if not enabled and device_type != "meta":
+            return torch.autocast(device_type, dtype=dtype, enabled=False, cache_enabled=cache_enabled)
+        return original(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
+
+    for module in list(sys.modules.values()):  # `from ...utils.generic import maybe_autocast` copies
+        if getattr(module, "maybe_autocast", None) is original:
+            _patched.append((module, original))
+            module.maybe_autocast = maybe_autocast
 
 
 # ---------------------------------------------------------------- torch.export path
@@ -260,6 +316,8 @@ def tracing(tracer: fx.Tracer) -> Iterator[None]:
     """
     tracers = _local.__dict__.setdefault("tracers", [])
     tracers.append((tracer, []))
+    hidden = visible()
+    hidden.__enter__()
     with _install_lock:
         if _installed[0] == 0:
             cls = torch.amp.autocast_mode.autocast
@@ -270,6 +328,7 @@ def tracing(tracer: fx.Tracer) -> Iterator[None]:
         yield
     finally:
         tracers.pop()
+        hidden.__exit__(None, None, None)
         with _install_lock:
             _installed[0] -= 1
             if _installed[0] == 0:
@@ -277,7 +336,6 @@ def tracing(tracer: fx.Tracer) -> Iterator[None]:
                 cls.__enter__, cls.__exit__ = _originals
 
 
-_install_lock = threading.Lock()
 _installed = [0]       # threads tracing now
 _originals: list = []  # torch.autocast's own __enter__ and __exit__ while wrapped
 

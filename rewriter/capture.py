@@ -209,7 +209,8 @@ def batch_dynamic_shapes(forward, args: tuple, kwargs: dict, dim=None):
 
 def _export(model, args, kwargs, dynamic: bool):
     shapes = batch_dynamic_shapes(model.forward, args, kwargs) if dynamic else None
-    ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+    with autocast_regions.visible():  # regions transformers' maybe_autocast would hide
+        ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
     return autocast_regions.decompose(ep)  # run_decompositions({}), the model's autocast regions kept
 
 

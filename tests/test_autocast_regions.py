@@ -180,3 +180,29 @@ def test_a_torch_that_cannot_retrace_the_markers_still_converts(monkeypatch):
     assert _decisions(fast, "matmul")[0]["rule"] == "op-table"
     assert not autocast_regions.regions_of(fast)
     assert fast(positions).shape == model(positions).shape
+
+
+def test_regions_transformers_maybe_autocast_would_hide_are_kept():
+    """GPT-2's upcast attention runs under transformers' maybe_autocast(enabled=False), which is a
+    nullcontext when autocast is off (as it is at capture): the region is still found, and the
+    helper is itself again afterwards."""
+    import transformers
+    from transformers.models.gpt2 import modeling_gpt2
+    from transformers.utils import generic
+
+    cfg = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64, use_cache=False,
+                                  reorder_and_upcast_attn=True, attn_implementation="eager",
+                                  bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2Model(cfg).eval()
+    ids = torch.randint(0, 100, (2, 12))
+    fast = rewriter.convert(model, (ids,), precision="fp16")
+    regions = autocast_regions.regions_of(fast)
+    assert [r["module"] for r in regions] == ["h.0.attn", "h.1.attn"]
+    baddbmms = _decisions(fast, "baddbmm")
+    assert len(baddbmms) == 2 and all(d["dtype"] == "float32" and d["rule"] == "autocast-region" for d in baddbmms)
+    assert modeling_gpt2.maybe_autocast is generic.maybe_autocast
+    assert generic.maybe_autocast.__qualname__ == "maybe_autocast"
+    with torch.no_grad():
+        ref = model(ids).last_hidden_state
+        assert rel_l2(fast(ids).last_hidden_state, ref) <= 1.5 * rel_l2(_autocast(model, (ids,), "fp16")
+                                                                      .last_hidden_state, ref) + 1e-4
