@@ -149,7 +149,7 @@ def _variants(model, args, dtype, device, compile_on: bool) -> dict:
            "_region_nodes": sum(1 for n in graph_module_of(ours).graph.nodes
                                 if n.meta.get("rewriter.autocast"))}
     if compile_on:
-        ours_c = rewriter.convert(model, args, precision=precision, backend="compile")
+        ours_c = rewriter.convert(ours, args, precision=precision, backend="compile")  # same graph, compiled
         cast = torch.compile(copy.deepcopy(model).to(dtype))
         out["ours_compiled"] = lambda: ours_c(*args)
         out["compile_cast"] = lambda: cast(*args)
