@@ -19,6 +19,10 @@ would otherwise replace by the region's.
 torch.fx.symbolic_trace path: `tracing(tracer)` wraps torch.autocast's __enter__/__exit__ while the
 tracer runs (on that thread only) and records the nodes created in between.
 
+Regions a library hides: transformers' `maybe_autocast(device, enabled=False)` is a nullcontext when
+autocast is off, as it is at capture; `visible()` (both paths) makes it enter the disabled autocast, which
+changes no value, so the region is seen (GPT-2's upcast attention, Nemotron, Ernie, ESM, Phi-4...).
+
 Record (meta.AUTOCAST): {"enabled": bool, "dtype": "bfloat16" | None, "device": "cuda",
 "module": "model.rotary_emb" | None, "source": "modeling_llama.py:123: freqs = ..." | None}.
 
