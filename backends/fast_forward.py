@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import importlib
 import operator
 from typing import Any
 
@@ -81,12 +82,45 @@ def binding_for(node: fx.Node) -> Any:
 
 
 def _nameable(fn) -> bool:
-    """True when torch.fx can name `fn` in generated code (it finds the module that holds it)."""
+    """True when the name torch.fx writes for `fn` in generated code resolves to `fn` itself.
+
+    torch.fx names `torch._C._VariableFunctions.broadcast_tensors` "torch.broadcast_tensors", and that
+    name is a Python wrapper with another signature (it takes `*tensors`, the aten op a list): the
+    generated code would call the wrapper. The same holds for split, einsum, meshgrid, norm, cdist,
+    tensordot, stft... Those ops keep their OpOverload.
+    """
     try:
-        fx.node._get_qualified_name(fn)
+        name = fx.node._get_qualified_name(fn)
     except RuntimeError:
         return False
-    return True
+    module, _, attr = name.rpartition(".")
+    try:
+        owner = importlib.import_module(module)
+    except ImportError:  # "torch.Tensor.view": an attribute of a module attribute
+        parent, _, cls = module.rpartition(".")
+        try:
+            owner = getattr(importlib.import_module(parent), cls)
+        except (ImportError, AttributeError):
+            return False
+    return getattr(owner, attr, None) is fn
+
+
+def _spelled_out_defaults(node: fx.Node) -> dict:
+    """node.kwargs plus every schema default the node leaves out (None defaults excepted).
+
+    A binding's parser does not always default like the schema: `torch._C._nn.mse_loss(a, b)` (and
+    l1_loss, smooth_l1_loss, huber_loss...) returns the unreduced loss, `aten.mse_loss(a, b)` the mean.
+    Spelled out, the arguments mean the same thing to both.
+    """
+    kwargs = dict(node.kwargs)
+    if node.target is torch.ops.aten._to_copy.default:
+        return kwargs
+    for i, arg in enumerate(node.target._schema.arguments):
+        if ((not arg.kwarg_only and i < len(node.args)) or arg.name in kwargs
+                or not arg.has_default_value() or arg.default_value is None):
+            continue
+        kwargs[arg.name] = arg.default_value
+    return kwargs
 
 
 def _is_dtype_change(node: fx.Node) -> bool:
@@ -173,6 +207,7 @@ def install(gm: fx.GraphModule) -> dict:
             if fn is None:
                 kept[str(node.target)] += 1
             else:
+                node.kwargs = _spelled_out_defaults(node)
                 node.target = fn
                 bound += 1
 

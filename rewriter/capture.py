@@ -27,6 +27,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rewriter import autocast_regions
 from rewriter.attention_swap import batch_first_copy, record_swaps
 from rewriter.errors import CaptureError, InputError
 
@@ -208,9 +209,9 @@ def batch_dynamic_shapes(forward, args: tuple, kwargs: dict, dim=None):
 
 def _export(model, args, kwargs, dynamic: bool):
     shapes = batch_dynamic_shapes(model.forward, args, kwargs) if dynamic else None
-    ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
-    ep = ep.run_decompositions({})
-    return ep
+    with autocast_regions.visible():  # regions transformers' maybe_autocast would hide
+        ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+    return autocast_regions.decompose(ep)  # run_decompositions({}), the model's autocast regions kept
 
 
 def _batch_is_dynamic(gm: fx.GraphModule) -> bool:
@@ -354,7 +355,8 @@ def _symbolic_trace(model, args, kwargs):
 
     tracer = _PathTracer()
     try:
-        graph = tracer.trace(model)
+        with autocast_regions.tracing(tracer):  # the model's autocast regions, on their nodes
+            graph = tracer.trace(model)
     except Exception as exc:
         if not hasattr(exc, "_rewriter_module"):
             exc._rewriter_module = tracer.innermost()  # type: ignore[attr-defined]

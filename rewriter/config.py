@@ -2,7 +2,8 @@
 
 Override precedence, lowest to highest (documented once, here, and in the README):
 
-    default (op table) < analysis (calibration, sensitivity) < op type < module regex ("re:...") < exact module path
+    default (op table) < analysis (calibration, sensitivity) < the model's own torch.autocast regions
+        < op type < module regex ("re:...") < exact module path
 
 An override maps a key to a precision: an op name (``"softmax"``, ``"linear"``), a module regex
 (``"re:encoder\\.layer\\.0\\..*"``) or an exact module path (``"encoder.layer.0.attention"``).

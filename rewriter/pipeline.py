@@ -16,7 +16,8 @@ from rewriter.errors import ConfigError
 from rewriter.fp8_options import Fp8Options, resolve_options
 from rewriter.passes import (Assign, CastWeights, CausalAttention, ChannelsLast, Classify, FoldBatchNorm,
                              FoldCasts, Fp8Cost, Fp8Rewrite, FuseGelu, FuseLinears, InsertCasts, PaddingMask,
-                             Ranges, Sensitivity, SigmoidGelu, TrainBatchNorm, TransferMeasurements)
+                             Ranges, SaturateConstants, Sensitivity, SigmoidGelu, TrainBatchNorm,
+                             TransferMeasurements)
 from rewriter.passes.analysis._calibration import as_batches
 from rewriter.passes.infra import Pass, PassManager
 from rewriter.training import TrainEvalGraphModule, capture_train_eval
@@ -102,6 +103,7 @@ PASS_TABLE: tuple[Step, ...] = (
     Step("plan", lambda c: Fp8Cost(c.config, c.fp8), lambda c: c.is_fp8, 'precision="fp8"'),
     Step("lower", lambda c: InsertCasts(c.config), _always, "always"),
     Step("lower", lambda c: FoldCasts(), _always, "always"),
+    Step("lower", lambda c: SaturateConstants(), _always, "always"),
     Step("lower", lambda c: Fp8Rewrite(c.config, c.fp8), lambda c: c.is_fp8, 'precision="fp8"'),
     Step("lower", lambda c: CastWeights(c.config), lambda c: c.eval_mode, 'mode="eval"'),
     Step("lower", lambda c: TrainBatchNorm(c.config), lambda c: c.train_mode, 'mode="train"'),

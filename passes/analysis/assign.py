@@ -15,6 +15,10 @@ fp32 consumer reads.
 Before: layer_norm(fp32) -> view -> transpose -> linear(lowp)
 After:  layer_norm(fp32) -> [cast] -> view(lowp) -> transpose(lowp) -> linear(lowp)
 
+The model's own autocast regions (meta.AUTOCAST, recorded at capture by rewriter/autocast_regions.py)
+rank above measurements and below user overrides: with autocast off, a node keeps its traced dtype;
+with autocast on, a tensor-core op runs in the region's dtype (rule "autocast-region").
+
 Writes node.meta[DECISION] = {"dtype", "rule", "reason"} on every node that computes in floating point.
 """
 from __future__ import annotations
@@ -27,6 +31,7 @@ from rewriter.passes.graph_utils import float_inputs, is_param, is_tuple_getitem
 from rewriter.passes.infra import AnalysisPass, PassResult
 from rewriter.passes.op_tables import is_known_op, promotes_natively
 from rewriter import meta
+from rewriter.autocast_regions import describe
 from rewriter.config import ConvertConfig, Precision
 
 __all__ = ["Assign"]
@@ -56,8 +61,9 @@ class Assign(AnalysisPass):
         self.overrides = tuple(o.resolve(is_known_op) for o in config.overrides)
 
     # ------------------------------------------------------------------ forced decisions
-    def _forced(self, node: fx.Node, op: str):
-        """(dtype, rule, reason) from the highest-precedence override or measurement, or None."""
+    def _forced(self, node: fx.Node, op: str, cls: str):
+        """(dtype, rule, reason) from the highest-precedence override, the model's own autocast region
+        or a measurement, or None."""
         path = meta.module_path(node)
         best = None
         for o in self.overrides:
@@ -67,6 +73,9 @@ class Assign(AnalysisPass):
             dtype = _F32 if best.precision is Precision.FP32 else best.precision.island_dtype
             where = f"op {op}" if best.kind == "op" else f"module '{path}'"
             return dtype, _rank_name(best.kind), f"user override {best.key}={best.precision.value} on {where}"
+        region = _region_decision(node, op, cls)
+        if region is not None:
+            return region
         for key, rule in ((meta.SENSITIVITY, "analysis:sensitivity"), (meta.RANGE, "analysis:range")):
             record = meta.get(node, key) or {}
             if record.get("keep"):
@@ -95,7 +104,7 @@ class Assign(AnalysisPass):
                 continue
             op, cls = info["op"], info["class"]
             ins = [i for i in float_inputs(node) if i in ref]
-            forced = self._forced(node, op)
+            forced = self._forced(node, op, cls)
             if forced is not None:
                 d, rule, reason = forced
             elif is_tuple_getitem(node):
@@ -200,6 +209,29 @@ class Assign(AnalysisPass):
         except nx.NetworkXUnbounded:
             return {}
         return {n: (low if n in lowp_side else _F32) for n in free}
+
+
+def _region_decision(node: fx.Node, op: str, cls: str):
+    """What the model's own autocast region around `node` asks for (meta.AUTOCAST), or None.
+
+    Autocast off: every floating-point op runs as written, in its traced dtype (the model protects
+    this region from 16-bit). Autocast on with a dtype: the tensor-core ops run in that dtype, the
+    rest is decided as everywhere else."""
+    region = meta.get(node, meta.AUTOCAST)
+    if not region:
+        return None
+    where = describe(region)
+    if not region.get("enabled"):
+        traced = _orig(node)
+        if not meta.is_float_dtype(traced):
+            return None
+        return (traced, "autocast-region", f"inside {where}: the model turns autocast off here, so "
+                f"{op} runs in {meta.dtype_name(traced)} as written")
+    dtype = meta.dtype_from_name(region.get("dtype"))
+    if cls == "lowp" and meta.is_float_dtype(dtype):
+        return (dtype, "autocast-region", f"inside {where}: the model runs this region's tensor-core ops "
+                f"in {meta.dtype_name(dtype)}")
+    return None
 
 
 def _promotes(node) -> bool:

@@ -331,6 +331,8 @@ class Fp8Cost(AnalysisPass):
         if str(decision.get("rule", "")).startswith("override:"):
             return keep("override", f"{decision.get('reason')}: under precision fp8 a bf16 override keeps the "
                         "GEMM in bf16")
+        if decision.get("rule") == "autocast-region":
+            return keep("autocast-region", f"{decision.get('reason')}: the model asks for bf16 here, not FP8")
         operands = gemm_operands(node)
         if operands is None:
             what = ("multiplies activations batch by batch" if op in ("bmm", "baddbmm") else
