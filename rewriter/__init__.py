@@ -32,7 +32,7 @@ __all__ = ["convert", "diff", "save", "load", "export_onnx", "ConvertConfig", "P
 def __getattr__(name):
     # export_onnx pulls in onnx/onnxscript: imported on first use so `import rewriter` stays fast
     if name == "export_onnx":
-        from rewriter.backends.onnx_backend import export_onnx
+        from rewriter.backends.onnx import export_onnx
 
         return export_onnx
     raise AttributeError(f"module 'rewriter' has no attribute {name!r}")

@@ -17,6 +17,8 @@ Keys:
                {"scale": 448/(amax*margin) | None, "mode": "static|dynamic", "emulated": bool, ...};
                in training graphs also {"training": True, "grad_dtype": "float8_e5m2", ...}
     REWRITTEN  rewrite passes:    [{"pass": "...", "reason": "..."}] on existing nodes a pass changed
+    TARGET     target/ort_kernels (run by export_onnx): {"target": "ort-cpu", "dtype": "float32", "rule",
+               "reason"} on nodes the export target runs in another dtype than DECISION (no kernel there)
     ORIGIN     rewriter/io.save:  {"name", "dtype"} of the node in the converted graph before saving
                (re-export renames nodes and re-traces meta["val"], so the fp32 dtype is kept here)
 
@@ -39,7 +41,7 @@ __all__ = [
     "OP_CLASS", "DECISION", "RANGE", "SENSITIVITY", "DTYPE", "CREATED", "FP8", "REWRITTEN", "ALL_KEYS",
     "get", "put", "module_path", "value_dtype", "dtype_name", "dtype_from_name", "is_float_dtype",
     "numel_hint", "to_custom", "from_custom", "ORIGIN", "origin", "CALIBRATION", "INFO", "EXAMPLE_INPUTS",
-    "FAST_FORWARD", "GRAPH_KEYS",
+    "FAST_FORWARD", "GRAPH_KEYS", "TARGET",
 ]
 
 OP_CLASS = "rewriter.op_class"
@@ -51,7 +53,8 @@ CREATED = "rewriter.created"
 FP8 = "rewriter.fp8"
 ORIGIN = "rewriter.origin"
 REWRITTEN = "rewriter.rewritten"
-ALL_KEYS = (OP_CLASS, DECISION, RANGE, SENSITIVITY, DTYPE, CREATED, FP8, ORIGIN, REWRITTEN)
+TARGET = "rewriter.target"
+ALL_KEYS = (OP_CLASS, DECISION, RANGE, SENSITIVITY, DTYPE, CREATED, FP8, ORIGIN, REWRITTEN, TARGET)
 
 # GraphModule.meta keys (graph-level, not node keys): every one the project writes is defined here.
 CALIBRATION = "rewriter.calibration"        # measurement summaries (ranges, sensitivity)

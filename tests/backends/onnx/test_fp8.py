@@ -1,4 +1,4 @@
-"""ONNX translation of rewriter::fp8_linear (backends/onnx_fp8.py): QuantizeLinear/DequantizeLinear in
+"""ONNX translation of rewriter::fp8_linear (backends/onnx/fp8.py): QuantizeLinear/DequantizeLinear in
 float8e4m3fn around Gemm, valid for onnx.checker, and run by ONNX Runtime's CPU EP to the same values
 as the torch op (its emulation path)."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 import rewriter
-from rewriter.backends.onnx_fp8 import MIN_OPSET, custom_translation_table
+from rewriter.backends.onnx.fp8 import MIN_OPSET, custom_translation_table
 from rewriter.passes.plan.fp8_cost import Fp8Options
 from rewriter.runtime.fp8_ops import fp8_linear_op
 
