@@ -228,8 +228,9 @@ max_pool1d max_pool2d max_pool3d max_pool2d_with_indices avg_pool1d avg_pool2d a
 adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d _adaptive_avg_pool2d adaptive_max_pool2d
 """.split())
 
-# None: no kernel for any op that computes (only casts, layer_norm, clip and data movement run in bfloat16
-# on the CPU EP: measured on onnxruntime 1.2x by loading one-node models, tests/passes/target/).
+# None: no kernel for any op that computes but those of _CPU_BF16_KERNELS (measured on onnxruntime 1.32 by
+# loading one-node models: tests/passes/target/test_ort_kernels.py checks the table against the installed one).
+_CPU_BF16_KERNELS = frozenset("layer_norm native_layer_norm clamp clip hardtanh".split())
 _TARGET_GAPS: dict[tuple[str, str], frozenset | None] = {
     ("ort-cpu", "float16"): _NO_FP16_KERNEL,
     ("ort-cpu", "bfloat16"): None,
@@ -246,4 +247,6 @@ def target_gap(target: str, dtype_name: str, name: str) -> bool:
     if name in DATA_MOVEMENT_OPS or name in CAST_OPS or (target, dtype_name) not in _TARGET_GAPS:
         return False
     gaps = _TARGET_GAPS[(target, dtype_name)]
-    return gaps is None or name in gaps
+    if gaps is None:
+        return not (target == "ort-cpu" and name in _CPU_BF16_KERNELS)
+    return name in gaps

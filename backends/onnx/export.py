@@ -26,8 +26,9 @@ import torch.fx as fx
 
 from rewriter import meta
 from rewriter.backends.onnx.common import quiet
-from rewriter.backends.onnx.folding import fold_casts, name_batch_dim, rename_nodes, simplify
-from rewriter.backends.onnx.fp8 import FP8_GEMMS, MIN_OPSET, check_gemm_float8, fp8_nodes, translation_table
+from rewriter.backends.onnx.folding import fold_casts, infer_types, name_batch_dim, rename_nodes, simplify
+from rewriter.backends.onnx.fp8 import (FP8_GEMMS, MIN_OPSET, check_gemm_float8, fp8_nodes, translation_table,
+                                        type_gemm_float8)
 from rewriter.backends.onnx.fusion import fuse
 from rewriter.backends.onnx.kernels import check_decisions, fp32_fallbacks
 from rewriter.backends.onnx.padding import is_right_padded, use_mask_index
@@ -162,6 +163,8 @@ def export_onnx(converted: fx.GraphModule, path: str | os.PathLike, *, target: s
     onnx_ep = getattr(program, "exported_program", None) or ep
 
     simplify(model)
+    if type_gemm_float8(model):
+        infer_types(model)  # what reads the GemmFloat8 outputs
     origin = origin_map(model, onnx_ep, converted)
     names = rename_nodes(model, origin)
     if dynamic:

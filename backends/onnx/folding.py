@@ -145,11 +145,24 @@ def _duplicate(node, graph, seen) -> bool:
     return True
 
 
+def _quantizes(value) -> bool:
+    """Every reader of `value` (through Reshapes) is the FP8 quantization of the Q/DQ translation: the
+    QuantizeLinear itself, or the Abs of its dynamic scale."""
+    readers = list(value.uses())
+    if not readers or value.is_graph_output():
+        return False
+    for use in readers:
+        if use.node.op_type == "Reshape" and use.idx == 0:
+            if not _quantizes(use.node.outputs[0]):
+                return False
+        elif not (use.node.op_type == "QuantizeLinear" and use.idx == 0) and use.node.op_type != "Abs":
+            return False
+    return True
+
+
 def _rounding_before_quantize(node, graph, seen) -> bool:
     found = _rounding_chain(node)
-    readers = list(node.outputs[0].uses())
-    if found is None or node.outputs[0].is_graph_output() or not readers \
-            or any(use.node.op_type != "QuantizeLinear" or use.idx != 0 for use in readers):
+    if found is None or not _quantizes(node.outputs[0]):
         return False
     node.outputs[0].replace_all_uses_with(found[0])
     return True

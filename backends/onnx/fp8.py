@@ -25,6 +25,7 @@ Which runtimes execute what:
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import onnx
@@ -34,7 +35,7 @@ from rewriter.errors import BackendError, describe_node
 from rewriter.runtime.fp8_ops import E4M3_MAX, SCALE_EPS, fp8_linear_op
 
 __all__ = ["custom_translation_table", "translation_table", "fp8_linear_onnx", "fp8_linear_gemm_float8",
-           "fp8_nodes", "check_gemm_float8", "MIN_OPSET", "FP8_GEMMS"]
+           "fp8_nodes", "check_gemm_float8", "type_gemm_float8", "MIN_OPSET", "FP8_GEMMS"]
 
 MIN_OPSET = 19  # float8 types in QuantizeLinear/DequantizeLinear/Cast
 FP8_GEMMS = ("qdq", "com.microsoft")
@@ -69,7 +70,7 @@ def _quantized_input(op, x, w_scale, x_scale, k: int):
             amax = op.ReduceMax(op.Abs(x2d), keepdims=0)
         s_x = op.Div(op.Max(amax, op.Constant(value_float=SCALE_EPS)), op.Constant(value_float=E4M3_MAX))
     else:
-        s_x = op.Reshape(op.Cast(x_scale, to=_FLOAT), op.Constant(value_ints=[]))
+        s_x = op.ReduceMax(op.Cast(x_scale, to=_FLOAT), keepdims=0)  # the one stored value, as a scalar
     axis = 0 if (x_scale is None and per_channel) else 1
     if axis == 0:  # one scale per row: a zero point of the same (dynamic) shape
         zero = op.Cast(op.Mul(s_x, op.Constant(value_float=0.0)), to=_FLOAT8)
@@ -100,16 +101,52 @@ def fp8_linear_gemm_float8(x, w_fp8, w_scale, bias=None, x_scale=None,
                            out_dtype: int = onnx.TensorProto.BFLOAT16, fast_accum: bool = True):
     """com.microsoft.GemmFloat8 translation of `rewriter::fp8_linear` (module docstring); per-tensor scales."""
     from onnxscript import opset19 as op
-    from onnxscript.values import Opset
+    from onnxscript.values import Op, Opset
 
-    ms = Opset("com.microsoft", 1)
+    gemm_float8 = Op(Opset("com.microsoft", 1), "GemmFloat8", _gemm_float8_schema())
     n, k = _dim(w_fp8, 0), _dim(w_fp8, 1)
     q, s_x, _ = _quantized_input(op, x, w_scale, x_scale, k)
-    s_w = op.Reshape(op.Cast(w_scale, to=_FLOAT), op.Constant(value_ints=[]))
-    y = ms.GemmFloat8(q, w_fp8, None, s_x, s_w, transA=0, transB=1, dtype=out_dtype)
+    s_w = op.ReduceMax(op.Cast(w_scale, to=_FLOAT), keepdims=0)  # per tensor: one value, as a scalar
+    y = gemm_float8(q, w_fp8, None, s_x, s_w, transA=0, transB=1, dtype=out_dtype)
     if bias is not None:
         y = op.Add(y, op.Cast(bias, to=out_dtype))
     return op.Reshape(y, op.Concat(op.Shape(x, start=0, end=-1), op.Constant(value_ints=[n]), axis=0))
+
+
+@functools.lru_cache(maxsize=None)
+def _gemm_float8_schema():
+    """The schema of com.microsoft.GemmFloat8 (ONNX Runtime's contrib op; onnx itself does not know it),
+    as ONNX Runtime 1.2x registers it, so that onnxscript can trace the translation."""
+    from onnx.defs import OpSchema
+
+    param, optional = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
+    operands = ["tensor(float8e4m3fn)", "tensor(float8e5m2)", "tensor(float16)", "tensor(bfloat16)", "tensor(float)"]
+    floats = ["tensor(float16)", "tensor(bfloat16)", "tensor(float)"]
+    attrs = [("transA", OpSchema.AttrType.INT), ("transB", OpSchema.AttrType.INT), ("dtype", OpSchema.AttrType.INT),
+             ("alpha", OpSchema.AttrType.FLOAT), ("beta", OpSchema.AttrType.FLOAT),
+             ("activation", OpSchema.AttrType.STRING)]
+    return OpSchema(
+        "GemmFloat8", "com.microsoft", 1,
+        inputs=[param("A", "TA"), param("B", "TB"), param("C", "TC", param_option=optional),
+                param("scaleA", "TS", param_option=optional), param("scaleB", "TS", param_option=optional),
+                param("scaleY", "TS", param_option=optional)],
+        outputs=[param("Y", "TR")],
+        type_constraints=[("TA", operands, ""), ("TB", operands, ""), ("TC", floats, ""), ("TS", ["tensor(float)"], ""),
+                          ("TR", operands, "")],
+        attributes=[OpSchema.Attribute(name, kind, "") for name, kind in attrs])
+
+
+def type_gemm_float8(model) -> int:
+    """Give each GemmFloat8 output its dtype (its `dtype` attribute): ONNX shape inference does not know
+    contrib ops, and the report and the checks read value dtypes. Returns how many were typed."""
+    import onnx_ir as ir
+
+    count = 0
+    for node in model.graph:
+        if node.op_type == "GemmFloat8" and node.domain == "com.microsoft" and "dtype" in node.attributes:
+            node.outputs[0].dtype = ir.DataType(node.attributes["dtype"].as_int())
+            count += 1
+    return count
 
 
 def translation_table(fp8_gemm: str = "qdq") -> dict[object, Callable]:

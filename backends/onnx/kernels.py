@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from rewriter import meta
-from rewriter.backends.onnx.common import FLOATS, LOWP_NAMES, cast_to, dtype_str, is_cast
+from rewriter.backends.onnx.common import FLOATS, LOWP_NAMES, cast_to, dtype_str, is_cast, module_path_of
 from rewriter.errors import BackendError, describe_node
 from rewriter.runtime.fp8_ops import fp8_linear_op
 
@@ -66,7 +66,7 @@ def fp32_fallbacks(model, origin: dict, opset: int, fp32_ops: frozenset, fallbac
     Casts to fp32 and back; one message per node. fallback="error" refuses the first instead."""
     import onnx_ir as ir
 
-    messages = []
+    groups: dict[Any, tuple[str, list[str], list[str], str]] = {}  # fx node (or ONNX node) -> message parts
     graph = model.graph
     up_casts: dict[Any, Any] = {}
     for node in list(graph):
@@ -108,6 +108,8 @@ def fp32_fallbacks(model, origin: dict, opset: int, fp32_ops: frozenset, fallbac
             if dtype_str(out) not in LOWP_NAMES:
                 continue
             low, lowp_output = out.dtype, out.is_graph_output()
+            users = [u for u in out.uses()  # the readers of the 16-bit value; Shape reads any dtype
+                     if not (is_cast(u.node) and cast_to(u.node) == ir.DataType.FLOAT) and u.node.op_type != "Shape"]
             for use in list(out.uses()):  # consumers that cast to fp32 read the fp32 result directly
                 user = use.node
                 if not (is_cast(user) and cast_to(user) == ir.DataType.FLOAT):
@@ -121,8 +123,6 @@ def fp32_fallbacks(model, origin: dict, opset: int, fp32_ops: frozenset, fallbac
                 result.replace_all_uses_with(out)
                 graph.remove(user, safe=True)
             out.dtype = ir.DataType.FLOAT
-            users = [u for u in out.uses()
-                     if not (is_cast(u.node) and cast_to(u.node) == ir.DataType.FLOAT)]
             if not users and not lowp_output:
                 continue
             down = ir.node("Cast", [out], {"to": low}, name=f"{label}/back_out{j}")
@@ -134,8 +134,17 @@ def fp32_fallbacks(model, origin: dict, opset: int, fp32_ops: frozenset, fallbac
             if lowp_output:
                 graph.outputs[graph.outputs.index(out)] = new_value
                 out.name, new_value.name = new_value.name.replace(f"__{low.name.lower()}", "__fp32"), out.name
-        messages.append(f"ONNX node '{label}' ({node.op_type}) kept fp32 via Casts around it, no "
-                        f"{'/'.join(d.lower() for d in blocked)} kernel: {why}")
+        gm_node = origin.get(node)
+        key = gm_node if gm_node is not None else node
+        if key not in groups:
+            base = f"{module_path_of(gm_node)}/{gm_node.name}".lstrip("/") if gm_node is not None else label
+            groups[key] = (base, [], blocked, why)
+        groups[key][1].append(node.op_type)
+    messages = []
+    for base, ops, blocked, why in groups.values():
+        what = f"ONNX node '{base}' ({ops[0]})" if len(ops) == 1 else f"ONNX nodes of '{base}' ({', '.join(ops)})"
+        messages.append(f"{what} kept fp32 via Casts around it, no {'/'.join(d.lower() for d in blocked)} "
+                        f"kernel: {why}")
     return messages
 
 

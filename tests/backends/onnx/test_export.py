@@ -312,10 +312,10 @@ def test_cuda_unavailable_names_package(exported):
         ort_session(path, device="cuda")
 
 
-def test_bf16_on_cpu_ep_refused_naming_node(tmp_path):
+def test_bf16_for_cuda_ep_refused_on_cpu_ep_naming_node(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
     gm = rewriter.convert(model, (torch.randn(2, 8),), precision="bf16")
-    report = export_onnx(gm, tmp_path / "bf16.onnx")
+    report = export_onnx(gm, tmp_path / "bf16.onnx", target="ort-cuda")  # bf16 GEMMs: the file needs CUDA
     onnx.checker.check_model(onnx.load(report.path), full_check=True)
     assert report.initializer_dtypes.get("BFLOAT16", 0) >= 2 and report.cast_chains == 0
     with pytest.raises(RewriterError, match=r"no kernel for \w+-\d+ node '0/linear.*refused"):
