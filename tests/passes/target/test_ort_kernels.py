@@ -66,7 +66,8 @@ def test_diff_shows_the_target_decision():
     OrtKernels("ort-cpu")(gm)
     rows = {e.name: e for e in rewriter.diff(gm, gm).nodes}
     conv = next(n.name for n in gm.graph.nodes if op_name(n) == "conv2d")
-    assert "target:ort-cpu" in (rows[conv].reason or "") or "no bfloat16 kernel" in (rows[conv].reason or "")
+    assert rows[conv].rule == "target:ort-cpu"
+    assert "target:ort-cpu: ONNX Runtime's CPU execution provider has no bfloat16 kernel for conv2d" in rows[conv].reason
 
 
 def test_unknown_target_is_refused():
