@@ -5,6 +5,9 @@ After:  x -> Attention(x, W_qkv, b, mask)
 """
 from __future__ import annotations
 
+import numpy as np
+import onnx_ir as ir
+
 from rewriter.backends.onnx.common import const_ints, new_initializer, take_over
 
 __all__ = ["pack_attention"]
@@ -13,8 +16,6 @@ __all__ = ["pack_attention"]
 def _packed_qkv(mha):
     """(x, w, bias, nodes) when the q, k, v of MultiHeadAttention `mha` are the three equal parts of one
     Split of MatMul(x, W) [+ bias] and nothing else reads them (`nodes`: that Split, Add, MatMul); else None."""
-    import onnx_ir as ir
-
     if mha.domain != "com.microsoft" or len(mha.inputs) < 3 or any(
             v is not None for i, v in enumerate(mha.inputs) if i in (3, 4) or i >= 6):
         return None  # a packed bias, key padding mask, past or cache already set: not the plain form
@@ -58,9 +59,6 @@ def pack_attention(model) -> int:
     lays out q, k, v for the attention kernel instead of an Add and a Split over the whole projection.
     Same dtype everywhere (the inputs', checked); a zero bias of that dtype where the model has none.
     Returns how many were packed."""
-    import numpy as np
-    import onnx_ir as ir
-
     graph = model.graph
     count = 0
     for mha in [n for n in graph if n.op_type == "MultiHeadAttention"]:

@@ -6,6 +6,7 @@ import io
 import logging
 import warnings
 
+import onnx_ir as ir
 import torch
 
 from rewriter import meta
@@ -45,8 +46,6 @@ def is_cast(node) -> bool:
 
 
 def cast_to(node):
-    import onnx_ir as ir
-
     return ir.DataType(node.attributes["to"].as_int())
 
 
@@ -86,8 +85,6 @@ def take_over(old, new) -> None:
 
 def new_initializer(graph, name: str, array):
     """Register `array` as an initializer under `name` (made unique)."""
-    import onnx_ir as ir
-
     while name in graph.initializers:
         name += "_"
     value = ir.Value(name=name, const_value=ir.tensor(array))
@@ -149,7 +146,6 @@ def constant(value, depth: int = 0):
     args = {v.name: constant(v, depth + 1) for v in node.inputs if v is not None}
     if any(a is None for a in args.values()):
         return None
-    import onnx_ir as ir
     from onnx.reference import ReferenceEvaluator
 
     try:
@@ -168,7 +164,5 @@ def product(dims) -> int:
 
 
 def is_int(value) -> bool:
-    import onnx_ir as ir
-
     return value is not None and value.dtype in (ir.DataType.INT64, ir.DataType.INT32)
 

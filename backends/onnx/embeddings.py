@@ -9,6 +9,9 @@ import collections
 import dataclasses
 from typing import Any
 
+import numpy as np
+import onnx_ir as ir
+
 from rewriter.backends.onnx.common import (COPYING_OPS, SEARCH_DEPTH, constant, is_int, new_initializer,
                                            remove_unread,
                                            same_dims, take_over)
@@ -18,8 +21,6 @@ __all__ = ["fuse_embed_layer_norm"]
 
 def _is_arange(value, length: int) -> bool:
     """`value` is proven to hold 0, 1, ..., length - 1 as [length] or [1, length]: position ids."""
-    import numpy as np
-
     data = constant(value)
     return (data is not None and data.shape in ((length,), (1, length)) and np.issubdtype(data.dtype, np.integer)
             and np.array_equal(data.reshape(-1), np.arange(length)))
@@ -28,8 +29,6 @@ def _is_arange(value, length: int) -> bool:
 def _single_value(value, depth: int = 0) -> int | None:
     """c when every element of the int tensor `value` is proven to be c, else None. BERT called without
     token_type_ids reads them from a zero buffer: Expand(GatherElements(zeros, arange), Shape(batch))."""
-    import numpy as np
-
     data = constant(value)
     if data is not None:
         flat = data.reshape(-1)
@@ -76,8 +75,6 @@ def _embedding_term(term, batch, length: int, hidden: int):
     """(kind, ids, table) for one term of the embedding sum: a Gather of rows of a constant fp32 [rows,
     hidden] table read only by the sum. kind: "position" (ids arange(length)), "constant" (ids all one
     value; ids is then that int), "lookup" (ids data of shape [batch, length]); None otherwise."""
-    import onnx_ir as ir
-
     gather = term.producer()
     if gather is None or gather.op_type != "Gather" or gather.domain not in ("", "ai.onnx") \
             or len(term.uses()) != 1 or term.is_graph_output() or gather.attributes.get_int("axis", 0) != 0:
@@ -103,8 +100,6 @@ def _embeddings(ln) -> _Embeddings | None:
     arange(S)) [+ Gather(W_type, T)]), optionally with one Cast of the sum to fp16/bf16 before the LN
     (LayerNorm kept 16-bit), the tables constant fp32, S static, T data [B, S] or proven one value,
     the sum and its terms read by nothing else, axis -1, statistics in fp32 (stash_type 1)."""
-    import onnx_ir as ir
-
     if ln.domain not in ("", "ai.onnx") or len(ln.inputs) < 2 or ln.inputs[1] is None \
             or ln.attributes.get_int("axis", -1) not in (-1, 2) or ln.attributes.get_int("stash_type", 1) != 1 \
             or any(o.uses() or o.is_graph_output() for o in ln.outputs[1:]):
@@ -148,8 +143,6 @@ def _embeddings(ln) -> _Embeddings | None:
 
 def _as_int32(ids, name: str, nodes: list):
     """Cast of int64 ids to int32, which EmbedLayerNormalization reads (a vocabulary index fits)."""
-    import onnx_ir as ir
-
     if ids.dtype == ir.DataType.INT32:
         return ids
     cast = ir.node("Cast", [ids], {"to": ir.DataType.INT32}, name=name)
@@ -168,9 +161,6 @@ def _replace_embeddings(graph, found: _Embeddings) -> str:
     graph computed per token): the node then reads no segment input. The node computes in fp32, the tables'
     dtype: a LayerNorm kept 16-bit has its gamma/beta read as fp32 copies (exact) and its Cast moved after
     the node."""
-    import numpy as np
-    import onnx_ir as ir
-
     ln, cast = found.ln, found.cast
     prefix = ln.name.rsplit("/", 1)[0] if ln.name and "/" in ln.name else (ln.name or "embeddings")
     name = f"{prefix}/EmbedLayerNormalization"
@@ -227,8 +217,6 @@ def fuse_embed_layer_norm(model, notes: list[str] | None = None) -> int:
     first, output rounded once by the Cast after the node): one op more precise than decided, which each
     fused node adds to `notes`. GPT-2's first LayerNorm also reads wte + wpe, but the sum is its residual
     too: not fused (that would need the node's embedding_sum output). Returns how many were fused."""
-    import onnx_ir as ir
-
     count = 0
     for ln in [n for n in model.graph if n.op_type == "LayerNormalization"]:
         found = _embeddings(ln)

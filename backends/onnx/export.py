@@ -21,6 +21,8 @@ import os
 import warnings
 from typing import Any, Iterable
 
+import onnx
+import onnx_ir as ir
 import torch
 import torch.fx as fx
 
@@ -57,8 +59,6 @@ def default_target(converted: fx.GraphModule) -> tuple[str, str]:
 
 
 def _opset(opset, converted, fp8: bool) -> int:
-    import onnx
-
     if opset is None:
         has_bf16 = any(meta.value_dtype(n) == torch.bfloat16 for n in converted.graph.nodes)
         opset = _BF16_OPSET if has_bf16 else _FP8_OPSET if fp8 else DEFAULT_OPSET
@@ -134,7 +134,6 @@ def export_onnx(converted: fx.GraphModule, path: str | os.PathLike, *, target: s
         >>> report.cast_chains
         0
     """
-    import onnx
     import onnx_ir.passes.common as ir_passes
 
     check_converted(converted)
@@ -221,8 +220,6 @@ def _right_padding(model, feeds: dict) -> str:
 
 
 def _save(model, path: str) -> None:
-    import onnx_ir as ir
-
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     if size > 1_800_000_000:
         ir.save(model, path, external_data=os.path.basename(path) + ".data")

@@ -14,6 +14,8 @@ import collections
 import dataclasses
 from typing import Any, Callable
 
+import onnx_ir as ir
+
 from rewriter.backends.onnx.common import cast_to, is_cast, module_path_of, quiet
 
 __all__ = ["simplify", "infer_types", "name_batch_dim", "fold_casts", "rename_nodes", "CAST_RULES", "CastRule"]
@@ -57,8 +59,6 @@ def infer_types(model) -> None:
 
 def name_batch_dim(model) -> None:
     """Call the symbolic batch dimension 'batch' everywhere instead of the exporter's 's43'."""
-    import onnx_ir as ir
-
     symbols = set()
     for value in model.graph.inputs:
         if value.shape is not None and len(value.shape) and isinstance(value.shape[0], ir.SymbolicDim) \
@@ -78,8 +78,6 @@ def name_batch_dim(model) -> None:
 
 
 def _width():
-    import onnx_ir as ir
-
     return {ir.DataType.FLOAT16: 1, ir.DataType.BFLOAT16: 1, ir.DataType.FLOAT: 2, ir.DataType.DOUBLE: 3}
 
 
@@ -97,8 +95,6 @@ def _inner_cast(node):
 
 def _rounding_chain(node):
     """(x, inner) when `node` is Cast(Cast(x: float -> 16-bit) -> float) (a rounding to 16 bits), else None."""
-    import onnx_ir as ir
-
     inner = _inner_cast(node)
     if inner is None or cast_to(node) != ir.DataType.FLOAT:
         return None

@@ -29,6 +29,7 @@ import functools
 from typing import Callable
 
 import onnx
+import onnx_ir as ir
 import torch.fx as fx
 
 from rewriter.errors import BackendError, describe_node
@@ -139,8 +140,6 @@ def _gemm_float8_schema():
 def type_gemm_float8(model) -> int:
     """Give each GemmFloat8 output its dtype (its `dtype` attribute): ONNX shape inference does not know
     contrib ops, and the report and the checks read value dtypes. Returns how many were typed."""
-    import onnx_ir as ir
-
     count = 0
     for node in model.graph:
         if node.op_type == "GemmFloat8" and node.domain == "com.microsoft" and "dtype" in node.attributes:

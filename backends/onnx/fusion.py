@@ -24,6 +24,9 @@ from __future__ import annotations
 import collections
 import copy
 
+import numpy as np
+import onnx
+import onnx_ir as ir
 import torch.fx as fx
 
 from rewriter.backends.onnx.attention import pack_attention
@@ -55,8 +58,6 @@ def fusion_recipe(gm: fx.GraphModule) -> tuple[str, str]:
 
 
 def _float_value_dtypes(proto) -> dict[str, int]:
-    import onnx
-
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
     except Exception:
@@ -109,7 +110,6 @@ def precision_kept(before, after) -> str | None:
 
 def runs_like(before, after, feeds: dict) -> str | None:
     """None when the fused graph loads in ONNX Runtime (CPU EP) and gives the unfused outputs."""
-    import numpy as np
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -175,8 +175,6 @@ def _fused_ops_added(before, after) -> dict[str, int]:
 
 def fuse(model, gm, report: ExportReport, feeds: dict):
     """ONNX Runtime fusions, each step kept only when it keeps the precision decisions and the outputs."""
-    import onnx_ir as ir
-
     proto = ir.serde.serialize_model(model)
     model_type, why = fusion_recipe(gm)
     report.fusion_notes.append(f"onnxruntime.transformers recipe {model_type!r}: {why}")

@@ -5,6 +5,9 @@ After:  MatMul(x, W) -> Add(C)                                       Shape(input
 """
 from __future__ import annotations
 
+import numpy as np
+import onnx_ir as ir
+
 from rewriter.backends.onnx.common import const_ints, new_initializer, same_dims, take_over
 
 __all__ = ["unflatten_gemms", "shapes_from_inputs"]
@@ -57,9 +60,6 @@ def unflatten_gemms(model) -> int:
     fusions (SkipLayerNormalization, FastGelu, attention bias) look for MatMul + Add. Same dtype, same
     kernel (a MatMul of a 3-D input by a 2-D weight is one GEMM). Returns how many were rewritten.
     """
-    import numpy as np
-    import onnx_ir as ir
-
     graph = model.graph
     count = 0
     for gemm in [n for n in graph if n.op_type == "Gemm"]:
@@ -123,9 +123,6 @@ def shapes_from_inputs(model) -> int:
     ("matched nodes have other uses"). Integers only: no float value changes. Returns how many Shapes
     were rewritten.
     """
-    import numpy as np
-    import onnx_ir as ir
-
     graph = model.graph
     sources: dict = {}
     for value in graph.inputs:

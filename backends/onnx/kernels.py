@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import onnx_ir as ir
 import torch
 
 from rewriter import meta
@@ -64,8 +65,6 @@ def _why_fp32(node, gm_node, opset: int, fp32_ops: frozenset, lowp: list[str]) -
 def fp32_fallbacks(model, origin: dict, opset: int, fp32_ops: frozenset, fallback: str, names: dict) -> list[str]:
     """Wrap the 16-bit nodes decided fp32 (target decisions of their fx node, fp32_ops, the schema) in
     Casts to fp32 and back; one message per node. fallback="error" refuses the first instead."""
-    import onnx_ir as ir
-
     groups: dict[Any, tuple[str, list[str], list[str], str]] = {}  # fx node (or ONNX node) -> message parts
     graph = model.graph
     up_casts: dict[Any, Any] = {}

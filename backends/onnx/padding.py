@@ -15,6 +15,7 @@ input), and only when the example inputs are right-padded. The report says it wa
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 
 from rewriter.backends.onnx.common import constant, new_initializer, remove_unread
 
@@ -24,8 +25,6 @@ __all__ = ["use_mask_index", "is_right_padded"]
 def _padding_input(bias):
     """The 2-D integer graph input whose key padding mask `bias` is (Where(Expand(Unsqueeze(Cast(x,
     bool), [1, 2])), 0, -inf)), else None."""
-    import onnx_ir as ir
-
     where = bias.producer() if bias is not None else None
     if where is None or where.op_type != "Where" or len(where.inputs) != 3:
         return None
@@ -53,8 +52,6 @@ def _padding_input(bias):
 
 def _lengths(graph, source, before):
     """ReduceSum(Cast(source, int32), axis 1): the valid length of each row, int32 [B]."""
-    import onnx_ir as ir
-
     cast = ir.node("Cast", [source], {"to": ir.DataType.INT32}, name=f"{source.name}/mask_index/Cast")
     axes = new_initializer(graph, f"{source.name}__mask_index_axes", np.array([1], np.int64))
     total = ir.node("ReduceSum", [cast.outputs[0], axes], {"keepdims": 0}, name=f"{source.name}/mask_index")

@@ -5,6 +5,9 @@ import collections
 import dataclasses
 import os
 
+import onnx
+import onnx_ir as ir
+
 from rewriter import meta
 from rewriter.backends.onnx.common import FLOATS, cast_to, dtype_str, is_cast
 
@@ -99,13 +102,9 @@ def cast_chains(model) -> int:
 
 
 def _proto_nodes(model):
-    import onnx
-
     if isinstance(model, (str, os.PathLike)):
         model = onnx.load(str(model), load_external_data=False)
     if not isinstance(model, onnx.ModelProto):
-        import onnx_ir as ir
-
         model = ir.serde.serialize_model(model)
     return model.graph.node
 

@@ -7,6 +7,8 @@ import contextlib
 import os
 import re
 
+import numpy as np
+import onnx
 import torch
 
 from rewriter.errors import BackendError, ConfigError, InputError
@@ -87,7 +89,6 @@ class OrtSession:
 
     def bind(self, *args, **kwargs) -> None:
         """Place the inputs on the session's device and bind them and the outputs (CUDA: IO binding)."""
-        import numpy as np
         import onnxruntime as ort
 
         feed = self._feed(args, kwargs)
@@ -123,8 +124,6 @@ class OrtSession:
 
 def _cpu_fallbacks(optimized_path: str, original_path: str) -> list[str]:
     """Nodes the CPU EP runs in fp32 because it has no fp16 kernel: consumers of its inserted casts."""
-    import onnx
-
     try:
         model = onnx.load(optimized_path, load_external_data=False)
         original = onnx.load(original_path, load_external_data=False)
