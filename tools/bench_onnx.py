@@ -16,8 +16,9 @@ A variant whose package is missing (onnxconverter-common, onnxruntime.transforme
 
     python tools/bench_onnx.py --device cuda --out bench_onnx.json        # BERT-base b32 s128, GPT-2 b8 s512
     python tools/bench_onnx.py --device cpu --small --out /tmp/smoke.json  # smoke run, tiny configs
-    python tools/bench_onnx.py --device cuda --large --variants ortopt-fp16,ours-fp16,ours-fp8-qdq,ours-fp8-gemmfloat8 \
-        --random-bias --out onnx_fp8.json   # BERT-large b32 s384, GPT-2 medium b8 s1024: FP8 vs fp16
+    python tools/bench_onnx.py --device cuda --large --random-bias --out onnx_fp8.json \
+        --variants ortopt-fp16,ours-fp16,ours-fp8-qdq,ours-fp8-gemmfloat8,ours-fp8-qdq-nofuse,ours-fp8-gemmfloat8-nofuse
+        # BERT-large b32 s384, GPT-2 medium b8 s1024: our FP8 (Q/DQ, GemmFloat8) vs our fp16 vs the ORT optimizer
     python tools/bench_onnx.py --device cuda --profile --out bench_onnx.json  # + where the time goes
 
 --profile: each variant also runs in a separate ONNX Runtime session with profiling on (a fresh process,
@@ -51,10 +52,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/profile_
 __all__ = ["main", "build", "rel_l2"]
 
 VARIANTS = ("fp32", "occ-fp16", "ortopt-fp16", "ortopt-fp32", "ours-fp16", "ours-fp16-nofuse", "ours-fp16-ln16",
-            "ours-fp16-ln16-rpad", "ours-fp8-qdq", "ours-fp8-gemmfloat8")
+            "ours-fp16-ln16-rpad", "ours-fp8-qdq", "ours-fp8-gemmfloat8", "ours-fp8-qdq-nofuse",
+            "ours-fp8-gemmfloat8-nofuse")
 # ours-fp8-*: rewriter.convert(precision="fp8", calibration=one other batch) puts the GEMMs its cost model
 # chooses in FP8 (static per-tensor scales); export_onnx writes them as QuantizeLinear/DequantizeLinear around
-# fp32 Gemms ("qdq": every EP) or as com.microsoft.GemmFloat8 (cuBLASLt FP8 GEMM: CUDA EP on sm_89+ only).
+# fp32 Gemms ("qdq": every EP) or as com.microsoft.GemmFloat8 (cuBLASLt FP8 GEMM: CUDA EP on sm_89+ only); -nofuse:
+# without ORT fusions (the bf16 fusions cannot be run on a CPU at export, only checked for precision).
 # ours-fp16-ln16: rewriter.convert(precision="fp16", overrides={"layer_norm": "fp16"}): LayerNorm reads and
 # writes fp16 (its kernels still compute the statistics in fp32), so the residual stream is fp16, as in the
 # transformers optimizer's graphs; the default keeps it fp32 like autocast.
@@ -197,7 +200,7 @@ def _make_variant(label, ctx, workdir):
         with _quiet():
             report = export_onnx(ctx[key], out, target="ort-cuda" if ctx["device"] == "cuda" else "ort-cpu",
                                  optimize=not label.endswith("nofuse"), assume_right_padding=label.endswith("rpad"),
-                                 fp8_gemm="com.microsoft" if label.endswith("gemmfloat8") else "qdq")
+                                 fp8_gemm="com.microsoft" if "gemmfloat8" in label else "qdq")
         note = f"fused {report.fusions}" if report.fusions else "no fusion"
         if fp8:
             kept = ctx[key].meta.get("rewriter.fp8", {}).get("kept", {})

@@ -134,6 +134,8 @@ def _widening_chain(node, graph, seen) -> bool:
 
 def _duplicate(node, graph, seen) -> bool:
     key = (node.inputs[0], cast_to(node))
+    if key in seen and seen[key].graph is not graph:  # removed by another rule since
+        del seen[key]
     if key not in seen or seen[key] is node or node.outputs[0].is_graph_output():
         seen.setdefault(key, node)
         return False
@@ -154,6 +156,13 @@ def _quantizes(value) -> bool:
         elif not (use.node.op_type == "QuantizeLinear" and use.idx == 0) and use.node.op_type != "Abs":
             return False
     return True
+
+
+def _shape_readers(node, graph, seen) -> bool:
+    shapes = [u for u in node.outputs[0].uses() if u.node.op_type == "Shape" and u.node.domain in ("", "ai.onnx")]
+    for use in shapes:
+        use.node.replace_input_with(use.idx, node.inputs[0])
+    return bool(shapes)
 
 
 def _rounding_before_quantize(node, graph, seen) -> bool:
@@ -187,6 +196,8 @@ CAST_RULES: tuple[CastRule, ...] = (
     CastRule("widening chain", "Cast(Cast(x, A), B) where A holds every value of x is Cast(x, B): exact",
              _widening_chain),
     CastRule("duplicate", "two Casts of one value to one dtype compute the same tensor", _duplicate),
+    CastRule("shape reader", "Shape(Cast(x)) is Shape(x): a Cast read only for its shape is not computed",
+             _shape_readers),
     CastRule("rounding before quantize",
              "QuantizeLinear rounds to float8 (3 mantissa bits) from the fp32 source itself instead of from its "
              "16-bit rounding: one rounding instead of two", _rounding_before_quantize, fp8_only=True),
