@@ -16,10 +16,10 @@ from rewriter.passes.analysis import Assign, Classify, Ranges, Sensitivity, Tran
 from rewriter.passes.fuse import FuseLinears
 from rewriter.passes.plan import Fp8Cost, Fp8Options
 from rewriter.passes.lower import CastWeights, FoldCasts, Fp8Rewrite, InsertCasts, SaturateConstants, TrainBatchNorm
-from rewriter.passes.target import ChannelsLast, SigmoidGelu
+from rewriter.passes.target import ChannelsLast, OrtKernels, SigmoidGelu
 
 __all__ = ["Pass", "AnalysisPass", "PassResult", "PassManager",
            "CausalAttention", "PaddingMask", "FuseGelu", "FoldBatchNorm", "TrainBatchNorm",
            "Classify", "Ranges", "Sensitivity", "Assign", "TransferMeasurements", "FuseLinears",
            "Fp8Cost", "Fp8Options", "InsertCasts", "FoldCasts", "SaturateConstants", "Fp8Rewrite", "CastWeights",
-           "ChannelsLast", "SigmoidGelu"]
+           "ChannelsLast", "OrtKernels", "SigmoidGelu"]

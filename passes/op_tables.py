@@ -23,7 +23,7 @@ import torch.nn as nn
 
 __all__ = ["OpClass", "op_name", "op_class", "is_exact", "is_known_op", "reads_fp32_params", "CAST_OPS",
            "MODULE_OPS", "FP32_PARAM_OPS", "INPUT_DTYPE_FACTORIES", "NATIVE_PROMOTION_OPS",
-           "promotes_natively"]
+           "promotes_natively", "EXPORT_TARGETS", "DATA_MOVEMENT_OPS", "target_gap"]
 
 
 class OpClass(str, enum.Enum):
@@ -192,3 +192,61 @@ def reads_fp32_params(name: str) -> bool:
 def is_exact(name: str) -> bool:
     """True when the op's result is the same whichever float precision it runs in (data movement)."""
     return name in EXACT_OPS
+
+
+# ---- export targets: the 16-bit kernels an ONNX Runtime execution provider lacks (used by
+# passes/target/ort_kernels.py before export_onnx; the exported file is made to run there).
+EXPORT_TARGETS = {
+    "ort-cpu": "ONNX Runtime's CPU execution provider",
+    "ort-cuda": "ONNX Runtime's CUDA execution provider",
+    "tensorrt": "ONNX Runtime's TensorRT execution provider (nodes TensorRT refuses run on the CUDA EP)",
+}
+
+# Ops that only move or select elements: their ONNX ops (Reshape, Transpose, Slice, Split, Squeeze...)
+# have kernels for every dtype on every execution provider.
+DATA_MOVEMENT_OPS = frozenset("""
+view reshape _unsafe_view transpose permute t expand expand_as squeeze unsqueeze flatten unflatten slice
+select getitem narrow split split_with_sizes chunk unbind tensor_split contiguous clone alias detach
+lift_fresh_copy dropout feature_dropout alpha_dropout identity view_as movedim moveaxis narrow_copy
+select_copy slice_copy permute_copy transpose_copy view_copy unsqueeze_copy squeeze_copy expand_copy t_copy
+""".split())
+
+# onnxconverter-common's float16 DEFAULT_OP_BLOCK_LIST (ops ONNX Runtime lacks fp16 kernels for on some
+# EPs), as the torch ops that export to them: TopK, Range, CumSum, Min/Max, Resize/Upsample, RoiAlign, NMS.
+_NO_FP16_KERNEL = frozenset("""
+topk arange cumsum minimum maximum fmin fmax upsample_nearest1d upsample_nearest2d upsample_nearest3d
+upsample_linear1d upsample_bilinear2d upsample_bicubic2d upsample_trilinear3d _upsample_nearest_exact1d
+_upsample_nearest_exact2d _upsample_nearest_exact3d _upsample_bilinear2d_aa _upsample_bicubic2d_aa interpolate
+roi_align nms
+""".split())
+
+# The CUDA EP: convolution and pooling kernels for float, double and float16, not bfloat16 (from its kernel
+# registrations as we read them; not measured here, no GPU: tools/bench_onnx.py --probe-kernels checks it).
+_CUDA_NO_BF16_KERNEL = _NO_FP16_KERNEL | frozenset("""
+conv1d conv2d conv3d convolution _convolution conv_transpose1d conv_transpose2d conv_transpose3d
+max_pool1d max_pool2d max_pool3d max_pool2d_with_indices avg_pool1d avg_pool2d avg_pool3d
+adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d _adaptive_avg_pool2d adaptive_max_pool2d
+""".split())
+
+# None: no kernel for any op that computes but those of _CPU_BF16_KERNELS (measured on onnxruntime 1.32 by
+# loading one-node models: tests/passes/target/test_ort_kernels.py checks the table against the installed one).
+_CPU_BF16_KERNELS = frozenset("layer_norm native_layer_norm clamp clip hardtanh".split())
+_TARGET_GAPS: dict[tuple[str, str], frozenset | None] = {
+    ("ort-cpu", "float16"): _NO_FP16_KERNEL,
+    ("ort-cpu", "bfloat16"): None,
+    ("ort-cuda", "float16"): _NO_FP16_KERNEL,
+    ("ort-cuda", "bfloat16"): _CUDA_NO_BF16_KERNEL,
+    ("tensorrt", "float16"): _NO_FP16_KERNEL,
+    ("tensorrt", "bfloat16"): _CUDA_NO_BF16_KERNEL,
+}
+
+
+def target_gap(target: str, dtype_name: str, name: str) -> bool:
+    """True when `target`'s execution provider has no `dtype_name` ("float16", "bfloat16") kernel for
+    the op `name` (op_name of an fx node); data movement and casts always have one."""
+    if name in DATA_MOVEMENT_OPS or name in CAST_OPS or (target, dtype_name) not in _TARGET_GAPS:
+        return False
+    gaps = _TARGET_GAPS[(target, dtype_name)]
+    if gaps is None:
+        return not (target == "ort-cpu" and name in _CPU_BF16_KERNELS)
+    return name in gaps

@@ -37,8 +37,8 @@ __all__ = ["convert", "diff", "save", "load", "export_onnx", "ort_session", "opt
 # Names imported on first use: the ONNX backend pulls in onnx and onnxscript, which `import rewriter`
 # (and `rewrite --help`) should not pay for. name -> module that defines it.
 _LAZY = {
-    "export_onnx": "rewriter.backends.onnx_backend",
-    "ort_session": "rewriter.backends.onnx_backend",
+    "export_onnx": "rewriter.backends.onnx",
+    "ort_session": "rewriter.backends.onnx",
 }
 
 

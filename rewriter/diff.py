@@ -517,7 +517,8 @@ def _entry(node: fx.Node, index: int, gm: fx.GraphModule, state: _Before,
                   casts_added=casts_added, casts_removed=tuple(removed_for.get(origin_name, ())),
                   range=meta.get(node, meta.RANGE), sensitivity=meta.get(node, meta.SENSITIVITY),
                   fp8=meta.get(node, meta.FP8),
-                  rewritten=tuple(dict(r) for r in (meta.get(node, meta.REWRITTEN) or [])))
+                  rewritten=tuple(dict(r) for r in (meta.get(node, meta.REWRITTEN) or []))
+                  + _target_note(node))
     if node.op == "output":
         return NodeDiff(op="output", kind="output", old_dtype=None, new_dtype=None, compute_dtype=None,
                         change="none", rule=None, reason="model outputs", **common)
@@ -567,6 +568,12 @@ def _entry(node: fx.Node, index: int, gm: fx.GraphModule, state: _Before,
     return NodeDiff(op="cast" if is_cast(node) else _op_name(node),
                     kind="cast" if is_cast(node) else "compute", old_dtype=old, new_dtype=new,
                     compute_dtype=compute, change=change, rule=rule, reason=reason, **common)
+
+
+def _target_note(node: fx.Node) -> tuple[dict, ...]:
+    """The ONNX export target's decision on the node (node.meta[TARGET]), as a rewrite note."""
+    record = meta.get(node, meta.TARGET)
+    return ({"pass": record["rule"], "reason": record["reason"]},) if record else ()
 
 
 def _with_rewrites(change: str, rule: str | None, reason: str | None,

@@ -20,6 +20,8 @@ Keys:
     AUTOCAST   rewriter/autocast_regions (capture): {"enabled", "dtype", "device", "module", "source"}
                on every node inside a torch.autocast region of the model (innermost region wins);
                analysis/assign applies it (rule "autocast-region")
+    TARGET     target/ort_kernels (run by export_onnx): {"target": "ort-cpu", "dtype": "float32", "rule",
+               "reason"} on nodes the export target runs in another dtype than DECISION (no kernel there)
     ORIGIN     rewriter/io.save:  {"name", "dtype"} of the node in the converted graph before saving
                (re-export renames nodes and re-traces meta["val"], so the fp32 dtype is kept here)
 
@@ -42,7 +44,7 @@ __all__ = [
     "OP_CLASS", "DECISION", "RANGE", "SENSITIVITY", "DTYPE", "CREATED", "FP8", "REWRITTEN", "ALL_KEYS",
     "get", "put", "module_path", "value_dtype", "dtype_name", "dtype_from_name", "is_float_dtype",
     "numel_hint", "to_custom", "from_custom", "ORIGIN", "origin", "CALIBRATION", "INFO", "EXAMPLE_INPUTS",
-    "FAST_FORWARD", "GRAPH_KEYS", "AUTOCAST",
+    "FAST_FORWARD", "GRAPH_KEYS", "AUTOCAST", "TARGET",
 ]
 
 OP_CLASS = "rewriter.op_class"
@@ -55,7 +57,8 @@ FP8 = "rewriter.fp8"
 ORIGIN = "rewriter.origin"
 REWRITTEN = "rewriter.rewritten"
 AUTOCAST = "rewriter.autocast"
-ALL_KEYS = (OP_CLASS, DECISION, RANGE, SENSITIVITY, DTYPE, CREATED, FP8, ORIGIN, REWRITTEN, AUTOCAST)
+TARGET = "rewriter.target"
+ALL_KEYS = (OP_CLASS, DECISION, RANGE, SENSITIVITY, DTYPE, CREATED, FP8, ORIGIN, REWRITTEN, AUTOCAST, TARGET)
 
 # GraphModule.meta keys (graph-level, not node keys): every one the project writes is defined here.
 CALIBRATION = "rewriter.calibration"        # measurement summaries (ranges, sensitivity)

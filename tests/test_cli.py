@@ -178,7 +178,7 @@ def test_onnx_output_goes_through_the_backend(tmp_path, capsys):
     out = tmp_path / "mlp.onnx"
     code = main(["convert", MLP, "--input-shape", "4,16", "-o", str(out)])
     try:
-        import rewriter.backends.onnx_backend  # noqa: F401
+        import rewriter.backends.onnx  # noqa: F401
     except ImportError:
         assert code == 2 and not out.exists()
         assert "ONNX backend" in capsys.readouterr().err

@@ -16,6 +16,9 @@ A variant whose package is missing (onnxconverter-common, onnxruntime.transforme
 
     python tools/bench_onnx.py --device cuda --out bench_onnx.json        # BERT-base b32 s128, GPT-2 b8 s512
     python tools/bench_onnx.py --device cpu --small --out /tmp/smoke.json  # smoke run, tiny configs
+    python tools/bench_onnx.py --device cuda --large --random-bias --out onnx_fp8.json \
+        --variants ortopt-fp16,ours-fp16,ours-fp8-qdq,ours-fp8-gemmfloat8,ours-fp8-qdq-nofuse,ours-fp8-gemmfloat8-nofuse
+        # BERT-large b32 s384, GPT-2 medium b8 s1024: our FP8 (Q/DQ, GemmFloat8) vs our fp16 vs the ORT optimizer
     python tools/bench_onnx.py --device cuda --profile --out bench_onnx.json  # + where the time goes
 
 --profile: each variant also runs in a separate ONNX Runtime session with profiling on (a fresh process,
@@ -49,7 +52,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/profile_
 __all__ = ["main", "build", "rel_l2"]
 
 VARIANTS = ("fp32", "occ-fp16", "ortopt-fp16", "ortopt-fp32", "ours-fp16", "ours-fp16-nofuse", "ours-fp16-ln16",
-            "ours-fp16-ln16-rpad")
+            "ours-fp16-ln16-rpad", "ours-fp8-qdq", "ours-fp8-gemmfloat8", "ours-fp8-qdq-nofuse",
+            "ours-fp8-gemmfloat8-nofuse")
+# ours-fp8-*: rewriter.convert(precision="fp8", calibration=one other batch) puts the GEMMs its cost model
+# chooses in FP8 (static per-tensor scales); export_onnx writes them as QuantizeLinear/DequantizeLinear around
+# fp32 Gemms ("qdq": every EP) or as com.microsoft.GemmFloat8 (cuBLASLt FP8 GEMM: CUDA EP on sm_89+ only); -nofuse:
+# without ORT fusions (the bf16 fusions cannot be run on a CPU at export, only checked for precision).
 # ours-fp16-ln16: rewriter.convert(precision="fp16", overrides={"layer_norm": "fp16"}): LayerNorm reads and
 # writes fp16 (its kernels still compute the statistics in fp32), so the residual stream is fp16, as in the
 # transformers optimizer's graphs; the default keeps it fp32 like autocast.
@@ -88,20 +96,21 @@ def _checkpoint_like(model: nn.Module) -> None:
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
 
 
-def build(name: str, small: bool, random_bias: bool = False):
+def build(name: str, small: bool, random_bias: bool = False, large: bool = False):
     """(sdpa model, eager-attention twin with the same weights, inputs dict, shape text, optimizer args)."""
     from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 
     torch.manual_seed(0)
     if name == "bert":
         kw = (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
-              if small else {})
-        make, cfg_cls, (b, s) = BertModel, BertConfig, ((4, 32) if small else (32, 128))
+              if small else dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                 intermediate_size=4096) if large else {})
+        make, cfg_cls, (b, s) = BertModel, BertConfig, ((4, 32) if small else (32, 384) if large else (32, 128))
         heads, hidden = kw.get("num_attention_heads", 12), kw.get("hidden_size", 768)
     elif name == "gpt2":
-        kw = dict(n_embd=64, n_layer=2, n_head=4) if small else {}
+        kw = dict(n_embd=64, n_layer=2, n_head=4) if small else dict(n_embd=1024, n_layer=24, n_head=16) if large else {}
         kw["use_cache"] = False
-        make, cfg_cls, (b, s) = GPT2Model, GPT2Config, ((2, 64) if small else (8, 512))
+        make, cfg_cls, (b, s) = GPT2Model, GPT2Config, ((2, 64) if small else (8, 1024) if large else (8, 512))
         heads, hidden = kw.get("n_head", 12), kw.get("n_embd", 768)
     else:
         raise SystemExit(f"unknown model {name!r}: use bert or gpt2")
@@ -115,6 +124,13 @@ def build(name: str, small: bool, random_bias: bool = False):
     feeds = {"input_ids": torch.randint(0, vocab, (b, s), generator=g),
              "attention_mask": torch.ones(b, s, dtype=torch.long)}
     return model, eager, feeds, f"b{b} s{s}", {"model_type": name, "num_heads": heads, "hidden_size": hidden}
+
+
+def _calibration_batch(model, feeds) -> dict:
+    """Another batch of the same shape (FP8 static scales are calibrated on it, not on the timed inputs)."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, model.model.config.vocab_size, tuple(feeds["input_ids"].shape), generator=g)
+    return {"input_ids": ids, "attention_mask": feeds["attention_mask"]}
 
 
 def _quiet():
@@ -172,17 +188,23 @@ def _make_variant(label, ctx, workdir):
         return out, "fused " + ", ".join(f"{k} {v}" for k, v in fused.items())
     if label.startswith("ours"):
         import rewriter
-        from rewriter.backends.onnx_backend import export_onnx
+        from rewriter.backends.onnx import export_onnx
+        from rewriter.passes.plan.fp8_cost import Fp8Options
 
-        overrides = _OVERRIDES.get(label)
-        key = f"gm:{sorted(overrides.items()) if overrides else ''}"
+        overrides, fp8 = _OVERRIDES.get(label), "fp8" in label
+        key = "gm:fp8" if fp8 else f"gm:{sorted(overrides.items()) if overrides else ''}"
         if key not in ctx:
-            ctx[key] = rewriter.convert(ctx["model"], (), dict(ctx["feeds"]), precision="fp16",
-                                        overrides=overrides)
+            extra = dict(precision="fp8", calibration=[ctx["calib"]], fp8=Fp8Options(fused_quantization=False)) \
+                if fp8 else dict(precision="fp16", overrides=overrides)
+            ctx[key] = rewriter.convert(ctx["model"], (), dict(ctx["feeds"]), **extra)
         with _quiet():
-            report = export_onnx(ctx[key], out, optimize=not label.endswith("nofuse"),
-                                 assume_right_padding=label.endswith("rpad"))
+            report = export_onnx(ctx[key], out, target="ort-cuda" if ctx["device"] == "cuda" else "ort-cpu",
+                                 optimize=not label.endswith("nofuse"), assume_right_padding=label.endswith("rpad"),
+                                 fp8_gemm="com.microsoft" if "gemmfloat8" in label else "qdq")
         note = f"fused {report.fusions}" if report.fusions else "no fusion"
+        if fp8:
+            kept = ctx[key].meta.get("rewriter.fp8", {}).get("kept", {})
+            note = f"{report.fp8_gemms.get('count', 0)} FP8 GEMMs ({len(kept)} kept bf16 by the cost model); " + note
         skipped = [n for n in report.fusion_notes if "skipped" in n or "not applied" in n]
         if skipped:
             note += "; " + "; ".join(n[:140] for n in skipped)
@@ -273,10 +295,11 @@ def _profile_table(name: str, profiles: dict, ops: int = 14) -> str:
 
 
 def run_model(name, args, workdir) -> dict:
-    from rewriter.backends.onnx_backend import count_casts, ort_session
+    from rewriter.backends.onnx import count_casts, ort_session
 
-    model, eager, feeds, shape, opt_args = build(name, args.small, args.random_bias)
-    ctx = {"name": name, "model": model, "feeds": feeds, "opt_args": opt_args}
+    model, eager, feeds, shape, opt_args = build(name, args.small, args.random_bias, args.large)
+    ctx = {"name": name, "model": model, "feeds": feeds, "opt_args": opt_args,
+           "calib": _calibration_batch(model, feeds), "device": args.device}
     ref = _reference(model, feeds, args.device if args.device == "cuda" and torch.cuda.is_available() else "cpu")
     ctx["fp32_path"] = os.path.join(workdir, f"{name}-fp32.onnx")
     ctx["exporter"] = _export_fp32(eager, feeds, ctx["fp32_path"])
@@ -354,6 +377,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--small", action="store_true", help="tiny configs for a CPU smoke run")
+    p.add_argument("--large", action="store_true", help="BERT-large b32 s384 and GPT-2 medium b8 s1024")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--repeats", type=int, default=3)
@@ -379,9 +403,9 @@ def main(argv=None) -> int:
 
     import onnxruntime
 
-    from rewriter.backends.onnx_backend import _ort_package
+    from rewriter.backends.onnx import ort_package
 
-    results = {"device": args.device, "onnxruntime": _ort_package(), "torch": torch.__version__,
+    results = {"device": args.device, "onnxruntime": ort_package(), "large": args.large, "torch": torch.__version__,
                "python": platform.python_version(), "small": args.small, "random_bias": args.random_bias,
                "timing": f"round-robin: median of {args.repeats} blocks of {args.iters} runs per variant, "
                          f"after {args.warmup} warm-up runs, synchronized",

@@ -235,7 +235,7 @@ def profile_model(path, *, device: str = "cpu", feeds: dict | None = None, dims:
 
     if device == "cuda" and sync:
         os.environ.setdefault("CUDA_LAUNCH_BLOCKING", "1")
-    from rewriter.backends.onnx_backend import ort_session
+    from rewriter.backends.onnx import ort_session
 
     with tempfile.TemporaryDirectory() as tmp:
         runner = ort_session(path, device, threads=threads, profile_prefix=os.path.join(tmp, "ort_profile"))

@@ -21,7 +21,7 @@ Two paths compute the same quantized math:
 
 The op is registered with a CompositeImplicitAutograd kernel: torch.export keeps it as one node (so a
 converted model re-exports, saves and loads, and the ONNX exporter can translate it, see
-backends/onnx_fp8.py), while torch.compile decomposes it into the aten ops below, so inductor fuses the
+backends/onnx/fp8.py), while torch.compile decomposes it into the aten ops below, so inductor fuses the
 activation quantization into the op that produces the activation. Importing `rewriter` registers the
 op; a process that loads a saved FP8 model with plain `torch.export.load` must import it first.
 

@@ -19,9 +19,10 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import rewriter
-from rewriter.backends.onnx_backend import cast_chains, ort_session
-from rewriter.backends.onnx_fusion import _pack_attention, _shapes_from_inputs, _unflatten_gemms
-from tests.backends.onnx_checks import export_plain_and_fused, op_counts, rel_l2, run_cpu
+from rewriter.backends.onnx import cast_chains, ort_session
+from rewriter.backends.onnx.attention import pack_attention
+from rewriter.backends.onnx.gemm import shapes_from_inputs, unflatten_gemms
+from tests.backends.onnx.onnx_checks import export_plain_and_fused, op_counts, rel_l2, run_cpu
 from tool_scripts import load_tool
 
 transformers = pytest.importorskip("transformers")
@@ -55,7 +56,7 @@ def _flattened_linear(x_shape, flat_shape, out_shape, *, trans_b=0, bias=True) -
 def test_flattened_gemm_becomes_matmul(x_shape, bias):
     before = _flattened_linear(x_shape, [-1, 8], [-1, 4, 6], bias=bias)
     model = ir.serde.deserialize_model(before)
-    assert _unflatten_gemms(model) == 1
+    assert unflatten_gemms(model) == 1
     after = ir.serde.serialize_model(model)
     onnx.checker.check_model(after, full_check=True)
     ops = op_counts(after)
@@ -73,7 +74,7 @@ def test_flattened_gemm_rows_regrouped_still_equivalent():
     """Rows flattened then regrouped differently ((2, 4) -> (4, 2)) is still a MatMul on x viewed as (4, 2, K)."""
     before = _flattened_linear([2, 4, 8], [-1, 8], [4, 2, 6])
     model = ir.serde.deserialize_model(before)
-    assert _unflatten_gemms(model) == 1
+    assert unflatten_gemms(model) == 1
     after = ir.serde.serialize_model(model)
     x = np.random.default_rng(1).standard_normal((2, 4, 8)).astype(np.float16)
     got, want = run_cpu(after, {"x": x})[0], run_cpu(before, {"x": x})[0]
@@ -89,7 +90,7 @@ def test_flattened_gemm_left_alone_when_not_equivalent(case):
     if case == "flatten_not_to_rows":  # the Gemm reads K=16 columns: W is (16, 6)
         model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones((16, 6), np.float16), "W"))
     m = ir.serde.deserialize_model(model)
-    assert _unflatten_gemms(m) == 0
+    assert unflatten_gemms(m) == 0
     assert op_counts(m)["Gemm"] == 1
 
 
@@ -103,7 +104,7 @@ def test_shape_of_intermediate_read_from_inputs():
                                helper.make_tensor_value_info("s", TensorProto.INT64, [2])])
     before = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
     m = ir.serde.deserialize_model(before)
-    assert _shapes_from_inputs(m) == 1
+    assert shapes_from_inputs(m) == 1
     after = ir.serde.serialize_model(m)
     onnx.checker.check_model(after, full_check=True)
     transposed = {n.output[0] for n in after.graph.node if n.op_type == "Transpose"}
@@ -140,7 +141,7 @@ def _split_mha(extra_reader: bool) -> onnx.ModelProto:
 def test_split_multihead_attention_packed_into_attention():
     before = _split_mha(extra_reader=False)
     m = ir.serde.deserialize_model(before)
-    assert _pack_attention(m) == 1
+    assert pack_attention(m) == 1
     after = ir.serde.serialize_model(m)
     assert op_counts(after) == {"Attention": 1}
     node = after.graph.node[0]
@@ -154,7 +155,7 @@ def test_split_multihead_attention_packed_into_attention():
 
 def test_split_read_elsewhere_is_not_packed():
     m = ir.serde.deserialize_model(_split_mha(extra_reader=True))
-    assert _pack_attention(m) == 0
+    assert pack_attention(m) == 0
     assert op_counts(m)["MultiHeadAttention"] == 1
 
 

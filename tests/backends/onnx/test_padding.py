@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import rewriter
-from rewriter.backends.onnx_backend import export_onnx, ort_session
-from rewriter.backends.onnx_padding import is_right_padded
+from rewriter.backends.onnx import export_onnx, ort_session
+from rewriter.backends.onnx.padding import is_right_padded
 from rewriter.errors import ConfigError
-from tests.backends.onnx_checks import op_counts, rel_l2
+from tests.backends.onnx.onnx_checks import op_counts, rel_l2
 from tool_scripts import load_tool
 
 pytest.importorskip("transformers")

@@ -1,4 +1,4 @@
-"""EmbedLayerNormalization fusion (`export_onnx(optimize=True)`, backends/onnx_fusion.py), on the ONNX Runtime CPU EP.
+"""EmbedLayerNormalization fusion (`export_onnx(optimize=True)`, backends/onnx/embeddings.py), on the ONNX Runtime CPU EP.
 
 BERT's embeddings export as ~9 small nodes: token-type ids computed from a zero buffer (GatherElements,
 Expand), three Gathers, two fp32 Adds, (a Cast to fp16 when LayerNorm is kept fp16) and LayerNormalization.
@@ -22,9 +22,10 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import rewriter
-from rewriter.backends.onnx_backend import cast_chains, export_onnx, ort_session
-from rewriter.backends.onnx_fusion import _fuse_embed_layer_norm, _precision_kept, _runs_like
-from tests.backends.onnx_checks import export_plain_and_fused, op_counts, rel_l2, run_cpu
+from rewriter.backends.onnx import cast_chains, export_onnx, ort_session
+from rewriter.backends.onnx.embeddings import fuse_embed_layer_norm
+from rewriter.backends.onnx.fusion import precision_kept, runs_like
+from tests.backends.onnx.onnx_checks import export_plain_and_fused, op_counts, rel_l2, run_cpu
 from tool_scripts import load_tool
 
 transformers = pytest.importorskip("transformers")
@@ -104,7 +105,7 @@ def test_embeddings_fused(ln16, token_type):
     before = _embeddings(ln16=ln16, token_type=token_type)
     m = ir.serde.deserialize_model(before)
     notes: list = []
-    assert _fuse_embed_layer_norm(m, notes) == 1
+    assert fuse_embed_layer_norm(m, notes) == 1
     after = ir.serde.serialize_model(m)
     onnx.checker.check_model(after, full_check=True)
     ops = op_counts(after)
@@ -126,8 +127,8 @@ def test_embeddings_fused(ln16, token_type):
     assert got.dtype == want.dtype and got.shape == want.shape == (3, S, H)
     assert rel_l2(got, want) < (2e-3 if ln16 else 1e-5)
     # the guards _fuse applies accept it: same float Casts (the fp16 one moved after the node), same outputs
-    assert _precision_kept(before, after) is None
-    assert _runs_like(before, after, feeds) is None
+    assert precision_kept(before, after) is None
+    assert runs_like(before, after, feeds) is None
 
 
 @pytest.mark.parametrize("case", ["offset_positions", "short_position_table", "sum_read_elsewhere"])
@@ -135,7 +136,7 @@ def test_embeddings_left_alone(case):
     kwargs = {"offset_positions": dict(positions="offset"), "short_position_table": dict(positions="short"),
               "sum_read_elsewhere": dict(residual=True)}[case]
     m = ir.serde.deserialize_model(_embeddings(**kwargs))
-    assert _fuse_embed_layer_norm(m) == 0
+    assert fuse_embed_layer_norm(m) == 0
     assert op_counts(m)["LayerNormalization"] == 1 and op_counts(m)["Gather"] == 3
 
 
@@ -249,7 +250,7 @@ def test_bert_position_ids_from_input_not_fused(tmp_path):
         report = export_onnx(gm, tmp_path / "fused.onnx", optimize=True)
     # the embeddings' LayerNormalization over the three Gathers, as the fusion step would see it
     m = ir.serde.deserialize_model(onnx.load(plain.path))
-    assert op_counts(m)["LayerNormalization"] == 5 and _fuse_embed_layer_norm(m) == 0
+    assert op_counts(m)["LayerNormalization"] == 5 and fuse_embed_layer_norm(m) == 0
     ops = op_counts(onnx.load(report.path))
     assert "EmbedLayerNormalization" not in report.fusions and "EmbedLayerNormalization" not in ops
     assert ops["Gather"] == 3  # (its position Gather is [B, S, H]: the onnxscript step makes it a SkipLayerNorm)

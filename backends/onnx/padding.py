@@ -15,8 +15,9 @@ input), and only when the example inputs are right-padded. The report says it wa
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 
-from rewriter.backends.onnx_fusion import _constant, _new_initializer, _remove_unread
+from rewriter.backends.onnx.common import constant, new_initializer, remove_unread
 
 __all__ = ["use_mask_index", "is_right_padded"]
 
@@ -24,12 +25,10 @@ __all__ = ["use_mask_index", "is_right_padded"]
 def _padding_input(bias):
     """The 2-D integer graph input whose key padding mask `bias` is (Where(Expand(Unsqueeze(Cast(x,
     bool), [1, 2])), 0, -inf)), else None."""
-    import onnx_ir as ir
-
     where = bias.producer() if bias is not None else None
     if where is None or where.op_type != "Where" or len(where.inputs) != 3:
         return None
-    zero, neg = _constant(where.inputs[1]), _constant(where.inputs[2])
+    zero, neg = constant(where.inputs[1]), constant(where.inputs[2])
     if zero is None or neg is None or zero.size != 1 or neg.size != 1 or float(zero.reshape(-1)[0]) != 0.0 \
             or not float(neg.reshape(-1)[0]) <= -1e4:
         return None
@@ -38,7 +37,7 @@ def _padding_input(bias):
         node = node.inputs[0].producer()
     if node is None or node.op_type != "Unsqueeze":
         return None
-    axes = _constant(node.inputs[1]) if len(node.inputs) > 1 else None
+    axes = constant(node.inputs[1]) if len(node.inputs) > 1 else None
     if axes is None or sorted(int(a) for a in axes.reshape(-1)) != [1, 2]:
         return None
     cast = node.inputs[0].producer()
@@ -53,10 +52,8 @@ def _padding_input(bias):
 
 def _lengths(graph, source, before):
     """ReduceSum(Cast(source, int32), axis 1): the valid length of each row, int32 [B]."""
-    import onnx_ir as ir
-
     cast = ir.node("Cast", [source], {"to": ir.DataType.INT32}, name=f"{source.name}/mask_index/Cast")
-    axes = _new_initializer(graph, f"{source.name}__mask_index_axes", np.array([1], np.int64))
+    axes = new_initializer(graph, f"{source.name}__mask_index_axes", np.array([1], np.int64))
     total = ir.node("ReduceSum", [cast.outputs[0], axes], {"keepdims": 0}, name=f"{source.name}/mask_index")
     cast.outputs[0].dtype = ir.DataType.INT32
     out = total.outputs[0]
@@ -83,7 +80,7 @@ def use_mask_index(model) -> list[str]:
         bias = inputs[5]
         attention.replace_input_with(3, done[source.name])
         attention.replace_input_with(5, None)
-        _remove_unread(graph, [bias.producer()])
+        remove_unread(graph, [bias.producer()])
     return sorted(done)
 
 

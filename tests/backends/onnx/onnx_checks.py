@@ -30,7 +30,7 @@ def export_plain_and_fused(gm, folder):
     """(report of the plain export, report of the export with ONNX Runtime fusions) into `folder`."""
     import warnings
 
-    from rewriter.backends.onnx_backend import export_onnx
+    from rewriter.backends.onnx import export_onnx
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -1,0 +1,177 @@
+"""ONNX translations of `rewriter::fp8_linear`: Q/DQ in float8e4m3fn around a Gemm, or com.microsoft.GemmFloat8.
+
+    torch.onnx.export(ep, dynamo=True, opset_version=19+, custom_translation_table=translation_table(mode))
+
+Before (torch): y = rewriter::fp8_linear(x, w_fp8, w_scale, bias, x_scale|None, bf16)
+After, fp8_gemm="qdq" (default; every EP):
+    x -> Cast(float) -> Reshape[-1, K] -> QuantizeLinear(s_x, float8e4m3fn zero point, saturate=1)
+      -> DequantizeLinear(s_x) -> Gemm(., DequantizeLinear(w_fp8, w_scale, axis=0), bias, transB=1)
+      -> Reshape[..., N] -> Cast(out dtype)
+After, fp8_gemm="com.microsoft" (CUDA EP on sm_89+ only; per-tensor scales):
+    x -> Cast(float) -> Reshape[-1, K] -> QuantizeLinear(s_x) -> GemmFloat8(., w_fp8, scaleA=s_x,
+      scaleB=w_scale, transB=1, dtype=out dtype) -> Add(bias) -> Reshape[..., N]
+
+s_x is the stored static scale, or ReduceMax(Abs(x)) / 448 per call (per tensor, or per row with axis=0
+when the weight has per-output-channel scales): the quantized values the torch op computes (both round
+x / s_x to e4m3 with saturation to +-448). Dtypes: x is quantized from float and every scale is float
+(ONNX Runtime's CUDA QuantizeLinear/DequantizeLinear take float or float16 inputs, GemmFloat8 float
+scales); the weights stay float8e4m3fn initializers, stored once, 1 byte each.
+
+Which runtimes execute what:
+  * ORT CPU EP: Q/DQ with float8e4m3fn as reference kernels, the Gemm in fp32 (right values, no speed-up).
+  * ORT CUDA EP: float8 Q/DQ kernels, Gemm in fp32/TF32 for "qdq"; "com.microsoft" runs cuBLASLt's FP8
+    GEMM (GemmFloat8, sm_89+). ORT has no fusion turning float8 Q/DQ + Gemm into GemmFloat8.
+  * TensorRT reads float8 Q/DQ around GEMMs as explicit FP8 quantization (FP8 kernels on sm_89+).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import onnx
+import onnx_ir as ir
+import torch.fx as fx
+
+from rewriter.errors import BackendError, describe_node
+from rewriter.runtime.fp8_ops import E4M3_MAX, SCALE_EPS, fp8_linear_op
+
+__all__ = ["custom_translation_table", "translation_table", "fp8_linear_onnx", "fp8_linear_gemm_float8",
+           "fp8_nodes", "check_gemm_float8", "type_gemm_float8", "MIN_OPSET", "FP8_GEMMS"]
+
+MIN_OPSET = 19  # float8 types in QuantizeLinear/DequantizeLinear/Cast
+FP8_GEMMS = ("qdq", "com.microsoft")
+_FLOAT = onnx.TensorProto.FLOAT
+_FLOAT8 = onnx.TensorProto.FLOAT8E4M3FN
+
+
+def _rank(value) -> int | None:
+    shape = getattr(value, "shape", None)
+    try:
+        return None if shape is None else len(shape)
+    except TypeError:
+        return None
+
+
+def _dim(value, axis: int) -> int:
+    size = value.shape[axis]
+    value_int = getattr(size, "value", size)
+    if not isinstance(value_int, int):
+        raise ValueError(f"fp8_linear ONNX export needs a static weight shape, got {value.shape}")
+    return value_int
+
+
+def _quantized_input(op, x, w_scale, x_scale, k: int):
+    """(x as float [rows, K], its float8 quantization, s_x, axis) shared by both translations."""
+    per_channel = (_rank(w_scale) or 0) >= 1 and _dim(w_scale, 0) != 1
+    x2d = op.Reshape(op.Cast(x, to=_FLOAT), op.Constant(value_ints=[-1, k]))
+    if x_scale is None:
+        if per_channel:
+            amax = op.ReduceMax(op.Abs(x2d), op.Constant(value_ints=[1]), keepdims=0)
+        else:
+            amax = op.ReduceMax(op.Abs(x2d), keepdims=0)
+        s_x = op.Div(op.Max(amax, op.Constant(value_float=SCALE_EPS)), op.Constant(value_float=E4M3_MAX))
+    else:
+        s_x = op.ReduceMax(op.Cast(x_scale, to=_FLOAT), keepdims=0)  # the one stored value, as a scalar
+    axis = 0 if (x_scale is None and per_channel) else 1
+    if axis == 0:  # one scale per row: a zero point of the same (dynamic) shape
+        zero = op.Cast(op.Mul(s_x, op.Constant(value_float=0.0)), to=_FLOAT8)
+    else:  # a scalar float8 zero point makes QuantizeLinear produce float8e4m3fn
+        zero = op.Constant(value=onnx.helper.make_tensor("zero_point", _FLOAT8, [], [0.0]))
+    q = op.QuantizeLinear(x2d, s_x, zero, axis=axis, saturate=1)
+    return q, s_x, axis
+
+
+def fp8_linear_onnx(x, w_fp8, w_scale, bias=None, x_scale=None, out_dtype: int = onnx.TensorProto.BFLOAT16,
+                    fast_accum: bool = True):
+    """Q/DQ translation of `rewriter::fp8_linear` (module docstring); `fast_accum` has no ONNX meaning."""
+    from onnxscript import opset19 as op
+
+    n, k = _dim(w_fp8, 0), _dim(w_fp8, 1)
+    q, s_x, axis = _quantized_input(op, x, w_scale, x_scale, k)
+    x_deq = op.DequantizeLinear(q, s_x, axis=axis)
+    w_deq = op.DequantizeLinear(w_fp8, op.Cast(w_scale, to=_FLOAT), axis=0)
+    if bias is not None:
+        y = op.Gemm(x_deq, w_deq, op.Cast(bias, to=_FLOAT), transB=1)
+    else:
+        y = op.Gemm(x_deq, w_deq, transB=1)
+    y = op.Reshape(y, op.Concat(op.Shape(x, start=0, end=-1), op.Constant(value_ints=[n]), axis=0))
+    return op.Cast(y, to=out_dtype)
+
+
+def fp8_linear_gemm_float8(x, w_fp8, w_scale, bias=None, x_scale=None,
+                           out_dtype: int = onnx.TensorProto.BFLOAT16, fast_accum: bool = True):
+    """com.microsoft.GemmFloat8 translation of `rewriter::fp8_linear` (module docstring); per-tensor scales."""
+    from onnxscript import opset19 as op
+    from onnxscript.values import Op, Opset
+
+    gemm_float8 = Op(Opset("com.microsoft", 1), "GemmFloat8", _gemm_float8_schema())
+    n, k = _dim(w_fp8, 0), _dim(w_fp8, 1)
+    q, s_x, _ = _quantized_input(op, x, w_scale, x_scale, k)
+    s_w = op.ReduceMax(op.Cast(w_scale, to=_FLOAT), keepdims=0)  # per tensor: one value, as a scalar
+    y = gemm_float8(q, w_fp8, None, s_x, s_w, transA=0, transB=1, dtype=out_dtype)
+    if bias is not None:
+        y = op.Add(y, op.Cast(bias, to=out_dtype))
+    return op.Reshape(y, op.Concat(op.Shape(x, start=0, end=-1), op.Constant(value_ints=[n]), axis=0))
+
+
+@functools.lru_cache(maxsize=None)
+def _gemm_float8_schema():
+    """The schema of com.microsoft.GemmFloat8 (ONNX Runtime's contrib op; onnx itself does not know it),
+    as ONNX Runtime 1.2x registers it, so that onnxscript can trace the translation."""
+    from onnx.defs import OpSchema
+
+    param, optional = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
+    operands = ["tensor(float8e4m3fn)", "tensor(float8e5m2)", "tensor(float16)", "tensor(bfloat16)", "tensor(float)"]
+    floats = ["tensor(float16)", "tensor(bfloat16)", "tensor(float)"]
+    attrs = [("transA", OpSchema.AttrType.INT), ("transB", OpSchema.AttrType.INT), ("dtype", OpSchema.AttrType.INT),
+             ("alpha", OpSchema.AttrType.FLOAT), ("beta", OpSchema.AttrType.FLOAT),
+             ("activation", OpSchema.AttrType.STRING)]
+    return OpSchema(
+        "GemmFloat8", "com.microsoft", 1,
+        inputs=[param("A", "TA"), param("B", "TB"), param("C", "TC", param_option=optional),
+                param("scaleA", "TS", param_option=optional), param("scaleB", "TS", param_option=optional),
+                param("scaleY", "TS", param_option=optional)],
+        outputs=[param("Y", "TR")],
+        type_constraints=[("TA", operands, ""), ("TB", operands, ""), ("TC", floats, ""), ("TS", ["tensor(float)"], ""),
+                          ("TR", operands, "")],
+        attributes=[OpSchema.Attribute(name, kind, "") for name, kind in attrs])
+
+
+def type_gemm_float8(model) -> int:
+    """Give each GemmFloat8 output its dtype (its `dtype` attribute): ONNX shape inference does not know
+    contrib ops, and the report and the checks read value dtypes. Returns how many were typed."""
+    count = 0
+    for node in model.graph:
+        if node.op_type == "GemmFloat8" and node.domain == "com.microsoft" and "dtype" in node.attributes:
+            node.outputs[0].dtype = ir.DataType(node.attributes["dtype"].as_int())
+            count += 1
+    return count
+
+
+def translation_table(fp8_gemm: str = "qdq") -> dict[object, Callable]:
+    """{torch op: ONNX translation} of the FP8 GEMMs for torch.onnx.export(custom_translation_table=...)."""
+    if fp8_gemm not in FP8_GEMMS:
+        raise ValueError(f"fp8_gemm={fp8_gemm!r}: one of {FP8_GEMMS}")
+    return {fp8_linear_op: fp8_linear_onnx if fp8_gemm == "qdq" else fp8_linear_gemm_float8}
+
+
+def custom_translation_table() -> dict[object, Callable]:
+    """The Q/DQ translation table (needs opset >= MIN_OPSET)."""
+    return translation_table("qdq")
+
+
+def fp8_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """The FP8 GEMMs (`rewriter::fp8_linear`) of a converted graph."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is fp8_linear_op]
+
+
+def check_gemm_float8(gm: fx.GraphModule) -> None:
+    """Refuse, naming the node, an FP8 GEMM that GemmFloat8 cannot compute (it takes one scale per tensor)."""
+    for node in fp8_nodes(gm):
+        w_scale = node.args[2]
+        val = w_scale.meta.get("val") if isinstance(w_scale, fx.Node) else None
+        if val is not None and val.numel() != 1:
+            raise BackendError(
+                f"fp8_gemm='com.microsoft' cannot export {describe_node(node)}: its weight has "
+                f"{val.numel()} per-channel scales and com.microsoft.GemmFloat8 takes one scale per tensor. "
+                "Convert with Fp8Options(granularity='tensor') or export with fp8_gemm='qdq'.")
