@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import inspect
 import sys
 import threading
 import traceback
@@ -110,20 +111,46 @@ _patched: list[tuple[Any, Any]] = []  # (module, its own maybe_autocast) while p
 
 
 def _patch_maybe_autocast() -> None:
-    generic = sys.modules.get("transformers.utils.generic")
-    original = getattr(generic, "maybe_autocast", None)
-    if original is None:
-        return
+    # Every function named maybe_autocast that a transformers module holds: the helper has lived in
+    # transformers.utils.generic and elsewhere across releases, and `from ... import maybe_autocast` copies it.
+    originals: dict[int, Any] = {}
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] != "transformers" or module is None:
+            continue
+        fn = getattr(module, "maybe_autocast", None)
+        if callable(fn) and not getattr(fn, "_rw_visible", False):
+            originals.setdefault(id(fn), fn)
+    wrapped = {key: _visible_helper(fn) for key, fn in originals.items()}
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] != "transformers" or module is None:
+            continue
+        fn = getattr(module, "maybe_autocast", None)
+        if id(fn) in wrapped and fn is originals[id(fn)]:
+            _patched.append((module, fn))
+            module.maybe_autocast = wrapped[id(fn)]
 
-    def maybe_autocast(device_type, dtype=None, enabled=True, cache_enabled=None):
-        if not enabled and device_type != "meta":
-            return torch.autocast(device_type, dtype=dtype, enabled=False, cache_enabled=cache_enabled)
-        return original(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
 
-    for module in list(sys.modules.values()):  # `from ...utils.generic import maybe_autocast` copies
-        if getattr(module, "maybe_autocast", None) is original:
-            _patched.append((module, original))
-            module.maybe_autocast = maybe_autocast
+def _visible_helper(original):
+    try:
+        signature = inspect.signature(original)
+    except (TypeError, ValueError):
+        return original
+
+    def maybe_autocast(*args, **kwargs):
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:
+            return original(*args, **kwargs)
+        bound.apply_defaults()
+        given = bound.arguments
+        device_type, enabled = given.get("device_type"), given.get("enabled", True)
+        if not enabled and isinstance(device_type, str) and device_type != "meta":
+            return torch.autocast(device_type, dtype=given.get("dtype"), enabled=False,
+                                  cache_enabled=given.get("cache_enabled"))
+        return original(*args, **kwargs)
+
+    maybe_autocast._rw_visible = True
+    return maybe_autocast
 
 
 # ---------------------------------------------------------------- torch.export path

@@ -206,3 +206,38 @@ def test_regions_transformers_maybe_autocast_would_hide_are_kept():
         ref = model(ids).last_hidden_state
         assert rel_l2(fast(ids).last_hidden_state, ref) <= 1.5 * rel_l2(_autocast(model, (ids,), "fp16")
                                                                       .last_hidden_state, ref) + 1e-4
+
+
+def test_any_transformers_maybe_autocast_is_seen(monkeypatch):
+    """transformers has moved its `maybe_autocast` helper between releases (5.17's Llama rotary reads it from
+    another module than 5.24's): every transformers module's helper of that name is made visible."""
+    import contextlib
+    import sys
+    import types
+
+    helper_module = types.ModuleType("transformers._rw_test_helpers")
+
+    def maybe_autocast(device_type, dtype=None, enabled=True, cache_enabled=None):
+        if torch.is_autocast_enabled(device_type):
+            return torch.autocast(device_type, dtype=dtype, enabled=enabled)
+        return contextlib.nullcontext()
+
+    helper_module.maybe_autocast = maybe_autocast
+    monkeypatch.setitem(sys.modules, "transformers._rw_test_helpers", helper_module)
+
+    class Rotary(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("inv", 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16)))
+            self.proj = torch.nn.Linear(16, 16)
+
+        def forward(self, x, pos):
+            with helper_module.maybe_autocast(device_type="cpu", enabled=False):
+                freqs = self.inv[:, None] @ pos[None, :]
+            return self.proj(x) + freqs.cos().sum()
+
+    x, pos = torch.randn(2, 16), torch.arange(2048).float()
+    gm = rewriter.convert(Rotary().eval(), (x, pos), precision="bf16")
+    matmuls = [n for n in gm.graph.nodes if n.op == "call_function" and "matmul" in str(n.target)
+               and meta.get(n, meta.AUTOCAST)]
+    assert matmuls and all(meta.get(n, meta.DECISION)["dtype"] == "float32" for n in matmuls)
