@@ -23,7 +23,6 @@ import fixtures_models as fm
 import rewriter
 from rewriter import meta
 from rewriter.cli import main
-from tool_scripts import load_tool
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -474,8 +473,8 @@ def test_demo_train_json_is_not_overwritten_without_force(tmp_path, capsys):
 def test_tools_train_demo_is_a_thin_wrapper_of_the_command(monkeypatch):
     import rewriter.cli
     import rewriter.train_demo as package
+    import tools.train_demo as tool
 
-    tool = load_tool("train_demo", module_name="tools_train_demo")
     assert tool.train is package.train and tool.digits_task is package.digits_task  # no copy
     calls = []
     monkeypatch.setattr(rewriter.cli, "main", lambda argv: calls.append(argv) or 0)

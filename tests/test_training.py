@@ -16,7 +16,6 @@ from rewriter import meta
 from rewriter.errors import ConfigError
 from rewriter.loss_scale import LossScaler, make_scaler
 from rewriter.training import TrainEvalGraphModule
-from tool_scripts import load_tool
 
 
 # Relative L2 error of each parameter gradient against fp32, and the most it may exceed autocast's
@@ -386,7 +385,9 @@ def test_converted_model_is_wrappable_by_ddp_and_fsdp2(converted, tmp_path):
 
 
 def _train_demo():
-    return load_tool("train_demo", register=True)
+    from tools import train_demo
+
+    return train_demo
 
 
 def test_digits_cnn_reaches_fp32_accuracy_in_fp16_and_bf16():

@@ -25,7 +25,6 @@ import rewriter
 from rewriter.backends.onnx_backend import cast_chains, export_onnx, ort_session
 from rewriter.backends.onnx_fusion import _fuse_embed_layer_norm, _precision_kept, _runs_like
 from tests.backends.onnx_checks import export_plain_and_fused, op_counts, rel_l2, run_cpu
-from tool_scripts import load_tool
 
 transformers = pytest.importorskip("transformers")
 ort = pytest.importorskip("onnxruntime")
@@ -143,7 +142,9 @@ def test_embeddings_left_alone(case):
 
 
 def _bench_onnx():
-    return load_tool("bench_onnx")
+    from tools import bench_onnx
+
+    return bench_onnx
 
 
 class _WithInput(torch.nn.Module):

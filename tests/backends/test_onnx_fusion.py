@@ -22,7 +22,6 @@ import rewriter
 from rewriter.backends.onnx_backend import cast_chains, ort_session
 from rewriter.backends.onnx_fusion import _pack_attention, _shapes_from_inputs, _unflatten_gemms
 from tests.backends.onnx_checks import export_plain_and_fused, op_counts, rel_l2, run_cpu
-from tool_scripts import load_tool
 
 transformers = pytest.importorskip("transformers")
 ort = pytest.importorskip("onnxruntime")
@@ -226,7 +225,9 @@ def test_gpt2_fused_matches_pytorch(gpt2):
 
 @pytest.fixture(scope="module")
 def profile_tool():
-    return load_tool("profile_onnx")
+    from tools import profile_onnx
+
+    return profile_onnx
 
 
 def test_profile_model_on_cpu(profile_tool, tmp_path):

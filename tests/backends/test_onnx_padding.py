@@ -13,7 +13,6 @@ from rewriter.backends.onnx_backend import export_onnx, ort_session
 from rewriter.backends.onnx_padding import is_right_padded
 from rewriter.errors import ConfigError
 from tests.backends.onnx_checks import op_counts, rel_l2
-from tool_scripts import load_tool
 
 pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime")
@@ -22,7 +21,9 @@ TOLERANCE = 3e-3  # relative L2, as the other ONNX tests
 
 
 def _bench_onnx():
-    return load_tool("bench_onnx")
+    from tools import bench_onnx
+
+    return bench_onnx
 
 
 def test_is_right_padded():
