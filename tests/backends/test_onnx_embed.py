@@ -24,7 +24,8 @@ from onnx import TensorProto, helper, numpy_helper
 import rewriter
 from rewriter.backends.onnx_backend import cast_chains, export_onnx, ort_session
 from rewriter.backends.onnx_fusion import _fuse_embed_layer_norm, _precision_kept, _runs_like
-from tests.backends.onnx_checks import export_plain_and_fused, op_counts, rel_l2, run_cpu
+from tests.backends.onnx_checks import export_plain_and_fused, op_counts, run_cpu
+from tests.helpers import rel_l2
 
 transformers = pytest.importorskip("transformers")
 ort = pytest.importorskip("onnxruntime")
@@ -123,7 +124,7 @@ def test_embeddings_fused(ln16, token_type):
     feeds = _feeds(before)
     got, want = run_cpu(after, feeds)[0], run_cpu(before, feeds)[0]
     assert got.dtype == want.dtype and got.shape == want.shape == (3, S, H)
-    assert rel_l2(got, want) < (2e-3 if ln16 else 1e-5)
+    assert rel_l2(want, got) < (2e-3 if ln16 else 1e-5)
     # the guards _fuse applies accept it: same float Casts (the fp16 one moved after the node), same outputs
     assert _precision_kept(before, after) is None
     assert _runs_like(before, after, feeds) is None
@@ -215,8 +216,8 @@ def test_bert_embeddings_fused_matches(bert):
         want = gm(**feeds)
     want = want[0] if isinstance(want, (tuple, list)) else want
     assert got.dtype == np.float32 and got.shape == tuple(want.shape)
-    assert rel_l2(got, unfused) <= TOLERANCE
-    assert rel_l2(got, want.float().numpy()) <= TOLERANCE
+    assert rel_l2(unfused, got) <= TOLERANCE
+    assert rel_l2(want.float().numpy(), got) <= TOLERANCE
 
 
 def test_bert_fused_export_keeps_any_padding(bert):
@@ -236,7 +237,7 @@ def test_bert_fused_export_keeps_any_padding(bert):
             want = gm(**feeds)
         want = (want[0] if isinstance(want, (tuple, list)) else want).float().numpy()
         valid = feeds["attention_mask"].bool().numpy()
-        assert rel_l2(got[valid], want[valid]) <= TOLERANCE, side
+        assert rel_l2(want[valid], got[valid]) <= TOLERANCE, side
 
 
 def test_bert_position_ids_from_input_not_fused(tmp_path):
@@ -258,7 +259,7 @@ def test_bert_position_ids_from_input_not_fused(tmp_path):
     got = ort_session(report.path, device="cpu")(**feeds)[0]
     with torch.no_grad():
         want = gm(**feeds)
-    assert rel_l2(got, want.float().numpy()) <= TOLERANCE
+    assert rel_l2(want.float().numpy(), got) <= TOLERANCE
 
 
 def test_gpt2_embeddings_not_fused(tmp_path):

@@ -15,6 +15,7 @@ from rewriter.passes.infra import PassManager
 from rewriter.passes import FuseGelu
 from rewriter import meta
 from rewriter.capture import capture
+from helpers import rel_l2
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -22,10 +23,6 @@ _A = torch.ops.aten
 MAX_REL_L2 = {"fp16": 1e-2, "bf16": 6e-2}  # the ceilings of tests/test_models.py
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 VS_AUTOCAST = 1e-2  # relative L2 between our output and autocast's
-
-
-def _rel_l2(got, want) -> float:
-    return ((got.double() - want.double()).norm() / want.double().norm()).item()
 
 
 def _tanh_inner(x):
@@ -176,8 +173,8 @@ def test_converted_matches_fp32_and_autocast(act, precision):
     with torch.autocast("cpu", dtype=DTYPES[precision]):
         autocast = model(x).float()
     assert got.dtype == torch.float32
-    assert _rel_l2(got, want) <= MAX_REL_L2[precision]
-    assert _rel_l2(got, autocast) <= VS_AUTOCAST
+    assert rel_l2(want, got) <= MAX_REL_L2[precision]
+    assert rel_l2(autocast, got) <= VS_AUTOCAST
 
 
 def test_gpt2_has_no_pow_or_tanh():
