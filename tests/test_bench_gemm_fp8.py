@@ -4,12 +4,13 @@ import math
 
 import pytest
 
-from tool_scripts import load_tool
 
 
 @pytest.fixture(scope="module")
 def bench():
-    return load_tool("bench_gemm_fp8")
+    from tools import bench_gemm_fp8
+
+    return bench_gemm_fp8
 
 
 def _number(value) -> bool:

@@ -12,6 +12,7 @@ import torch.nn as nn
 import rewriter
 from rewriter import meta
 from rewriter.errors import ConfigError
+from helpers import rel_l2
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -84,10 +85,6 @@ class LongSum(nn.Module):
         return self.head(self.proj(x).sum(1)) / 4096
 
 
-def _rel(out, ref) -> float:
-    return float((out.detach().double() - ref.detach().double()).norm() / ref.detach().double().norm())
-
-
 def _kept(gm) -> dict[str, tuple[str, str, str]]:
     """name -> (op, module path, reason) of every node kept out of the target precision."""
     kept = {}
@@ -124,7 +121,7 @@ def test_overflow_suite(cls, shape, named, capsys):
                             tolerance=1e-2, progress=cls is LongSum)
     out = fast(held_out)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
-    assert _rel(out, reference) <= 1e-2
+    assert rel_l2(reference, out) <= 1e-2
     kept = _kept(fast)
     for op, path in named:
         reasons = [r for (o, p, r) in kept.values() if o == op and p == path]
@@ -175,7 +172,7 @@ def _check_held_out(model, fast, held_out, tolerance, pick):
         for batch in held_out:
             args, kwargs = ((), batch) if isinstance(batch, dict) else (batch, {})
             ref, out = pick(model(*args, **kwargs)), pick(fast(*args, **kwargs))
-            assert torch.isfinite(out).all() and _rel(out, ref) <= tolerance
+            assert torch.isfinite(out).all() and rel_l2(ref, out) <= tolerance
 
 
 def test_all_minilm_l6_v2_meets_the_budget_on_held_out_batches():

@@ -23,17 +23,13 @@ import fixtures_models as fm
 import rewriter
 from rewriter import meta
 from rewriter.cli import main
-from tool_scripts import load_tool
+from helpers import rel_l2
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 MLP = "fixtures_models:tiny_mlp"
 FP16_FLOOR = 1e-2   # relative L2 error of a converted fp16 model vs fp32 on these tiny models
 BF16_FLOOR = 3e-2
-
-
-def _rel(ref: torch.Tensor, got: torch.Tensor) -> float:
-    return float((ref.float() - got.float()).norm() / ref.float().norm())
 
 
 def _run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -93,13 +89,13 @@ def test_converted_pt2_loads_in_fresh_process_and_matches_fp32(converted, fp32_p
     script = textwrap.dedent(f"""
         import json, torch, rewriter
         from rewriter import meta
+        from rewriter.measure import rel_l2 as rel  # (reference, candidate)
         torch.manual_seed(1)
         x = torch.randn(9, 16)                      # another batch size: the batch stayed dynamic
         ref = torch.export.load({str(fp32_pt2)!r}).module()(x)
         plain = torch.export.load({str(out)!r}).module()(x)     # no rewriter needed to run it
         gm = rewriter.load({str(out)!r})
         got = gm(x)
-        rel = lambda a, b: float((a - b).norm() / a.norm())
         nodes = list(gm.graph.nodes)
         print(json.dumps({{
             "rel_plain": rel(ref, plain), "rel_loaded": rel(ref, got), "dtype": str(got.dtype),
@@ -131,7 +127,7 @@ def test_factory_spec_round_trip_in_subprocess(tmp_path):
     assert "\u2713 converting to bf16" in proc.stderr      # the progress display
     gm = rewriter.load(out)
     x = torch.randn(3, 8, 32)
-    assert _rel(fm.tiny_transformer()(x), gm(x)) < BF16_FLOOR
+    assert rel_l2(fm.tiny_transformer()(x), gm(x)) < BF16_FLOOR
     lowp = [n for n in gm.graph.nodes if (meta.get(n, meta.DECISION) or {}).get("dtype") == "bfloat16"]
     assert lowp, "no node was converted to bf16"
     assert _leftovers(tmp_path) == []
@@ -143,7 +139,7 @@ def test_pickle_converts_with_trust_pickle(tmp_path, capsys):
     out = tmp_path / "out.pt2"
     assert main(["convert", str(pickled), "--input-shape", "4,16", "--trust-pickle", "-o", str(out)]) == 0
     x = torch.randn(5, 16)
-    assert _rel(fm.tiny_mlp()(x), rewriter.load(out)(x)) < FP16_FLOOR
+    assert rel_l2(fm.tiny_mlp()(x), rewriter.load(out)(x)) < FP16_FLOOR
 
 
 def test_overrides_reach_the_decisions(tmp_path, capsys):
@@ -474,8 +470,8 @@ def test_demo_train_json_is_not_overwritten_without_force(tmp_path, capsys):
 def test_tools_train_demo_is_a_thin_wrapper_of_the_command(monkeypatch):
     import rewriter.cli
     import rewriter.train_demo as package
+    import tools.train_demo as tool
 
-    tool = load_tool("train_demo", module_name="tools_train_demo")
     assert tool.train is package.train and tool.digits_task is package.digits_task  # no copy
     calls = []
     monkeypatch.setattr(rewriter.cli, "main", lambda argv: calls.append(argv) or 0)

@@ -26,7 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import rewriter
+from rewriter import measure
 from fixtures_models import MINILM_SENTENCES, load_minilm, sentence_embeddings
+from helpers import rel_l2
 from rewriter.passes.graph_utils import is_cast
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -167,33 +169,21 @@ SPECS = {
 # ------------------------------------------------------------------ measuring
 
 
-def _float_tensors(output: Any) -> list[torch.Tensor]:
-    if isinstance(output, torch.Tensor):
-        return [output] if output.is_floating_point() else []
-    if isinstance(output, dict):  # ModelOutput is an OrderedDict of its non-None fields
-        return [t for v in output.values() for t in _float_tensors(v)]
-    if isinstance(output, (tuple, list)):
-        return [t for v in output for t in _float_tensors(v)]
-    return []
+def max_rel_l2(reference: Any, candidate: Any) -> float:
+    """The largest relative L2 error (helpers.rel_l2, reference first) over the float tensors of two
+    outputs of the same structure; the candidate must be finite."""
+    want, got = list(measure.float_leaves(reference)), list(measure.float_leaves(candidate))
+    assert want and [p for p, _ in got] == [p for p, _ in want], ([p for p, _ in got], [p for p, _ in want])
+    for path, g in got:
+        assert torch.isfinite(g).all(), f"non-finite output at {path}"
+    return max(rel_l2(w, g) for (_, w), (_, g) in zip(want, got))
 
 
-def rel_l2(candidate: Any, reference: Any) -> float:
-    """Largest relative L2 error over the float tensors of two outputs of the same structure."""
-    got, want = _float_tensors(candidate), _float_tensors(reference)
-    assert len(got) == len(want) and got, (len(got), len(want))
-    errors = []
-    for g, w in zip(got, want):
-        assert g.shape == w.shape, (g.shape, w.shape)
-        assert torch.isfinite(g).all(), "non-finite output"
-        w = w.double()
-        errors.append(((g.double() - w).norm() / w.norm().clamp_min(1e-30)).item())
-    return max(errors)
-
-
-def per_sample_rel_l2(candidate: Any, reference: Any) -> float:
+def per_sample_rel_l2(reference: Any, candidate: Any) -> float:
     """Mean over the samples (dimension 0) of their relative L2 error; the largest over the outputs."""
     errors = []
-    for g, w in zip(_float_tensors(candidate), _float_tensors(reference), strict=True):
+    leaves = zip(measure.float_leaves(candidate), measure.float_leaves(reference), strict=True)
+    for (_, g), (_, w) in leaves:
         g, w = g.double().flatten(1), w.double().flatten(1)
         errors.append(((g - w).norm(dim=1) / w.norm(dim=1).clamp_min(1e-30)).mean().item())
     return max(errors)
@@ -232,16 +222,17 @@ def _check_model(name: str, spec: Spec, model: nn.Module, precision: str) -> dic
         reference = _run(model, inputs)
         ours = _run(gm, inputs)
         assert type(ours) is type(reference)
-        got, want = _float_tensors(ours), _float_tensors(reference)
+        got = [t for _, t in measure.float_leaves(ours)]
+        want = [t for _, t in measure.float_leaves(reference)]
         assert [t.dtype for t in got] == [t.dtype for t in want]
         assert [t.shape[0] for t in got] == [t.shape[0] for t in want]
-        error = rel_l2(ours, reference)
+        error = max_rel_l2(reference, ours)
         assert error <= MAX_REL_L2[precision], f"{name} {precision} batch {batch}: {error:.3e}"
         report[batch] = error
     inputs = spec.make_inputs(EVAL_BATCH, 99)
     reference = _run(model, inputs)
-    ours = per_sample_rel_l2(_run(gm, inputs), reference)
-    autocast = per_sample_rel_l2(_run(model, inputs, low), reference)
+    ours = per_sample_rel_l2(reference, _run(gm, inputs))
+    autocast = per_sample_rel_l2(reference, _run(model, inputs, low))
     assert ours <= autocast * AUTOCAST_SLACK + AUTOCAST_EPS, (
         f"{name} {precision}: mean per-sample error {ours:.3e}, autocast {autocast:.3e}")
     return report
@@ -297,11 +288,11 @@ def test_minilm_sentence_embeddings(precision, minilm):
         got = _sentence_embeddings(ours, mask)
         cosine = (want * got).sum(-1)
         assert cosine.min().item() >= MINILM_MIN_COSINE, cosine
-        error = rel_l2(ours, reference)
+        error = max_rel_l2(reference, ours)
         assert error <= MAX_REL_L2[precision]
         if len(sentences) == EXAMPLE_BATCH:
             autocast = _run(model, inputs, low)
-            assert error <= rel_l2(autocast, reference) * AUTOCAST_SLACK + AUTOCAST_EPS
+            assert error <= max_rel_l2(reference, autocast) * AUTOCAST_SLACK + AUTOCAST_EPS
             autocast_cosine = (want * _sentence_embeddings(autocast, mask)).sum(-1)
             assert (1 - cosine).max() <= (1 - autocast_cosine).max() * AUTOCAST_SLACK + AUTOCAST_EPS
     # the embeddings still rank sentences like the fp32 model: the closest pair is the same

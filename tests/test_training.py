@@ -16,7 +16,7 @@ from rewriter import meta
 from rewriter.errors import ConfigError
 from rewriter.loss_scale import LossScaler, make_scaler
 from rewriter.training import TrainEvalGraphModule
-from tool_scripts import load_tool
+from helpers import rel_l2
 
 
 # Relative L2 error of each parameter gradient against fp32, and the most it may exceed autocast's
@@ -73,17 +73,13 @@ def _grads(model, x, y, *, autocast_dtype=None, seed=1):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-def _rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
 def assert_grads_like_autocast(ours: dict, ref: dict, amp: dict, precision: str) -> None:
     """Every gradient is fp32 (master weights), within GRAD_FLOOR of fp32's and no more than
     VS_AUTOCAST times autocast's error."""
     assert set(ours) == set(ref)
     for name in ref:
         assert ours[name].dtype == torch.float32, name
-        err, amp_err = _rel(ours[name], ref[name]), _rel(amp[name], ref[name])
+        err, amp_err = rel_l2(ref[name], ours[name]), rel_l2(ref[name], amp[name])
         assert err <= GRAD_FLOOR[precision], (name, err)
         assert err <= VS_AUTOCAST * amp_err + 1e-4, (name, err, amp_err)
 
@@ -166,7 +162,7 @@ def test_train_and_eval_switch_dropout_and_batch_norm_like_the_original(net, con
     a, b = gm(x), gm(x)
     assert torch.equal(a, b), "dropout is on in eval()"
     assert torch.equal(gm.bn.running_mean, stats), "eval() updated batch-norm statistics"
-    assert _rel(a, model(x)) < 3e-2
+    assert rel_l2(model(x), a) < 3e-2
     assert torch.equal(copy.deepcopy(gm)(x), a), "a deep copy runs the same graphs"
 
 
@@ -193,7 +189,7 @@ def test_mode_dependent_python_branches_and_output_structure():
     sum(o.float().sum() for o in out).backward()
     assert gm.aux.weight.grad is not None
     assert isinstance(gm.eval()(x), torch.Tensor)
-    assert _rel(gm(x), model.eval()(x)) < 2e-2
+    assert rel_l2(model.eval()(x), gm(x)) < 2e-2
 
 
 def test_state_dict_round_trip_and_tied_weights():
@@ -212,7 +208,7 @@ def test_state_dict_round_trip_and_tied_weights():
     assert len(list(gm.parameters())) == 1, "tied weights must stay one parameter"
     gm(ids).float().sum().backward()
     model(ids).sum().backward()
-    assert _rel(gm.emb.weight.grad, model.emb.weight.grad) < 5e-3  # both uses reach one gradient
+    assert rel_l2(model.emb.weight.grad, gm.emb.weight.grad) < 5e-3  # both uses reach one gradient
     other = Tied()
     gm.load_state_dict(other.state_dict())  # strict: same keys as the original
     assert torch.equal(gm.head.weight, other.emb.weight)
@@ -386,7 +382,9 @@ def test_converted_model_is_wrappable_by_ddp_and_fsdp2(converted, tmp_path):
 
 
 def _train_demo():
-    return load_tool("train_demo", register=True)
+    from tools import train_demo
+
+    return train_demo
 
 
 def test_digits_cnn_reaches_fp32_accuracy_in_fp16_and_bf16():

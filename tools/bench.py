@@ -16,110 +16,25 @@ model, so a run that is cut off keeps what it measured; --plot writes a PNG (nee
 Variants: fp32 strict, tf32, then per dtype: autocast, .to(dtype), rewriter (eager), rewriter in each
 --modes backend (compile, cuda_graphs), and torch.compile(model.to(dtype)) when --modes has compile.
 
-    python tools/bench.py --device cuda --modes compile,compile:reduce-overhead,cuda_graphs --batch default,1 \
-        --out bench.json --plot bench.png                                 # the README table
-    python tools/bench.py --device cpu --small --models bert --iters 2 --repeats 1 --warmup 1   # smoke
+    python -m tools.bench --device cuda --modes compile,compile:reduce-overhead,cuda_graphs \
+        --batch default,1 --out bench.json --plot bench.png                 # tools/results/README.md
+    python -m tools.bench --device cpu --small --models bert --iters 2 --repeats 1 --warmup 1   # smoke
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
-import statistics
 import sys
 import time
 import traceback
 
 import torch
-import torch.nn as nn
 
-__all__ = ["main", "build_model", "rel_l2", "variants", "count_flops", "plot"]
+from rewriter import measure
+from tools import harness
 
-
-def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.detach().double(), ref.detach().double()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
-def _tensor_of(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "last_hidden_state"):
-        return out.last_hidden_state
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    raise TypeError(f"cannot find the output tensor in {type(out).__name__}")
-
-
-def build_model(name: str, small: bool, device: torch.device, batch: int | None = None):
-    """(model, args, kwargs) for a named model, random-init, fp32, eval mode, on `device`."""
-    g = torch.Generator().manual_seed(0)
-    if name in ("resnet50", "vit_b_16"):
-        import torchvision
-
-        if name == "resnet50":
-            model = torchvision.models.resnet50() if not small else torchvision.models.resnet18()
-            b, hw = (batch or (128 if not small else 4)), (224 if not small else 64)
-        else:
-            model = (torchvision.models.vit_b_16() if not small else torchvision.models.VisionTransformer(
-                image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128))
-            model.heads = nn.Identity()  # torchvision zero-initialises the head: compare features
-            b, hw = (batch or (64 if not small else 4)), (224 if not small else 32)
-        x = torch.randn(b, 3, hw, hw, generator=g)
-        return model.eval().to(device), (x.to(device),), {}
-    from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
-
-    if name == "bert":
-        cfg = BertConfig() if not small else BertConfig(hidden_size=64, num_hidden_layers=2,
-                                                        num_attention_heads=4, intermediate_size=128)
-        model, b, s = BertModel(cfg), (batch or (32 if not small else 4)), (128 if not small else 32)
-    elif name == "gpt2":
-        cfg = GPT2Config(use_cache=False) if not small else GPT2Config(n_embd=64, n_layer=2, n_head=4,
-                                                                       use_cache=False)
-        model, b, s = GPT2Model(cfg), (batch or (8 if not small else 4)), (512 if not small else 32)
-    else:
-        raise SystemExit(f"unknown model {name!r}: choose resnet50, vit_b_16, bert, gpt2")
-    ids = torch.randint(0, cfg.vocab_size, (b, s), generator=g)
-    kwargs = {"input_ids": ids.to(device)}
-    if name == "bert":
-        kwargs["attention_mask"] = torch.ones_like(ids).to(device)
-    return model.eval().to(device), (), kwargs
-
-
-def _timer(device: torch.device, warmup: int, iters: int, repeats: int):
-    def run(fn) -> float:
-        with torch.no_grad():
-            for _ in range(warmup):
-                fn()
-            samples = []
-            for _ in range(repeats):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    for _ in range(iters):
-                        fn()
-                    end.record()
-                    torch.cuda.synchronize()
-                    samples.append(start.elapsed_time(end) / iters)
-                else:
-                    t0 = time.perf_counter()
-                    for _ in range(iters):
-                        fn()
-                    samples.append((time.perf_counter() - t0) * 1e3 / iters)
-        return statistics.median(samples)
-    return run
-
-
-def _set_tf32(on: bool) -> None:
-    torch.backends.cuda.matmul.allow_tf32 = on
-    torch.backends.cudnn.allow_tf32 = on
-
-
-def _param_bytes(module: nn.Module) -> int:
-    seen = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
-    return sum(t.numel() * t.element_size() for t in seen.values())
+__all__ = ["main", "variants", "count_flops", "plot"]
 
 
 def _cast_inputs(args, kwargs, dtype):
@@ -205,49 +120,19 @@ def _mode_options(mode: str) -> set:
     return set(torch_backend._OPTIONS.get(mode, {}))
 
 
-def _free(device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def _prepare(fn, module, device, ref, warmup: int) -> dict:
     """Error vs `ref` and memory of one variant, measured over its first call and `warmup` more."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    with torch.no_grad():
-        out = _tensor_of(fn()).float()
-        row = {"rel_l2": rel_l2(out, ref), "finite": bool(torch.isfinite(out).all())}
+    with measure.peak_memory(device) as mem, torch.no_grad():
+        out = harness.output_tensor(fn()).float()
+        row = {"rel_l2": harness.rel_l2(ref, out), "finite": bool(torch.isfinite(out).all())}
         del out
         for _ in range(warmup):
             fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    work = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else 0
-    params = _param_bytes(module)
+    work = mem.bytes or 0
+    params = harness.param_bytes(module)
     row.update(param_mb=params / 2**20, work_mb=work / 2**20,
                peak_mb=(params + work) / 2**20 if device.type == "cuda" else None)
     return row
-
-
-def _time_round_robin(live: list, time_block, repeats: int, *, key: str = "ms", on_round=None) -> None:
-    """Time every live (row, fn) in `repeats` rounds of one block each (v1, v2, ..., v1, v2, ...), so
-    machine noise spreads over all variants instead of landing on the ones timed during a slow spell;
-    each row gets the median of its blocks as row[key] and the blocks as row["samples_ms"]. A row named
-    "tf32" runs with TF32 on. `on_round(i)` is called before round i (progress)."""
-    samples: dict[int, list[float]] = {id(row): [] for row, _ in live}
-    for i in range(repeats):
-        if on_round is not None:
-            on_round(i)
-        for row, fn in live:
-            _set_tf32(row["variant"] == "tf32")
-            samples[id(row)].append(time_block(fn))
-    _set_tf32(False)
-    for row, _ in live:
-        row[key] = statistics.median(samples[id(row)])
-        row["samples_ms"] = samples[id(row)]
 
 
 def _ratios(rows, flops, peak_tflops) -> None:
@@ -299,15 +184,14 @@ def plot(results: list[dict], path: str) -> bool:
     return True
 
 
-def _write_json(path, device, args, results) -> None:
-    with open(path, "w") as fh:
-        json.dump({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                   "torch": torch.__version__, "args": vars(args), "results": results}, fh, indent=1,
-                  default=str)
+def _write_json(path, device, args, results, argv) -> None:
+    harness.write_json(path, {"args": vars(args), "results": results}, device=device, argv=argv,
+                       module="tools.bench")
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="resnet50,vit_b_16,bert,gpt2")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtypes", default="fp16,bf16")
@@ -334,7 +218,6 @@ def main(argv=None) -> int:
     modes = [m for m in a.modes.split(",") if m]
     batches = [None if b.strip() in ("default", "") else int(b) for b in a.batch.split(",")]
     backend_options = json.loads(a.backend_options) if a.backend_options else None
-    time_block = _timer(device, 0, a.iters, 1)  # one block of --iters calls, after _prepare's warm-up
     if modes:
         from torch import _dynamo
 
@@ -346,18 +229,18 @@ def main(argv=None) -> int:
     results = []
     for name in a.models.split(","):
         for batch in batches:
-            model, args, kwargs = build_model(name, a.small, device, batch)
+            model, args, kwargs = harness.build_model(name, small=a.small, device=device, batch=batch)
             b = (args[0] if args else next(iter(kwargs.values()))).shape[0]
             print(f"== {name} batch {b}", file=sys.stderr, flush=True)
-            _set_tf32(False)
+            harness.set_tf32(False)
             with torch.no_grad():
-                ref = _tensor_of(model(*args, **kwargs)).float()
+                ref = harness.output_tensor(model(*args, **kwargs)).float()
             flops = count_flops(model, args, kwargs)
             rows, live = [], []
             for vname, dtype, build in variants(model, args, kwargs, dtypes, modes,
                                                 compile_mode=a.compile_mode, backend_options=backend_options):
                 row = {"model": name, "batch": b, "variant": vname, "gflops": flops / 1e9}
-                _set_tf32(vname == "tf32")
+                harness.set_tf32(vname == "tf32")
                 try:
                     fn, module = build()
                     row.update(_prepare(fn, module, device, ref, a.warmup))
@@ -372,22 +255,23 @@ def main(argv=None) -> int:
                         traceback.print_exc(limit=3, file=sys.stderr)
                 finally:
                     fn = module = None
-                    _set_tf32(False)
+                    harness.set_tf32(False)
                 rows.append(row)
-            _time_round_robin(live, time_block, a.repeats)
+            # one block of --iters calls per round, after _prepare's warm-up
+            harness.round_robin(live, device=device, iters=a.iters, repeats=a.repeats)
             for row, _ in live:
                 print(f"  {row['variant']:30s} {row['ms']:8.2f} ms  err {row['rel_l2']:.2e}", file=sys.stderr)
             live.clear()
-            _free(device)
+            harness.free(device)
             _ratios(rows, flops, a.peak_tflops)
             results.extend(rows)
             del model, args, kwargs, ref
             if modes:
                 _dynamo.reset()
-            _free(device)
+            harness.free(device)
             if a.out:
-                _write_json(a.out, device, a, results)
-    print(f"\ndevice: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
+                _write_json(a.out, device, a, results, argv)
+    print(f"\ndevice: {harness.device_name(device)}, torch {torch.__version__}, "
           f"ceiling {a.peak_tflops:g} TFLOP/s")
     print("| model | batch | variant | ms | x fp32 | x autocast | TFLOP/s | % ceiling | rel. L2 vs fp32 | finite "
           "| peak MB | param MB |")
@@ -401,7 +285,7 @@ def main(argv=None) -> int:
               f"{f(r['vs_autocast'])} | {f(r['tflops'], '{:.3g}')} | {f(r['ceiling_frac'] and 100 * r['ceiling_frac'], '{:.3g}')} | "
               f"{r['rel_l2']:.1e} | {'yes' if r['finite'] else 'NO'} | {f(r['peak_mb'], '{:.0f}')} | {r['param_mb']:.0f} |")
     if a.out:
-        _write_json(a.out, device, a, results)
+        _write_json(a.out, device, a, results, argv)
     plot_path = a.plot or (a.out.rsplit(".", 1)[0] + ".png" if a.out else None)
     if plot_path and results:
         if plot(results, plot_path):

@@ -7,18 +7,19 @@ conversion time in all and of the two measuring passes, the search's forward run
 (run_bound(n, 2) = 6 + 4 ceil(log2 n)), candidates, nodes kept fp32, and the error on the search
 batches and on held-out batches the conversion never saw (relative L2 of last_hidden_state vs fp32).
 
-    python tools/bench_calibration.py                          # CPU
-    python tools/bench_calibration.py --device cuda --width 256 --json out.json
+    python -m tools.bench_calibration                          # CPU
+    python -m tools.bench_calibration --device cuda --width 256 --json out.json
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 import torch
+
+from tools import harness
 
 __all__ = ["main", "build"]
 
@@ -26,11 +27,11 @@ __all__ = ["main", "build"]
 def build(layers: int, width: int, heads: int, seq: int, batch: int, count: int, device: str):
     """(model, batches) for a BERT-style encoder of `layers` layers, random init, eval mode."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=1000, hidden_size=width, num_hidden_layers=layers,
-                     num_attention_heads=heads, intermediate_size=4 * width, max_position_embeddings=seq)
+    cfg = harness.hf_config("bert", vocab_size=1000, hidden_size=width, num_hidden_layers=layers,
+                            num_attention_heads=heads, intermediate_size=4 * width, max_position_embeddings=seq)
     model = BertModel(cfg).eval().to(device)
     g = torch.Generator().manual_seed(1)
     batches = []
@@ -40,11 +41,6 @@ def build(layers: int, width: int, heads: int, seq: int, batch: int, count: int,
         batches.append({"input_ids": torch.randint(0, 1000, (batch, seq), generator=g).to(device),
                         "attention_mask": mask.to(device)})
     return model, batches
-
-
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.detach().double(), ref.detach().double()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def _sync(device: str) -> None:
@@ -65,7 +61,7 @@ def run_one(model, calibration, held_out, tolerance: float, device: str) -> dict
     info = fast.meta[meta.CALIBRATION]
     search = info["sensitivity"]
     with torch.no_grad():
-        held = max(_rel(fast(**b).last_hidden_state, model(**b).last_hidden_state) for b in held_out)
+        held = max(harness.rel_l2(model(**b), fast(**b)) for b in held_out)
     return {
         "device": device, "tolerance": tolerance, "convert_s": round(total, 2),
         "ranges_s": info["ranges"]["seconds"], "search_s": search["seconds"], "runs": search["runs"],
@@ -89,7 +85,7 @@ def _table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.bench_calibration", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cpu,cuda")
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--width", type=int, default=64)
@@ -129,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     print(_table(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        harness.write_json(args.json, {"args": vars(args), "rows": rows}, device=args.device.split(",")[-1],
+                           argv=argv, module="tools.bench_calibration")
     return 0
 
 

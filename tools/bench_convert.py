@@ -9,9 +9,9 @@ parameter copy), and seconds per 1,000 nodes, which stays about constant when th
 with the graph. One warm-up conversion of a 1-layer model runs first
 (imports and first-call caches are not part of the figures).
 
-    python tools/bench_convert.py                                  # 6, 12, 24, 48 layers, BERT-base width
-    python tools/bench_convert.py --layers 24 --profile 24         # cProfile of the 24-layer conversion
-    python tools/bench_convert.py --hidden 256 --out convert.json  # a narrower model
+    python -m tools.bench_convert                                  # 6, 12, 24, 48 layers, BERT-base width
+    python -m tools.bench_convert --layers 24 --profile 24         # cProfile of the 24-layer conversion
+    python -m tools.bench_convert --hidden 256 --out convert.json  # a narrower model
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import argparse
 import cProfile
 import gc
 import io
-import json
 import os
 import pstats
 import sys
@@ -27,14 +26,17 @@ import time
 
 import torch
 
+from tools import harness
+
 __all__ = ["main", "convert_once"]
 
 
 def _model(layers: int, hidden: int, seq: int, batch: int):
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
-    cfg = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
-                     intermediate_size=4 * hidden, max_position_embeddings=max(512, seq))
+    cfg = harness.hf_config("bert", hidden_size=hidden, num_hidden_layers=layers,
+                            num_attention_heads=max(1, hidden // 64), intermediate_size=4 * hidden,
+                            max_position_embeddings=max(512, seq))
     torch.manual_seed(0)
     model = BertModel(cfg).eval()
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
@@ -119,7 +121,8 @@ def convert_once(layers: int, hidden: int, seq: int, batch: int, precision: str,
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m tools.bench_convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", default="6,12,24,48")
     p.add_argument("--hidden", type=int, default=768, help="model width (768 = BERT-base)")
     p.add_argument("--seq", type=int, default=128)
@@ -156,10 +159,10 @@ def main(argv=None) -> int:
               f"{r['capture_s']:.1f} | {r['passes_s']:.1f} | {r['wall_s_per_1k_nodes']:.1f} | "
               f"{r['cpu_s_per_1k_nodes']:.1f} |")
     if a.out:
-        with open(a.out, "w") as fh:
-            json.dump({"cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                       "args": vars(a), "records": [{k: v for k, v in r.items() if k != "profile"}
-                                                     for r in records]}, fh, indent=1)
+        harness.write_json(a.out, {"cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+                                   "load_average": load, "args": vars(a),
+                                   "records": [{k: v for k, v in r.items() if k != "profile"} for r in records]},
+                           device="cpu", argv=argv, module="tools.bench_convert")
     return 0
 
 

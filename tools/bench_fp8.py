@@ -29,17 +29,14 @@ GEMMs in FP8 / GEMMs, weight bytes. The GEMM table (--gemms, on by default) time
 shape alone: bf16 F.linear vs rewriter::fp8_linear (dynamic and static scales, eager), next to the cost
 model's estimate, to check FP8_ROOFLINE_EFFICIENCY on the machine.
 
-    python tools/bench_fp8.py --device cuda --out bench_fp8.json          # H100: the README table
-    python tools/bench_fp8.py --device cuda --models bert_large --profile 12  # + kernel time by kind
-    python tools/bench_fp8.py --device cpu --small                         # smoke run (FP8 emulated)
+    python -m tools.bench_fp8 --device cuda --out bench_fp8.json          # tools/results/README.md
+    python -m tools.bench_fp8 --device cuda --models bert_large --profile 12  # + kernel time by kind
+    python -m tools.bench_fp8 --device cpu --small                         # smoke run (FP8 emulated)
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import gc
-import json
-import os
 import re
 import sys
 import time
@@ -51,6 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rewriter import meta
+from tools import harness
 
 __all__ = ["main", "build", "MODELS", "TARGETS"]
 
@@ -58,103 +56,14 @@ MODELS = ("bert_large", "gpt2_medium", "llama_mlp", "bert_base", "vit_b_16")
 TARGETS = {"bert_large": 1.25, "gpt2_medium": 1.25, "llama_mlp": 1.25, "bert_base": 1.0, "vit_b_16": 1.0}
 
 
-class LlamaMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)), no biases, as in Llama."""
-
-    def __init__(self, hidden: int = 4096, intermediate: int = 14336):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 def build(name: str, small: bool, device: torch.device):
-    """(model, args, kwargs): random-init fp32 eval model and its inputs, on `device`."""
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    if name == "llama_mlp":
-        hidden, inter, b, s = (4096, 14336, 8, 1024) if not small else (64, 224, 2, 16)
-        model = LlamaMLP(hidden, inter)
-        return model.eval().to(device), (torch.randn(b, s, hidden, generator=g).to(device),), {}
-    if name == "vit_b_16":
-        import torchvision
-
-        if small:
-            model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2,
-                                                         num_heads=2, hidden_dim=64, mlp_dim=128)
-            b, hw = 4, 32
-        else:
-            model, b, hw = torchvision.models.vit_b_16(), 64, 224
-        model.heads = nn.Identity()  # torchvision zero-initialises the head: compare features
-        return model.eval().to(device), (torch.randn(b, 3, hw, hw, generator=g).to(device),), {}
-    from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
-
-    tiny = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
-    if name == "bert_large":
-        cfg = BertConfig(**tiny) if small else BertConfig(hidden_size=1024, num_hidden_layers=24,
-                                                          num_attention_heads=16, intermediate_size=4096)
-        b, s = (4, 32) if small else (32, 384)
-    elif name == "bert_base":
-        cfg, (b, s) = (BertConfig(**tiny) if small else BertConfig()), ((4, 32) if small else (32, 128))
-    elif name == "gpt2_medium":
-        cfg = (GPT2Config(n_embd=64, n_layer=2, n_head=4, use_cache=False) if small else
-               GPT2Config(n_embd=1024, n_layer=24, n_head=16, use_cache=False))
-        b, s = (4, 32) if small else (8, 1024)
-    else:
+    """(model, args, kwargs): random-init fp32 eval model and its inputs, on `device` (tools.harness)."""
+    if name not in MODELS:
         raise SystemExit(f"unknown model {name!r}: choose from {', '.join(MODELS)}")
-    model = (BertModel if name.startswith("bert") else GPT2Model)(cfg)
-    ids = torch.randint(0, cfg.vocab_size, (b, s), generator=g).to(device)
-    kwargs = {"input_ids": ids}
-    if name.startswith("bert"):
-        kwargs["attention_mask"] = torch.ones_like(ids)
-    return model.eval().to(device), (), kwargs
-
-
-# ---------------------------------------------------------------- measuring
-
-
-def _tensor(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "last_hidden_state"):
-        return out.last_hidden_state
-    if isinstance(out, (tuple, list)):
-        return _tensor(out[0])
-    raise TypeError(f"no output tensor in {type(out).__name__}")
-
-
-def rel_l2(out, ref) -> float:
-    out, ref = _tensor(out).detach().double(), _tensor(ref).detach().double()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
-def _timer(device, warmup: int, iters: int, repeats: int):
-    """timer(fn) -> ms (warm-up, then the median of `repeats` blocks), plus `.block(fn)`: one block of
-    `iters` calls without warm-up, and the settings, for round-robin timing of whole models."""
-    from bench import _timer as timer  # tools/bench.py: one CUDA-event timer for every benchmark
-
-    run = timer(device, warmup, iters, repeats)
-    run.block = timer(device, 0, iters, 1)
-    run.warmup, run.repeats = warmup, repeats
-    return run
-
-
-def _bytes(module: nn.Module) -> int:
-    seen = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
-    return sum(t.numel() * t.element_size() for t in seen.values())
-
-
-def _free(device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    return harness.build_model(name, small=small, device=device)
 
 
 def _fp8_counts(gm) -> tuple[int, int, dict]:
-
     records = [meta.get(n, meta.FP8) for n in gm.graph.nodes if meta.get(n, meta.FP8)]
     gemms = [r for r in records if r.get("rule") not in ("op",)]
     rules: dict = {}
@@ -267,12 +176,9 @@ def _calibration_batches(args, kwargs, count: int = 2) -> list:
 
 
 def _bench_model(name, args_ns, device, timer):
-    """Build every variant (error, FP8 counts, warm-up), then time them round-robin (tools/bench.py)."""
-    from bench import _time_round_robin
-
+    """Build every variant (error, FP8 counts, warm-up), then time them round-robin."""
     model, args, kwargs = build(name, args_ns.small, device)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    harness.set_tf32(False)
     with torch.no_grad():
         reference = model(*args, **kwargs)
     rows, live = [], []
@@ -287,12 +193,12 @@ def _bench_model(name, args_ns, device, timer):
                 fn, module, extra = make()
                 with torch.no_grad():
                     out = fn()
-                    row["error_vs_fp32"] = rel_l2(out, reference)
-                    row["finite"] = bool(torch.isfinite(_tensor(out).float()).all())
+                    row["error_vs_fp32"] = harness.rel_l2(reference, out)
+                    row["finite"] = bool(torch.isfinite(harness.output_tensor(out).float()).all())
                     del out
                     for _ in range(timer.warmup):
                         fn()
-            row["weight_bytes"] = _bytes(module)
+            row["weight_bytes"] = harness.param_bytes(module)
             if label.startswith("ours fp8"):
                 fp8, gemms, rules = _fp8_counts(extra)
                 row.update({"fp8_gemms": fp8, "gemms": gemms, "kept_by_rule": rules,
@@ -311,7 +217,7 @@ def _bench_model(name, args_ns, device, timer):
         rows.append(row)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _time_round_robin(live, timer.block, timer.repeats)
+        harness.round_robin(live, device=device, iters=timer.iters, repeats=timer.repeats)
     if args_ns.profile:
         _profile(live, device, args_ns.profile)
     base = {row["mode"]: row["ms"] for row, _ in live if row["variant"].startswith("ours bf16")}
@@ -320,7 +226,7 @@ def _bench_model(name, args_ns, device, timer):
             row["speedup_vs_ours_bf16"] = base[row["mode"]] / row["ms"]
     live.clear()
     del model
-    _free(device)
+    harness.free(device)
     return rows
 
 
@@ -342,7 +248,7 @@ def _kernel_kind(name: str) -> str:
 def _profile(live, device, top: int) -> None:
     """Per variant: device time per call by kernel kind (fp8 GEMM, GEMM, attention, other) and the
     `top` kernels, into row["kernels"] (tools/profile_kernels.kernel_table)."""
-    from profile_kernels import kernel_table
+    from tools.profile_kernels import kernel_table
 
     for row, fn in live:
         with warnings.catch_warnings():
@@ -397,7 +303,7 @@ def _gemm_table(names, small, device, timer):
                          "speedup_static": t_bf16 / t_sta, "estimate_dynamic": est,
                          "cost_model_uses_fp8": est >= threshold})
             del x, w, w16, w8
-            _free(device)
+            harness.free(device)
     return rows
 
 
@@ -445,7 +351,7 @@ def _verdicts(rows, device) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m tools.bench_fp8", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--small", action="store_true", help="tiny configs (CPU smoke run)")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list from {','.join(MODELS)}")
@@ -475,13 +381,12 @@ def main(argv=None) -> int:
     for n in names:
         if n not in MODELS:
             raise SystemExit(f"unknown model {n!r}: choose from {', '.join(MODELS)}")
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from rewriter.runtime.fp8_ops import emulation_reason
 
-    timer = _timer(device, ns.warmup, ns.iters, ns.repeats)
-    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "small": ns.small, "warmup": ns.warmup, "iters": ns.iters,
-            "repeats": ns.repeats, "fp8_gemms": emulation_reason(device) or "torch._scaled_mm"}
+    timer = harness.Timer(device, ns.warmup, ns.iters, ns.repeats)
+    info = {"device": harness.device_name(device), "torch": torch.__version__, "small": ns.small,
+            "warmup": ns.warmup, "iters": ns.iters, "repeats": ns.repeats,
+            "fp8_gemms": emulation_reason(device) or "torch._scaled_mm"}
     try:
         import torchao
         info["torchao"] = torchao.__version__
@@ -492,8 +397,7 @@ def main(argv=None) -> int:
 
     def save():
         if ns.out:
-            with open(ns.out, "w") as fh:
-                json.dump(results, fh, indent=1, default=str)
+            harness.write_json(ns.out, results, device=device, argv=argv, module="tools.bench_fp8")
 
     for name in names:
         print(f"\n== {name}", file=sys.stderr, flush=True)

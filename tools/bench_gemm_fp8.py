@@ -3,17 +3,17 @@
 Run on the H100 (one process, one GPU; about 5-8 minutes, mostly torch.compile of 8 small modules per
 shape; the JSON is rewritten after every shape, so a run cut short keeps what it measured):
 
-    python tools/bench_gemm_fp8.py --device cuda --out gemm_fp8_h100.json
+    python -m tools.bench_gemm_fp8 --device cuda --out gemm_fp8_h100.json
 
 or in two halves when one command may not take 10 minutes:
 
-    python tools/bench_gemm_fp8.py --device cuda --models bert_large,gpt2_medium --out gemm_fp8_h100_a.json
-    python tools/bench_gemm_fp8.py --device cuda --models bert_base,llama_mlp --out gemm_fp8_h100_b.json
+    python -m tools.bench_gemm_fp8 --device cuda --models bert_large,gpt2_medium --out gemm_fp8_h100_a.json
+    python -m tools.bench_gemm_fp8 --device cuda --models bert_base,llama_mlp --out gemm_fp8_h100_b.json
 
 CPU smoke run (no FP8 tensor cores: the FP8 variants run the project's emulation and their speed-ups
 are n/a; --no-compile skips the torch.compile variants):
 
-    python tools/bench_gemm_fp8.py --device cpu --small --no-compile
+    python -m tools.bench_gemm_fp8 --device cpu --small --no-compile
 
 Shapes (M, K, N; x [M, K] @ w[N, K].T): the GEMMs of BERT-large b32 s384 (M=12288), GPT-2 medium b8
 s1024 (M=8192), BERT-base b32 s128 (M=4096) and a Llama MLP with hidden 4096 (M=8192); `--shapes
@@ -53,9 +53,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
-import os
 import sys
 import time
 import traceback
@@ -65,11 +63,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-_TOOLS = os.path.dirname(os.path.abspath(__file__))
-_ROOT = os.path.dirname(_TOOLS)
-for _path in (_ROOT, _TOOLS):  # the project, and tools/bench.py's round-robin timer
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+from tools import harness
 
 __all__ = ["main", "DEFAULT_SHAPES", "EAGER_VARIANTS", "PRODUCERS", "MODES", "variant_names", "shape_list"]
 
@@ -266,39 +260,27 @@ def _capture(fn, iters: int, n_inputs: int):
     return graph
 
 
-def _block(live: _Live, mode: str, device: torch.device, iters: int, n_inputs: int) -> float:
-    """ms per call of one block of `iters` calls."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        if mode == "graph":
-            live.graph.replay()
-        else:
-            for j in range(iters):
-                live.fn(j % n_inputs)
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / iters
-    t0 = time.perf_counter()
-    for j in range(iters):
-        live.fn(j % n_inputs)
-    return (time.perf_counter() - t0) * 1e3 / iters
+def _stream(live: _Live, iters: int, n_inputs: int):
+    """`iters` calls of the variant launched from Python, one after the other (outputs not kept)."""
+    def run() -> None:
+        for j in range(iters):
+            live.fn(j % n_inputs)
+    return run
 
 
 def _time_round_robin(lives: list[_Live], device, ns) -> None:
-    """Round-robin timing by tools/bench.py's timer: each round times one block of every variant in
-    every mode (CUDA graph replay, then launched from Python) in turn; medians per variant and mode."""
-    from bench import _time_round_robin as round_robin
-
+    """Round-robin timing (tools.harness): each round times one block of --iters calls of every variant
+    in every mode (one CUDA graph replay of them, then launched from Python) in turn; the medians per
+    variant and mode go to row["ms_graph"] / row["ms_stream"], ms per call."""
     modes = ["graph", "stream"] if device.type == "cuda" and ns.cuda_graph else ["stream"]
-    entries = [({"variant": live.name}, (live, mode)) for live in lives for mode in modes
+    entries = [({"variant": live.name}, live, mode) for live in lives for mode in modes
                if mode == "stream" or live.graph is not None]
-    with torch.no_grad():
-        round_robin(entries, lambda lm: _block(lm[0], lm[1], device, ns.iters, ns.inputs), ns.rounds)
-    for sub, (live, mode) in entries:
-        live.row[f"ms_{mode}"] = sub["ms"]
-        live.row[f"samples_ms_{mode}"] = [round(s, 5) for s in sub["samples_ms"]]
+    calls = [(sub, live.graph.replay if mode == "graph" else _stream(live, ns.iters, ns.inputs))
+             for sub, live, mode in entries]
+    harness.round_robin(calls, device=device, iters=1, repeats=ns.rounds)  # one call = one block
+    for sub, live, mode in entries:
+        live.row[f"ms_{mode}"] = sub["ms"] / ns.iters
+        live.row[f"samples_ms_{mode}"] = [round(s / ns.iters, 5) for s in sub["samples_ms"]]
     for live in lives:
         row = live.row
         row["ms"] = row.get("ms_graph", row.get("ms_stream"))
@@ -370,11 +352,6 @@ def cost_model_constants() -> dict:
 
 
 # ---------------------------------------------------------------- one shape
-
-
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.detach().float(), ref.detach().float()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -457,7 +434,7 @@ def _bench_shape(shape: dict, ns, device: torch.device, caller, emulated: str | 
                     torch.cuda.synchronize()
                 if name.startswith("compiled_"):
                     row["first_call_s"] = round(time.perf_counter() - t0, 2)  # includes the compilation
-                row["rel_err"] = _rel(out, refs[name]())
+                row["rel_err"] = harness.rel_l2(refs[name](), out)
                 row["finite"] = bool(torch.isfinite(out.float()).all())
                 del out
                 for j in range(ns.warmup):
@@ -696,7 +673,7 @@ def _device_check(device: torch.device) -> str | None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="python -m tools.bench_gemm_fp8", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
     p.add_argument("--small", action="store_true", help="the default shapes divided (M/256, K/32, N/32): CPU smoke run")
@@ -749,7 +726,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"refusing to benchmark: {exc}") from None
     if ns.compile_on:
         _configure_dynamo()
-    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    info = {"device": harness.device_name(device),
             "capability": ("sm_%d%d" % torch.cuda.get_device_capability(device)) if device.type == "cuda" else None,
             "torch": torch.__version__, "cuda": torch.version.cuda, "fp8": emulated or call_text,
             "cost_model_target": target or "this GPU", "small": ns.small, "warmup": ns.warmup, "iters": ns.iters,
@@ -762,10 +739,7 @@ def main(argv=None) -> int:
 
     def save():
         if ns.out:
-            tmp = ns.out + ".tmp"
-            with open(tmp, "w") as fh:
-                json.dump(results, fh, indent=1, default=str)
-            os.replace(tmp, ns.out)
+            harness.write_json(ns.out, results, device=device, argv=argv, module="tools.bench_gemm_fp8")
 
     t_start = time.perf_counter()
     for i, shape in enumerate(shapes):

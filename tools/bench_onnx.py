@@ -14,15 +14,15 @@ rewriter.convert(precision=fp16) + rewriter.export_onnx(optimize=True) (and opti
 overrides={"layer_norm": "fp16"} (ours-fp16-ln16: an fp16 residual stream, the optimizer's numerics).
 A variant whose package is missing (onnxconverter-common, onnxruntime.transformers) reads 'n/a'.
 
-    python tools/bench_onnx.py --device cuda --out bench_onnx.json        # BERT-base b32 s128, GPT-2 b8 s512
-    python tools/bench_onnx.py --device cpu --small --out /tmp/smoke.json  # smoke run, tiny configs
-    python tools/bench_onnx.py --device cuda --large --random-bias --out onnx_fp8.json \
+    python -m tools.bench_onnx --device cuda --out bench_onnx.json        # BERT-base b32 s128, GPT-2 b8 s512
+    python -m tools.bench_onnx --device cpu --small --out /tmp/smoke.json  # smoke run, tiny configs
+    python -m tools.bench_onnx --device cuda --large --random-bias --out onnx_fp8.json \
         --variants ortopt-fp16,ours-fp16,ours-fp8-qdq,ours-fp8-gemmfloat8,ours-fp8-qdq-nofuse,ours-fp8-gemmfloat8-nofuse
         # BERT-large b32 s384, GPT-2 medium b8 s1024: our FP8 (Q/DQ, GemmFloat8) vs our fp16 vs the ORT optimizer
-    python tools/bench_onnx.py --device cuda --profile --out bench_onnx.json  # + where the time goes
+    python -m tools.bench_onnx --device cuda --profile --out bench_onnx.json  # + where the time goes
 
 --profile: each variant also runs in a separate ONNX Runtime session with profiling on (a fresh process,
-tools/profile_onnx.py, with CUDA_LAUNCH_BLOCKING=1 on CUDA so node time includes the kernels): time per
+python -m tools.profile_onnx, with CUDA_LAUNCH_BLOCKING=1 on CUDA so node time includes the kernels): time per
 op type and output dtype, and the 15 slowest nodes, printed and stored in the results under "profile".
 Profiled times are for comparing variants, not latencies: synchronized launches add a few us per node.
 """
@@ -34,11 +34,9 @@ import io
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import traceback
 import warnings
 
@@ -46,10 +44,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/profile_onnx.py
+from tools import harness
 
-__all__ = ["main", "build", "rel_l2"]
+__all__ = ["main", "build"]
 
 VARIANTS = ("fp32", "occ-fp16", "ortopt-fp16", "ortopt-fp32", "ours-fp16", "ours-fp16-nofuse", "ours-fp16-ln16",
             "ours-fp16-ln16-rpad", "ours-fp8-qdq", "ours-fp8-gemmfloat8", "ours-fp8-qdq-nofuse",
@@ -64,11 +61,6 @@ VARIANTS = ("fp32", "occ-fp16", "ortopt-fp16", "ortopt-fp32", "ours-fp16", "ours
 # ours-fp16-ln16-rpad: the same with export_onnx(assume_right_padding=True): attention reads the valid length
 # of each row (ORT's 1-D mask_index, the optimizer's form; only correct for right-padded batches).
 _OVERRIDES = {"ours-fp16-ln16": {"layer_norm": "fp16"}, "ours-fp16-ln16-rpad": {"layer_norm": "fp16"}}
-
-
-def rel_l2(out, ref) -> float:
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
 class _Hidden(nn.Module):
@@ -98,26 +90,23 @@ def _checkpoint_like(model: nn.Module) -> None:
 
 def build(name: str, small: bool, random_bias: bool = False, large: bool = False):
     """(sdpa model, eager-attention twin with the same weights, inputs dict, shape text, optimizer args)."""
-    from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
+    from transformers import BertModel, GPT2Model
 
     torch.manual_seed(0)
-    if name == "bert":
-        kw = (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
-              if small else dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                                 intermediate_size=4096) if large else {})
-        make, cfg_cls, (b, s) = BertModel, BertConfig, ((4, 32) if small else (32, 384) if large else (32, 128))
-        heads, hidden = kw.get("num_attention_heads", 12), kw.get("hidden_size", 768)
-    elif name == "gpt2":
-        kw = dict(n_embd=64, n_layer=2, n_head=4) if small else dict(n_embd=1024, n_layer=24, n_head=16) if large else {}
-        kw["use_cache"] = False
-        make, cfg_cls, (b, s) = GPT2Model, GPT2Config, ((2, 64) if small else (8, 1024) if large else (8, 512))
-        heads, hidden = kw.get("n_head", 12), kw.get("n_embd", 768)
-    else:
+    if name not in ("bert", "gpt2"):
         raise SystemExit(f"unknown model {name!r}: use bert or gpt2")
-    model = _Hidden(make(cfg_cls(**kw)).eval()).eval()
+    make = BertModel if name == "bert" else GPT2Model
+    zoo = {"bert": "bert_large", "gpt2": "gpt2_medium"}[name] if large and not small else name
+    cfg = harness.hf_config(zoo, small)
+    b, s = harness.default_shape(zoo, small)
+    if name == "gpt2" and small:
+        b, s = 2, 64  # the smoke shape tests/backends/ were written against
+    heads = cfg.num_attention_heads
+    hidden = cfg.hidden_size
+    model = _Hidden(make(cfg).eval()).eval()
     if random_bias:
         _checkpoint_like(model)
-    eager = _Hidden(make(cfg_cls(**kw, attn_implementation="eager")).eval()).eval()
+    eager = _Hidden(make(harness.hf_config(zoo, small, attn_implementation="eager")).eval()).eval()
     eager.load_state_dict(model.state_dict())
     g = torch.Generator().manual_seed(1)
     vocab = model.model.config.vocab_size
@@ -203,7 +192,9 @@ def _make_variant(label, ctx, workdir):
                                  fp8_gemm="com.microsoft" if "gemmfloat8" in label else "qdq")
         note = f"fused {report.fusions}" if report.fusions else "no fusion"
         if fp8:
-            kept = ctx[key].meta.get("rewriter.fp8", {}).get("kept", {})
+            from rewriter import meta
+
+            kept = ctx[key].meta.get(meta.FP8, {}).get("kept", {})
             note = f"{report.fp8_gemms.get('count', 0)} FP8 GEMMs ({len(kept)} kept bf16 by the cost model); " + note
         skipped = [n for n in report.fusion_notes if "skipped" in n or "not applied" in n]
         if skipped:
@@ -220,14 +211,6 @@ def _warm(session, feeds, warmup) -> list:
     for _ in range(max(1, warmup)):
         session.run_bound()
     return session.bound_outputs()
-
-
-def _block(session, iters) -> float:
-    """ms per run over one block of `iters` runs (ONNX Runtime returns when the outputs are ready)."""
-    start = time.perf_counter()
-    for _ in range(iters):
-        session.run_bound()
-    return (time.perf_counter() - start) / iters * 1e3
 
 
 def _reference(model, feeds, device) -> np.ndarray:
@@ -247,12 +230,16 @@ def _reference(model, feeds, device) -> np.ndarray:
 
 
 def _profile(path, feeds_path, args) -> dict:
-    """tools/profile_onnx.py on one variant in a fresh process; its summary, or {"error": ...}."""
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profile_onnx.py")
+    """`python -m tools.profile_onnx` on one variant in a fresh process; its summary, or {"error": ...}."""
     out = path + ".profile.json"
-    cmd = [sys.executable, script, path, "--device", args.device, "--inputs", feeds_path, "--runs",
-           str(args.profile_runs), "--warmup", str(max(2, min(args.warmup, 5))), "--json", out, "--quiet"]
-    env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1") if args.device == "cuda" else None
+    cmd = [sys.executable, "-m", "tools.profile_onnx", path, "--device", args.device, "--inputs", feeds_path,
+           "--runs", str(args.profile_runs), "--warmup", str(max(2, min(args.warmup, 5))), "--json", out,
+           "--quiet"]
+    # the child imports `tools` from this checkout whatever the working directory
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    if args.device == "cuda":
+        env["CUDA_LAUNCH_BLOCKING"] = "1"
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     except subprocess.TimeoutExpired:
@@ -322,7 +309,7 @@ def run_model(name, args, workdir) -> dict:
             outs = _warm(session, bound, args.warmup)
             idx = session.output_names.index("last_hidden_state") if "last_hidden_state" in \
                 session.output_names else 0
-            row["rel_l2"] = rel_l2(outs[idx], ref)
+            row["rel_l2"] = harness.rel_l2(ref, outs[idx])
             if session.device == "cuda":
                 row["provider"] = session.session.get_providers()[0]
             live.append((label, row, session, path))
@@ -332,13 +319,11 @@ def run_model(name, args, workdir) -> dict:
             row["note"] = f"n/a: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
             if args.verbose:
                 traceback.print_exc()
-    samples = {label: [] for label, *_ in live}
-    for _ in range(args.repeats):  # one block of each variant in turn: drift lands on all of them
-        for label, row, session, _ in live:
-            samples[label].append(_block(session, args.iters))
+    # one block of each variant in turn: drift lands on all of them. Wall clock (device "cpu"): ONNX
+    # Runtime returns when the outputs are ready, on the CUDA EP too
+    harness.round_robin([(row, session.run_bound) for _, row, session, _ in live], device="cpu",
+                        iters=args.iters, repeats=args.repeats)
     paths = {label: path for label, _, _, path in live}
-    for label, row, session, path in live:
-        row["ms"], row["samples_ms"] = statistics.median(samples[label]), samples[label]
     del live
     for label, row in result["variants"].items():
         print(f"  {name} {label}: {row['ms'] if row['ms'] is None else round(row['ms'], 3)} ms, "
@@ -347,7 +332,7 @@ def run_model(name, args, workdir) -> dict:
             continue
         summary = result["profile"][label] = _profile(paths[label], feeds_path, args)
         if "by_op" in summary:
-            from profile_onnx import format_summary
+            from tools.profile_onnx import format_summary
 
             print(format_summary(summary, f"{name} {label}", ops=10, nodes=15 if args.verbose else 5),
                   file=sys.stderr, flush=True)
@@ -372,7 +357,8 @@ def _table(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m tools.bench_onnx", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="bert,gpt2")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--variants", default=",".join(VARIANTS))
@@ -403,9 +389,8 @@ def main(argv=None) -> int:
 
     import onnxruntime
 
-    from rewriter.backends.onnx import ort_package
-
-    results = {"device": args.device, "onnxruntime": ort_package(), "large": args.large, "torch": torch.__version__,
+    ort = harness.package_version("onnxruntime-gpu", "onnxruntime") or f"onnxruntime {onnxruntime.__version__}"
+    results = {"device": args.device, "onnxruntime": ort, "large": args.large, "torch": torch.__version__,
                "python": platform.python_version(), "small": args.small, "random_bias": args.random_bias,
                "timing": f"round-robin: median of {args.repeats} blocks of {args.iters} runs per variant, "
                          f"after {args.warmup} warm-up runs, synchronized",
@@ -419,8 +404,7 @@ def main(argv=None) -> int:
             results["models"][name] = run_model(name, args, workdir)
     print(_table(results))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+        harness.write_json(args.out, results, device=args.device, argv=argv, module="tools.bench_onnx")
     return 0
 
 

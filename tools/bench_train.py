@@ -11,7 +11,7 @@ ours bf16 in the same mode. Models are built from their configs with random weig
   bert         BertForMaskedLM (BERT-base: 12 layers, 768 wide), 15 % of tokens masked, batch 32 x 128
   gpt2         GPT2LMHeadModel (GPT-2 small: 12 layers, 768 wide), next-token loss, batch 8 x 512
   gpt2_medium  GPT2LMHeadModel (GPT-2 medium: 24 layers, 1024 wide), next-token loss, batch 8 x 1024
-  llama_mlp    Llama-style MLP (tools/bench_fp8.py: hidden 4096, gate/up 14336, SiLU), MSE to a random
+  llama_mlp    Llama-style MLP (tools/harness.py: hidden 4096, gate/up 14336, SiLU), MSE to a random
                target, batch 8 x 1024
 
 Every variant starts from the same initial weights and sees the same batches and dropout masks (the
@@ -20,18 +20,17 @@ line. Step time: median over --repeats blocks of --iters steps after --warmup st
 events around synchronised blocks (wall clock on CPU). All variants stay alive and their blocks are
 timed round-robin, so machine noise spreads over every variant instead of landing on one.
 
-    python tools/bench_train.py --device cuda --out out/bench_train.json     # H100: the real numbers
-    python tools/bench_train.py --device cuda --compile                      # + torch.compile variants
-    python tools/bench_train.py --device cuda --compile --models llama_mlp,gpt2_medium --variants bf16,fp8
-    python tools/bench_train.py --device cpu --small                         # smoke run, no GPU
+    python -m tools.bench_train --device cuda --out out/bench_train.json     # H100: the real numbers
+    python -m tools.bench_train --device cuda --compile                      # + torch.compile variants
+    python -m tools.bench_train --device cuda --compile --models llama_mlp,gpt2_medium --variants bf16,fp8
+    python -m tools.bench_train --device cpu --small                         # smoke run, no GPU
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import dataclasses
-import gc
-import json
+import itertools
 import platform
 import sys
 import time
@@ -42,14 +41,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:
-    import rewriter
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import rewriter
-from rewriter.passes.plan.fp8_cost import Fp8Options
+import rewriter
 from rewriter import meta
 from rewriter.loss_scale import make_scaler
+from rewriter.passes.plan.fp8_cost import Fp8Options
+from tools import harness
 
 __all__ = ["WithLoss", "MSELoss", "build", "VARIANTS", "bench_model", "main"]
 
@@ -86,30 +82,20 @@ def build(name: str, small: bool, device: torch.device, batch: int | None = None
     for the language models, (x, target) for llama_mlp."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed + 1)
+    if name not in MODELS:
+        raise SystemExit(f"unknown model {name!r}: choose from {', '.join(MODELS)}")
+    b, s = harness.default_shape(name, small)
+    b, s = batch or b, seq or s
     if name == "llama_mlp":
-        from bench_fp8 import LlamaMLP  # tools/bench_fp8.py: the same MLP its inference numbers use
-
-        hidden, inter = (4096, 14336) if not small else (64, 224)
-        b, s = batch or (8 if not small else 2), seq or (1024 if not small else 16)
+        model = harness.llama_mlp(small)
+        hidden = model.gate_proj.in_features
         batches = [tuple(torch.randn(b, s, hidden, generator=g).to(device) for _ in range(2))
                    for _ in range(n_batches)]
-        return MSELoss(LlamaMLP(hidden, inter)).to(device).train(), batches
-    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+        return MSELoss(model).to(device).train(), batches
+    from transformers import BertForMaskedLM, GPT2LMHeadModel
 
-    if name == "bert":
-        cfg = BertConfig() if not small else BertConfig(hidden_size=64, num_hidden_layers=2,
-                                                        num_attention_heads=4, intermediate_size=128)
-        model = BertForMaskedLM(cfg)
-        b, s = batch or (32 if not small else 4), seq or (128 if not small else 32)
-    elif name in ("gpt2", "gpt2_medium"):
-        medium = name == "gpt2_medium"
-        cfg = (GPT2Config(n_embd=64, n_layer=2, n_head=4, use_cache=False) if small else
-               GPT2Config(n_embd=1024, n_layer=24, n_head=16, use_cache=False) if medium else
-               GPT2Config(use_cache=False))
-        model = GPT2LMHeadModel(cfg)
-        b, s = batch or (8 if not small else 4), seq or ((1024 if medium else 512) if not small else 32)
-    else:
-        raise SystemExit(f"unknown model {name!r}: choose from {', '.join(MODELS)}")
+    cfg = harness.hf_config(name, small)
+    model = (BertForMaskedLM if name == "bert" else GPT2LMHeadModel)(cfg)
     batches = []
     for _ in range(n_batches):
         ids = torch.randint(0, cfg.vocab_size, (b, s), generator=g)
@@ -146,16 +132,6 @@ VARIANTS = [
 
 def _compiled(v: Variant) -> Variant:
     return dataclasses.replace(v, name=v.name + " + compile", compile=True)
-
-
-def _set_tf32(on: bool) -> None:
-    torch.backends.cuda.matmul.allow_tf32 = on
-    torch.backends.cudnn.allow_tf32 = on
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _make_step(v: Variant, model: nn.Module, example: tuple, device: torch.device,
@@ -207,32 +183,15 @@ def _make_step(v: Variant, model: nn.Module, example: tuple, device: torch.devic
     return step, info
 
 
-def _time(step, batches, device, warmup: int, iters: int, repeats: int) -> list[float]:
-    """Per-step milliseconds of `repeats` blocks of `iters` steps, after `warmup` steps."""
-    for i in range(warmup):
-        step(batches[i % len(batches)])
-    samples = []
-    for _ in range(repeats):
-        _sync(device)
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for i in range(iters):
-                step(batches[i % len(batches)])
-            end.record()
-            torch.cuda.synchronize(device)
-            samples.append(start.elapsed_time(end) / iters)
-        else:
-            t0 = time.perf_counter()
-            for i in range(iters):
-                step(batches[i % len(batches)])
-            samples.append((time.perf_counter() - t0) * 1e3 / iters)
-    return samples
+def _cycling(step, batches) -> Callable[[], torch.Tensor]:
+    """A call of `step` on the next batch (round and round), for timing blocks of steps."""
+    index = itertools.count()
+    return lambda: step(batches[next(index) % len(batches)])
 
 
 def _print_kernels(name: str, step, batch, device: torch.device, top: int) -> None:
     """The `top` kernels of one training step (tools/profile_kernels.py), to see where the time goes."""
-    from profile_kernels import kernel_table
+    from tools.profile_kernels import kernel_table
 
     total, rows = kernel_table(lambda: step(batch), device, steps=3, grad=True)
     print(f"  {name}: {total / 1e3:.2f} ms of kernels per step, {len(rows)} kinds", file=sys.stderr)
@@ -257,7 +216,7 @@ def bench_model(name: str, args, variants: list[Variant]) -> dict:
                 and not torch.cuda.is_bf16_supported():
             continue
         print(f"[bench_train] {name}: {v.name}", file=sys.stderr, flush=True)
-        _set_tf32(v.tf32)
+        harness.set_tf32(v.tf32)
         row = {"variant": v.name}
         try:
             # each variant trains its own copy from the same initial weights
@@ -278,34 +237,29 @@ def bench_model(name: str, args, variants: list[Variant]) -> dict:
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
             print(f"  failed: {row['error']}", file=sys.stderr)
         rows.append(row)
-    _set_tf32(False)
-    from bench import _time_round_robin  # tools/bench.py: one round-robin timer for every benchmark
-
-    def block(step) -> float:
-        return _time(step, batches, device, 0, args.iters, 1)[0]
+    harness.set_tf32(False)
 
     def progress(i: int) -> None:
         print(f"[bench_train] {name}: timing round {i + 1}/{args.repeats}", file=sys.stderr, flush=True)
 
-    _time_round_robin([(row, step) for v, row, step, info in live], block, args.repeats, key="step_ms",
-                      on_round=progress)
+    harness.round_robin([(row, _cycling(step, batches)) for v, row, step, info in live], device=device,
+                        iters=args.iters, repeats=args.repeats, key="step_ms", no_grad=False, on_round=progress)
     for v, row, step, info in live:
         scaler = info.get("scaler_obj")
         row["scale_history"] = (getattr(scaler, "history", None)
                                 or ([(0, float(scaler.get_scale()))]
                                     if isinstance(scaler, torch.amp.GradScaler) else None))
         if args.profile:
-            _set_tf32(v.tf32)
+            harness.set_tf32(v.tf32)
             _print_kernels(v.name, step, batches[0], device, args.profile)
-    _set_tf32(False)
+    harness.set_tf32(False)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
         print(f"[bench_train] {name}: peak memory of all variants alive together {peak:.1f} GiB",
               file=sys.stderr)
     live.clear()
-    gc.collect()
+    harness.free(device)
     if device.type == "cuda":
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     _compare(rows)
     return {"model": name, "batch": list(batches[0][0].shape), "rows": rows}
@@ -361,7 +315,7 @@ def _table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.bench_train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", default="bert,gpt2", help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--small", action="store_true", help="tiny configs for a CPU smoke run")
@@ -404,8 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_table(result), flush=True)
         results.append(result)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"env": env, "results": results}, indent=1, default=str))
+        harness.write_json(args.out, {"env": env, "results": results}, device=args.device, argv=argv,
+                           module="tools.bench_train")
         print(f"[bench_train] wrote {args.out}", file=sys.stderr)
     return 0
 

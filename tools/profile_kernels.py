@@ -1,25 +1,24 @@
 """Where the GPU time goes: the top CUDA kernels of each benchmark variant, side by side.
 
-Builds the same variants as tools/bench.py (same models, inputs and names), runs each a few times under
+Builds the same variants as `python -m tools.bench` (same models, inputs and names), runs each a few times under
 torch.profiler and prints, per variant, the kernels that took the most device time in one forward, so a
 gap between two variants can be read as "these kernels, this many microseconds". Use it to find out
 why one variant is slower before changing a pass.
 
-    python tools/profile_kernels.py --models gpt2,vit_b_16 --variants "autocast bf16,rewriter bf16"
-    python tools/profile_kernels.py --device cpu --small --models bert --top 5      # smoke run
+    python -m tools.profile_kernels --models gpt2,vit_b_16 --variants "autocast bf16,rewriter bf16"
+    python -m tools.profile_kernels --device cpu --small --models bert --top 5      # smoke run
 """
 from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import build_model, variants  # noqa: E402
+from tools import harness
+from tools.bench import variants
 
 __all__ = ["kernel_table", "main"]
 
@@ -54,7 +53,7 @@ def kernel_table(fn, device: torch.device, steps: int = 5,
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m tools.profile_kernels", description=__doc__.splitlines()[0])
     p.add_argument("--models", default="gpt2,vit_b_16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
@@ -71,7 +70,7 @@ def main(argv=None) -> int:
     modes = [m for m in args.modes.split(",") if m]
     report = []
     for name in args.models.split(","):
-        model, margs, mkwargs = build_model(name, args.small, device, args.batch)
+        model, margs, mkwargs = harness.build_model(name, small=args.small, device=device, batch=args.batch)
         for vname, vdtype, build in variants(model, margs, mkwargs, [dtype], modes):
             if vdtype is None or (keep and not any(k in vname for k in keep)):
                 continue
@@ -89,7 +88,7 @@ def main(argv=None) -> int:
             del fn
             torch.cuda.empty_cache() if device.type == "cuda" else None
     if args.out:
-        args.out.write_text(json.dumps(report, indent=1))
+        harness.write_json(args.out, {"variants": report}, device=device, argv=argv, module="tools.profile_kernels")
     return 0
 
 

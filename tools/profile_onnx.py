@@ -13,9 +13,9 @@ Which time is measured:
     time (plus a few microseconds of synchronization per kernel). `profile_model(..., device="cuda")`
     and the CLI set it (`--no-sync` to leave it off); run them in a fresh process.
 
-    python tools/profile_onnx.py model.onnx --device cpu
-    python tools/profile_onnx.py model.onnx --device cuda --dims batch=8 --runs 20 --json prof.json
-    python tools/profile_onnx.py model.onnx --inputs feeds.npz      # the inputs to run with
+    python -m tools.profile_onnx model.onnx --device cpu
+    python -m tools.profile_onnx model.onnx --device cuda --dims batch=8 --runs 20 --json prof.json
+    python -m tools.profile_onnx model.onnx --inputs feeds.npz      # the inputs to run with
 """
 from __future__ import annotations
 
@@ -26,8 +26,6 @@ import os
 import statistics
 import sys
 import tempfile
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project (backends/)
 
 __all__ = ["summarize", "profile_model", "op_counts", "random_feeds", "format_summary", "main"]
 
@@ -319,7 +317,8 @@ def _parse_dims(text: str) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m tools.profile_onnx", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="the .onnx file")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--inputs", default=None, help=".npz with one array per graph input (default: random)")
@@ -348,8 +347,9 @@ def main(argv=None) -> int:
     if not args.quiet:
         print(format_summary(summary, os.path.basename(args.model), nodes=args.top))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=1)
+        from tools import harness  # imports torch: only when a JSON is written
+
+        harness.write_json(args.json, summary, device=args.device, argv=argv, module="tools.profile_onnx")
     return 0
 
 

@@ -5,24 +5,18 @@ A thin wrapper: the code lives in the package (rewriter/train_demo.py) and the c
 takes the same flags and re-exports the package's names (DigitsCNN, Reverser, digits_task,
 reverse_task, train, report, ...) for scripts and tests that load it from here.
 
-    python tools/train_demo.py                                # = rewrite demo --train
-    python tools/train_demo.py --task digits --steps 400 --log-every 50
-    python tools/train_demo.py --precisions fp32,bf16 --json out/train_demo.json --device cuda
+    python -m tools.train_demo                                # = rewrite demo --train
+    python -m tools.train_demo --task digits --steps 400 --log-every 50
+    python -m tools.train_demo --precisions fp32,bf16 --json out/train_demo.json --device cuda
 
-`python tools/train_demo.py --help` lists every flag.
+`python -m tools.train_demo --help` lists every flag.
 """
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-try:
-    import rewriter  # noqa: F401
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from rewriter.train_demo import *  # noqa: E402,F401,F403  (the package's names, re-exported)
-from rewriter.train_demo import __all__ as _package_names  # noqa: E402
+from rewriter.train_demo import *  # noqa: F401,F403  (the package's names, re-exported)
+from rewriter.train_demo import __all__ as _package_names
 
 __all__ = [*_package_names, "main"]
 

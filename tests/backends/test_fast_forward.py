@@ -115,12 +115,14 @@ def test_tracing_runs_the_standard_forward():
         assert torch.equal(_first(compiled(*args, **kwargs)), _first(fast(*args, **kwargs)))
 
 
-def test_each_model_is_compiled_on_its_own(monkeypatch):
+def test_each_model_is_compiled_on_its_own():
     """torch.compile caches per code object: with one forward code object shared by every converted
     model, the (recompile_limit + 1)-th model compiled in a process ran eager (seen in
-    tools/bench_fp8.py on the H100: the 9th compiled variant ran at eager speed)."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    torch._dynamo.reset()
+    tools/bench_fp8.py on the H100: the 9th compiled variant ran at eager speed).
+
+    The limit is lowered with dynamo's own `config.patch`, not pytest's monkeypatch: pytest >= 9.2
+    undoes a setattr on dynamo's config module with a delete, which removes the option for every later
+    torch.compile in the worker."""
     graphs = []
 
     def backend(gm, example_inputs):
@@ -130,11 +132,15 @@ def test_each_model_is_compiled_on_its_own(monkeypatch):
     x = torch.randn(4, 16)
     models = [rewriter.convert(tiny_mlp(), (x,), precision="bf16") for _ in range(3)]
     assert len({id(type(m).forward.__code__) for m in models}) == 3
-    for m in models:
-        with torch.no_grad():
-            assert torch.equal(torch.compile(m, backend=backend)(x), m(x))
-    assert len(graphs) == 3  # one graph per model: none fell back to eager
     torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(recompile_limit=1):
+            for m in models:
+                with torch.no_grad():
+                    assert torch.equal(torch.compile(m, backend=backend)(x), m(x))
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 3  # one graph per model: none fell back to eager
 
 
 def test_recompile_and_copies_fall_back_to_the_standard_forward():

@@ -25,8 +25,8 @@ import rewriter
 from rewriter.backends.onnx import cast_chains, export_onnx, ort_session
 from rewriter.backends.onnx.embeddings import fuse_embed_layer_norm
 from rewriter.backends.onnx.fusion import precision_kept, runs_like
-from tests.backends.onnx.onnx_checks import export_plain_and_fused, op_counts, rel_l2, run_cpu
-from tool_scripts import load_tool
+from tests.backends.onnx.onnx_checks import export_plain_and_fused, op_counts, run_cpu
+from tests.helpers import rel_l2
 
 transformers = pytest.importorskip("transformers")
 ort = pytest.importorskip("onnxruntime")
@@ -125,7 +125,7 @@ def test_embeddings_fused(ln16, token_type):
     feeds = _feeds(before)
     got, want = run_cpu(after, feeds)[0], run_cpu(before, feeds)[0]
     assert got.dtype == want.dtype and got.shape == want.shape == (3, S, H)
-    assert rel_l2(got, want) < (2e-3 if ln16 else 1e-5)
+    assert rel_l2(want, got) < (2e-3 if ln16 else 1e-5)
     # the guards _fuse applies accept it: same float Casts (the fp16 one moved after the node), same outputs
     assert precision_kept(before, after) is None
     assert runs_like(before, after, feeds) is None
@@ -144,7 +144,9 @@ def test_embeddings_left_alone(case):
 
 
 def _bench_onnx():
-    return load_tool("bench_onnx")
+    from tools import bench_onnx
+
+    return bench_onnx
 
 
 class _WithInput(torch.nn.Module):
@@ -215,8 +217,8 @@ def test_bert_embeddings_fused_matches(bert):
         want = gm(**feeds)
     want = want[0] if isinstance(want, (tuple, list)) else want
     assert got.dtype == np.float32 and got.shape == tuple(want.shape)
-    assert rel_l2(got, unfused) <= TOLERANCE
-    assert rel_l2(got, want.float().numpy()) <= TOLERANCE
+    assert rel_l2(unfused, got) <= TOLERANCE
+    assert rel_l2(want.float().numpy(), got) <= TOLERANCE
 
 
 def test_bert_fused_export_keeps_any_padding(bert):
@@ -236,7 +238,7 @@ def test_bert_fused_export_keeps_any_padding(bert):
             want = gm(**feeds)
         want = (want[0] if isinstance(want, (tuple, list)) else want).float().numpy()
         valid = feeds["attention_mask"].bool().numpy()
-        assert rel_l2(got[valid], want[valid]) <= TOLERANCE, side
+        assert rel_l2(want[valid], got[valid]) <= TOLERANCE, side
 
 
 def test_bert_position_ids_from_input_not_fused(tmp_path):
@@ -258,7 +260,7 @@ def test_bert_position_ids_from_input_not_fused(tmp_path):
     got = ort_session(report.path, device="cpu")(**feeds)[0]
     with torch.no_grad():
         want = gm(**feeds)
-    assert rel_l2(got, want.float().numpy()) <= TOLERANCE
+    assert rel_l2(want.float().numpy(), got) <= TOLERANCE
 
 
 def test_gpt2_embeddings_not_fused(tmp_path):

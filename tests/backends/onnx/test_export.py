@@ -18,6 +18,7 @@ from rewriter.backends.onnx import ExportReport, cast_chains, count_casts, expor
 from rewriter.backends.onnx.fusion import precision_kept
 from rewriter import meta
 from rewriter.errors import ConfigError, InputError, RewriterError
+from tests.helpers import rel_l2
 
 transformers = pytest.importorskip("transformers")
 torchvision = pytest.importorskip("torchvision")
@@ -66,11 +67,6 @@ def _resnet():
 
 
 MODELS = {"bert": _bert, "gpt2": _gpt2, "resnet": _resnet}
-
-
-def _rel_l2(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +182,7 @@ def test_matches_pytorch_at_two_batch_sizes(exported, name):
         assert len(got) == len(want)
         for g, w in zip(got, want):
             assert g.dtype == np.float32 and g.shape == w.shape
-            assert _rel_l2(g, w) <= TOLERANCE[name], (name, batch, _rel_l2(g, w))
+            assert rel_l2(w, g) <= TOLERANCE[name], (name, batch, rel_l2(w, g))
 
 
 def test_cpu_fallbacks_name_nodes(exported):
@@ -215,7 +211,7 @@ def test_fusion_keeps_precision_bert(exported, tmp_path):
     with torch.no_grad():
         want = [t.numpy() for t in pytree.tree_leaves(gm(*args, **kwargs))]
     for g, w in zip(got, want):
-        assert _rel_l2(g, w) <= TOLERANCE["bert"]
+        assert rel_l2(w, g) <= TOLERANCE["bert"]
 
 
 def test_fusion_guard_rejects_moved_island(exported):
@@ -257,7 +253,7 @@ def test_no_fp16_kernel_kept_fp32_with_message(tmp_path):
     values, indices = ort_session(report.path, device="cpu")(x)
     want_values, want_indices = gm(x)
     np.testing.assert_array_equal(indices, want_indices.numpy())
-    assert _rel_l2(values, want_values.numpy()) <= 1e-3
+    assert rel_l2(want_values.numpy(), values) <= 1e-3
 
     with pytest.raises(RewriterError, match=r"'topk' \(TopK\).*refused"):
         export_onnx(gm, tmp_path / "topk2.onnx", fallback="error")

@@ -12,8 +12,8 @@ import rewriter
 from rewriter.backends.onnx import export_onnx, ort_session
 from rewriter.backends.onnx.padding import is_right_padded
 from rewriter.errors import ConfigError
-from tests.backends.onnx.onnx_checks import op_counts, rel_l2
-from tool_scripts import load_tool
+from tests.backends.onnx.onnx_checks import op_counts
+from tests.helpers import rel_l2
 
 pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime")
@@ -22,7 +22,9 @@ TOLERANCE = 3e-3  # relative L2, as the other ONNX tests
 
 
 def _bench_onnx():
-    return load_tool("bench_onnx")
+    from tools import bench_onnx
+
+    return bench_onnx
 
 
 def test_is_right_padded():
@@ -52,7 +54,7 @@ def _errors(path, gm, feeds, side):
     with torch.no_grad():
         want = gm(input_ids=feeds["input_ids"], attention_mask=am).float().numpy()
     valid = am.bool().numpy()
-    return rel_l2(got[valid], want[valid])
+    return rel_l2(want[valid], got[valid])
 
 
 def test_mask_index_replaces_the_bias(bert):

@@ -15,6 +15,7 @@ from rewriter.passes.infra import PassManager
 from rewriter.passes import CausalAttention
 from rewriter import meta
 from rewriter.capture import capture
+from helpers import rel_l2
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -22,10 +23,6 @@ _SDPA = torch.ops.aten.scaled_dot_product_attention.default
 # the ceilings of tests/test_models.py for transformers in bf16
 BF16_MAX_REL_L2 = 6e-2
 AUTOCAST_SLACK, AUTOCAST_EPS = 1.05, 1e-6
-
-
-def _rel_l2(got, want) -> float:
-    return ((got.double() - want.double()).norm() / want.double().norm()).item()
 
 
 def _sdpa_nodes(gm):
@@ -91,9 +88,9 @@ def test_gpt2_mask_becomes_is_causal(gpt2):
             got = gm(input_ids=ids).logits
         with torch.autocast("cpu", dtype=torch.bfloat16):
             autocast = gpt2(input_ids=ids).logits.float()
-        error = _rel_l2(got, want)
+        error = rel_l2(want, got)
         assert error <= BF16_MAX_REL_L2
-        assert error <= _rel_l2(autocast, want) * AUTOCAST_SLACK + AUTOCAST_EPS
+        assert error <= rel_l2(want, autocast) * AUTOCAST_SLACK + AUTOCAST_EPS
 
 
 def test_gpt2_rewrite_is_exact_in_fp32(gpt2):

@@ -16,6 +16,7 @@ from rewriter.passes import SigmoidGelu
 from rewriter import meta
 from rewriter.config import ConvertConfig
 from rewriter.pipeline import build_passes
+from helpers import check_graph_nodes, rel_l2
 
 _A = torch.ops.aten
 
@@ -52,7 +53,8 @@ def test_same_function_as_gelu(dtype):
     want = gm(x)
     assert SigmoidGelu()(gm).modified
     got = gm(x)
-    assert _A.gelu.default not in _targets(gm) and _A.sigmoid.default in _targets(gm)
+    check_graph_nodes(gm, sequence=[(_A.sigmoid.default, "float32"), (_A.mul.Tensor, "float32")],
+                      counts={_A.sigmoid.default: 1}, absent=[_A.gelu.default])
     assert got.dtype == dtype and got[3].isnan() and got[1] == 0 and got[2] == 20
     if dtype == torch.float32:
         torch.testing.assert_close(got[4:], want[4:], rtol=0, atol=1e-6)
@@ -92,7 +94,7 @@ def test_converted_for_compile_matches_the_eager_conversion_and_says_why():
     assert _A.gelu.default in _targets(eager) and _A.gelu.default not in _targets(compiled)
     with torch.no_grad():  # the rewritten graph runs eagerly too: same values, more kernels
         a, b = eager(x).float(), compiled(x).float()
-    assert ((a - b).norm() / a.norm()).item() < 4e-3  # one bf16 rounding of the GELU apart at most
+    assert rel_l2(a, b) < 4e-3  # one bf16 rounding of the GELU apart at most
     text = str(rewriter.diff(model, compiled))
     assert "sigmoid" in text and "tanh" in text
     notes = [r for n in compiled.graph.nodes for r in (meta.get(n, meta.REWRITTEN) or [])]
