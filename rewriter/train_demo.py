@@ -16,7 +16,7 @@ conversion time.
 fp8 is opt-in (TRAINABLE, not PRECISIONS): precision="fp8" with `Fp8Options.always()`, so every eligible
 linear trains with FP8 GEMMs (e4m3 forward, e5m2 gradients, fp32 master weights). The cost model alone
 would keep all of them in bf16: these models' GEMMs are far below the size where FP8 is faster, so the
-run shows FP8's numerics, not its speed (tools/bench_train.py times realistic sizes). Without FP8 GEMMs
+run shows FP8's numerics, not its speed (python -m tools.bench_train times realistic sizes). Without FP8 GEMMs
 (CPU, GPUs before sm_89) they are emulated: same quantization, fp32 matmul. `Run.fp8_gemms` says how
 many linears ran in FP8, why the others did not, and whether they were emulated. The digits CNN has one
 linear, whose 10 outputs are not a multiple of 16: its fp8 run computes as bf16 and says so.
@@ -415,7 +415,7 @@ def notes(runs: list[Run], device: "str | torch.device", *, growth_interval: int
                    "slower than fp32. Loss curves and accuracy are meaningful on any device.")
     else:
         out.append("these models are tiny: their steps are bound by kernel launches, not arithmetic, so "
-                   "16-bit steps are not faster here; tools/bench_train.py times realistic sizes.")
+                   "16-bit steps are not faster here; python -m tools.bench_train times realistic sizes.")
     for r in runs:
         if not all(math.isfinite(v) for v in r.losses[-1:]):
             out.append(f"{r.task} {r.precision}: the final loss is not finite ({r.losses[-1]})")
@@ -432,7 +432,7 @@ def _fp8_notes(device: torch.device, fp8_warnings: list[str], runs: list[Run]) -
            f"a thousand rows of batch x sequence) are far below the size where FP8 pays, and the cost model "
            f"alone would keep them all in bf16 (it wants at least {FP8_MIN_ROWS} rows and M*N*K >= "
            f"2^{int(math.log2(FP8_MIN_MNK))}). The fp8 rows show FP8's numerics, not its speed; "
-           "tools/bench_train.py --device cuda --compile --models llama_mlp,gpt2_medium --variants bf16,fp8 "
+           "python -m tools.bench_train --device cuda --compile --models llama_mlp,gpt2_medium --variants bf16,fp8 "
            "times FP8 training at realistic sizes."]
     reason = emulation_reason(device)
     if reason is not None and any(r.fp8_linears for r in runs):

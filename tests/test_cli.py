@@ -428,7 +428,7 @@ def test_demo_train_fp8_is_opt_in_forced_and_says_so(tmp_path, capsys):
     assert any(line.strip().startswith("fp8") and "%" in line for line in out.splitlines()), out
     assert "fp8 GEMMs: 9 of 9 linears in FP8 (e4m3 forward, e5m2 gradients" in out  # 2 blocks x 4 + head
     assert "forced by Fp8Options.always()" in out and "emulated: cpu has no FP8 GEMMs" in out
-    assert "note: fp8 forces every eligible linear into FP8 GEMMs" in out and "tools/bench_train.py" in out
+    assert "note: fp8 forces every eligible linear into FP8 GEMMs" in out and "python -m tools.bench_train" in out
     assert "note: on the CPU the FP8 GEMMs are emulated" in out
     assert "note: fp8: " not in out  # the caught warning says what that note says: not repeated
     assert "Fp8EmulationWarning" not in captured.err and "reverse: training in fp8" in captured.err
