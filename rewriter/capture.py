@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import inspect
 import os
+import threading
 import traceback
 from typing import Any
 
@@ -30,7 +31,12 @@ import torch.nn.functional as F
 from rewriter.attention_swap import batch_first_copy, record_swaps
 from rewriter.errors import CaptureError, InputError
 
-__all__ = ["Captured", "capture", "normalize_inputs", "batch_dynamic_shapes"]
+__all__ = ["Captured", "capture", "normalize_inputs", "batch_dynamic_shapes", "CAPTURE_LOCK"]
+
+# torch.export, fake tensors and the module patching of capture are not thread-safe (4 threads
+# converting one model, or even copies, left fake tensors in the models): convert, and save's
+# re-export, hold this lock, so concurrent calls run one after the other.
+CAPTURE_LOCK = threading.RLock()
 
 
 @dataclasses.dataclass
@@ -389,7 +395,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, *, dynamic_batch: bool 
         raise InputError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
     notes: list[str] = []
     with _mode(model, train):
-        with _buffers_restored(model, train):
+        with _buffers_restored(model, True):  # a reference run may count steps or update statistics
             run_reference(model, args, kwargs)
         # made under _mode, so the copy's modules carry the same train/eval flags
         swapped_model, swapped = batch_first_copy(model)
@@ -414,7 +420,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, *, dynamic_batch: bool 
                     notes.append("export with batch-first nn.MultiheadAttention failed "
                                  f"({_first_line(swap_error, 120)}); exported the attention as it is")
                 break
-            if target is swapped_model:
+            if swapped and target is swapped_model:
                 if not _may_be_the_swap(export_error[1], swapped):
                     break  # it failed elsewhere: the model as it is would fail the same way
                 swap_error, export_error = export_error[0], None
@@ -432,13 +438,29 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, *, dynamic_batch: bool 
                              "use an example batch of 2 or more to keep it dynamic")
             return Captured(gm, "torch.export", dynamic, notes, args, kwargs, batch_first)
         try:
-            gm = _symbolic_trace(model, args, kwargs)
+            # on a copy: the traced graph holds the modules it calls, and the passes after it cast,
+            # fold and delete their weights and buffers; the caller's model must stay as it was
+            gm = _symbolic_trace(_private_copy(model, export_error), args, kwargs)
+        except CaptureError:
+            raise
         except Exception as exc:
             raise _capture_error(model, export_error, exc) from exc
     exc, where, _frame = export_error
     notes.append(f"torch.export failed in module '{where}' ({_first_line(exc, 160)}); "
                  "captured with torch.fx.symbolic_trace")
     return Captured(gm, "torch.fx.symbolic_trace", True, notes, args, kwargs)
+
+
+def _private_copy(model: nn.Module, export_error) -> nn.Module:
+    import copy
+
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:
+        raise CaptureError(
+            f"could not capture {type(model).__name__}: torch.export failed ({_first_line(export_error[0])}) "
+            f"and the torch.fx.symbolic_trace fallback works on a copy of the model, which copy.deepcopy "
+            f"could not make ({_first_line(exc)}). Make the model exportable, or deep-copyable") from exc
 
 
 def _may_be_the_swap(where: str, swapped: list[str]) -> bool:

@@ -45,7 +45,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from rewriter import archive, meta
-from rewriter.capture import batch_dynamic_shapes
+from rewriter.capture import CAPTURE_LOCK, batch_dynamic_shapes
 from rewriter.errors import InputError
 
 __all__ = ["save", "load", "prepare", "Prepared", "atomic_write", "check_writable", "PICKLE_SUFFIXES",
@@ -244,7 +244,7 @@ def prepare(gm: fx.GraphModule, *, example_inputs: Any = None, where: str = "a .
                          f"{type(gm).__name__}; convert the model first")
     args, kwargs = _example_inputs(gm, example_inputs)
     record = dict(gm.meta.get(meta.INFO) or {})
-    with _annotations_in_custom(gm):
+    with CAPTURE_LOCK, _annotations_in_custom(gm):
         try:
             ep, dynamic = _export(gm, args, kwargs, _is_dynamic(gm))
             getitems = _getitem_annotations(gm)

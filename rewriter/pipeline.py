@@ -8,7 +8,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from rewriter import meta
-from rewriter.capture import capture, normalize_inputs
+from rewriter.capture import CAPTURE_LOCK, capture, normalize_inputs
 from rewriter.config import ConvertConfig, Mode, Precision
 from rewriter.errors import ConfigError
 from rewriter.passes import (Assign, CastWeights, CausalAttention, ChannelsLast, Classify, FoldBatchNorm,
@@ -184,6 +184,15 @@ def convert(model: nn.Module, example_inputs: Any = None, example_kwargs: dict |
         >>> fast(x).dtype == model(x).dtype
         True
     """
+    with CAPTURE_LOCK:  # torch.export and fake tensors are not thread-safe: one conversion at a time
+        return _convert(model, example_inputs, example_kwargs, precision=precision, overrides=overrides,
+                        calibration=calibration, tolerance=tolerance, metric=metric, mode=mode,
+                        keep_io_types=keep_io_types, dynamic_batch=dynamic_batch, config=config,
+                        progress=progress, fp8=fp8, backend=backend, backend_options=backend_options)
+
+
+def _convert(model, example_inputs, example_kwargs, *, precision, overrides, calibration, tolerance, metric,
+             mode, keep_io_types, dynamic_batch, config, progress, fp8, backend, backend_options):
     if config is None:
         config = ConvertConfig(precision=precision, overrides=overrides, mode=mode,
                                keep_io_types=keep_io_types, dynamic_batch=dynamic_batch,

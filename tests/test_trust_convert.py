@@ -1,0 +1,127 @@
+"""convert never harms its input and is safe under threads (issue 19 items 3, 4 and 9 of the report).
+
+The fallback model calls a numpy helper (wrapped for torch.fx), so torch.export fails on it and
+convert takes the torch.fx.symbolic_trace path.
+"""
+import copy
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.fx
+import torch.nn as nn
+
+import rewriter
+
+
+def _numpy_double(x):
+    return torch.from_numpy(x.detach().numpy() * np.float32(2.0)).to(x.dtype)
+
+
+torch.fx.wrap("_numpy_double")
+
+
+class _Fallback(nn.Module):
+    """conv -> batch norm -> numpy (export fails here) -> linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = _numpy_double(torch.relu(self.bn(self.conv(x))))
+        return self.fc(y.mean((2, 3)))
+
+
+class _Counter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.steps.add_(1)
+        return self.fc(x)
+
+
+def _state(model):
+    return {k: (v.dtype, v.detach().clone()) for k, v in model.state_dict().items()}
+
+
+def _assert_same_state(model, before):
+    after = model.state_dict()
+    assert set(after) == set(before), "buffers or parameters were added or deleted"
+    for key, (dtype, value) in before.items():
+        assert type(after[key]) in (torch.Tensor, nn.Parameter), f"{key} is a {type(after[key]).__name__}"
+        assert after[key].dtype == dtype, f"{key} changed dtype to {after[key].dtype}"
+        assert torch.equal(after[key], value), f"{key} changed value"
+
+
+def _bn_with_stats(model):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_fallback_leaves_the_model_alone(precision):
+    model = _bn_with_stats(_Fallback())
+    x = torch.randn(2, 3, 8, 8)
+    before, ref = _state(model), model(x)
+    if precision == "bf16":  # numpy has no bfloat16: the numpy helper must stay fp32 or fail clearly
+        try:
+            fast = rewriter.convert(model, (x,), precision=precision)
+        except rewriter.RewriterError:
+            fast = None
+    else:
+        fast = rewriter.convert(model, (x,), precision=precision)
+        assert fast.meta["rewriter"]["capture"] == "torch.fx.symbolic_trace"
+        assert fast(x).dtype == torch.float32
+    _assert_same_state(model, before)
+    assert torch.equal(model(x), ref), "the original model no longer computes what it did"
+    assert all(m.training is False for m in model.modules())
+
+
+def test_reference_run_buffer_writes_are_undone():
+    model = _Counter().eval()
+    rewriter.convert(model, (torch.randn(2, 8),), precision="bf16")
+    assert model.steps.item() == 0
+
+
+def _convert_in_threads(models, x, n=4):
+    results, errors = [None] * n, []
+
+    def work(i):
+        try:
+            results[i] = rewriter.convert(models[i], (x,), precision="bf16")
+        except Exception as exc:  # collected, the test reports them
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, errors
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["one-model", "copies"])
+def test_four_threads_convert(shared):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.LayerNorm(32), nn.Linear(32, 8)).eval()
+    x = torch.randn(4, 16)
+    before, ref = _state(model), model(x)
+    models = [model] * 4 if shared else [copy.deepcopy(model) for _ in range(4)]
+    results, errors = _convert_in_threads(models, x)
+    assert errors == []
+    for m in models:
+        _assert_same_state(m, before)
+    for gm in results:
+        out = gm(x)
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        assert out.dtype == torch.float32 and err < 2e-2, f"relative L2 {err:.3g} vs fp32"
