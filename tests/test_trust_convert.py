@@ -125,3 +125,40 @@ def test_four_threads_convert(shared):
         out = gm(x)
         err = ((out.float() - ref).norm() / ref.norm()).item()
         assert out.dtype == torch.float32 and err < 2e-2, f"relative L2 {err:.3g} vs fp32"
+
+
+class _Distill(nn.Module):
+    """A student trained against a teacher run under torch.no_grad(), plus a frozen projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.teacher = nn.Linear(8, 8)
+        self.student = nn.Linear(8, 8)
+        self.frozen = nn.Linear(8, 8).requires_grad_(False)
+
+    def forward(self, x):
+        with torch.no_grad():
+            target = torch.tanh(self.teacher(x))
+        return self.student(x) - target + self.frozen(x)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_train_mode_honours_no_grad_regions(precision):
+    torch.manual_seed(0)
+    model = _Distill()
+    x = torch.randn(4, 8)
+    fast = rewriter.convert(model, (x,), precision=precision, mode="train")
+    fast.train()
+    before = {k: v.detach().clone() for k, v in fast.named_parameters()}
+    opt = torch.optim.SGD([p for p in fast.parameters() if p.requires_grad], lr=0.5)
+    fast(x).float().pow(2).mean().backward()
+    grads = {k: p.grad is not None for k, p in fast.named_parameters()}
+    assert grads == {"teacher.weight": False, "teacher.bias": False, "student.weight": True,
+                     "student.bias": True, "frozen.weight": False, "frozen.bias": False}
+    opt.step()
+    after = dict(fast.named_parameters())
+    for name in ("teacher.weight", "teacher.bias", "frozen.weight", "frozen.bias"):
+        assert torch.equal(after[name], before[name]), f"{name} moved on the optimizer step"
+    assert not torch.equal(after["student.weight"], before["student.weight"])
+    detaches = [n for n in fast.graph.nodes if n.target is torch.ops.aten.detach.default]
+    assert len(detaches) == 1 and detaches[0].meta["rewriter.rewritten"][0]["pass"] == "capture"
