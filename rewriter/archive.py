@@ -91,8 +91,8 @@ def read(path: Path, *, trust_pickle: bool = False) -> Archive:
         names = zf.namelist()
         entries = {name: zf.read(name) for name in names}  # checks each entry's CRC-32
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
-        raise InputError(f"{str(path)!r} is not a readable .pt2 archive ({exc}); the file is truncated or "
-                         "damaged: copy or export it again") from exc
+        raise InputError(f"could not read {str(path)!r} as a .pt2 archive ({exc}): the file is truncated, "
+                         "damaged or not a torch.export program: copy or export it again") from exc
     root = _root(names)
     rel = {name[len(root):]: blob for name, blob in entries.items() if name.startswith(root)}
     record = rel.get(f"extra/{RECORD_FILE}")
@@ -141,7 +141,8 @@ def _check_no_code(path: Path, rel: dict[str, bytes]) -> None:
 
 _TOP = {"format": str, "record": dict, "dynamic_batch": (bool, type(None)), "torch": str, "getitems": dict,
         "attrs": dict, "inputs": dict, "graph_meta": dict, "weights_sha256": dict, "imports": list}
-_RECORD = {"config": dict, "capture": str, "dynamic_batch": (bool, type(None)), "notes": list, "model": str}
+_RECORD = {"config": dict, "capture": str, "dynamic_batch": (bool, type(None)), "notes": list, "model": str,
+           "warnings": list}
 _CONFIG = {"precision": str, "overrides": list, "mode": str, "keep_io_types": bool, "dynamic_batch": bool,
            "tolerance": (int, float, type(None)), "backend": str, "backend_options": dict}
 _BACKENDS = ("eager", "compile", "cuda_graphs")

@@ -212,6 +212,7 @@ def _convert(model, example_inputs, example_kwargs, *, precision, overrides, cal
         raise ConfigError("tolerance needs calibration data: pass calibration=[(x1,), (x2,), ...]")
     say = _reporter(progress)
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
+    warned = _input_warnings(model, config)
     if config.mode is Mode.TRAIN:  # a training and an evaluation graph on one set of fp32 parameters
         from rewriter.training import convert_train
 
@@ -229,13 +230,40 @@ def _convert(model, example_inputs, example_kwargs, *, precision, overrides, cal
         "config": config.to_dict(),
         "capture": captured.method,
         "dynamic_batch": captured.dynamic_batch,
-        "notes": captured.notes,
+        "notes": [f"warning: {w}" for w in warned] + list(captured.notes),
         "model": type(model).__name__,
     }
+    if warned:
+        gm.meta[INFO_KEY]["warnings"] = warned
     gm.meta[meta.EXAMPLE_INPUTS] = (args, kwargs)
     if config.backend != "eager":
         say("backend", f"{config.backend} {config.backend_kwargs() or ''}".strip())
     return _apply_backend(gm, config)
+
+
+def _input_warnings(model: nn.Module, config: ConvertConfig) -> list[str]:
+    """Loud warnings about the input model, also kept in the conversion record ("warnings"): weights
+    that are NaN/Inf (every error measurement is then meaningless), and a model left in train mode
+    converted with mode="eval" (dropout and batch statistics are then evaluation behaviour)."""
+    import warnings
+
+    import torch
+
+    found = []
+    if isinstance(model, nn.Module):
+        bad = [name for name, t in list(model.named_parameters()) + list(model.named_buffers())
+               if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.detach()).all())]
+        if bad:
+            found.append(f"the model's weights hold NaN or Inf values ({', '.join(bad[:5])}"
+                         f"{f' and {len(bad) - 5} more' if len(bad) > 5 else ''}): outputs and error "
+                         "measurements are not meaningful; fix or reload the weights")
+        if config.mode is Mode.EVAL and any(m.training for m in model.modules()):
+            found.append(f"{type(model).__name__} is in training mode but is converted with mode='eval': "
+                         "dropout is off and batch norm uses its running statistics in the result. Call "
+                         "model.eval() first to silence this, or pass mode='train' to keep training behaviour")
+    for text in found:
+        warnings.warn(f"rewriter.convert: {text}", UserWarning, stacklevel=4)
+    return found
 
 
 def _apply_backend(model, config: ConvertConfig):

@@ -162,3 +162,60 @@ def test_train_mode_honours_no_grad_regions(precision):
     assert not torch.equal(after["student.weight"], before["student.weight"])
     detaches = [n for n in fast.graph.nodes if n.target is torch.ops.aten.detach.default]
     assert len(detaches) == 1 and detaches[0].meta["rewriter.rewritten"][0]["pass"] == "capture"
+
+
+# ---------------------------------------------------------------- reported, not silent (item 6)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Softmax(-1), nn.Linear(16, 4)).eval()
+
+
+@pytest.mark.parametrize("key,closest", [("sofmax", "softmax"), ("0.linaer", "linear"), ("3", None),
+                                         ("re:encoder\\..*", None)])
+def test_override_matching_nothing_is_an_error(key, closest):
+    with pytest.raises(rewriter.ConfigError, match="matches no op or module") as info:
+        rewriter.convert(_mlp(), (torch.randn(2, 8),), precision="fp16", overrides={key: "fp32"})
+    if closest:
+        assert f"did you mean {closest!r}" in str(info.value)
+    else:
+        assert "modules: 0, 1, 2" in str(info.value)
+
+
+def test_cli_override_typo_exits_2(tmp_path, capsys):
+    from rewriter.cli import main
+
+    path = tmp_path / "mlp.pt2"
+    model, x = _mlp(), torch.randn(2, 8)
+    torch.export.save(torch.export.export(model, (x,)), path)
+    assert main(["convert", str(path), "--override", "sofmax=fp32", "-o", str(tmp_path / "o.pt2")]) == 2
+    assert "did you mean 'softmax'" in capsys.readouterr().err
+
+
+def test_nan_weights_are_reported():
+    model = _mlp()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with pytest.warns(UserWarning, match=r"NaN or Inf values \(0\.weight\)"):
+        fast = rewriter.convert(model, (torch.randn(2, 8),), precision="bf16")
+    record = fast.meta["rewriter"]
+    assert "0.weight" in record["warnings"][0]
+    assert record["notes"][0].startswith("warning: the model's weights hold NaN")
+    assert "NaN" in str(rewriter.diff(model, fast))
+
+
+def test_train_mode_model_converted_for_eval_is_reported():
+    model = _mlp().train()
+    with pytest.warns(UserWarning, match="is in training mode but is converted with mode='eval'"):
+        fast = rewriter.convert(model, (torch.randn(2, 8),), precision="bf16")
+    assert "training mode" in fast.meta["rewriter"]["warnings"][0]
+    assert model.training, "convert must leave the caller's train/eval flags alone"
+
+
+def test_diff_of_unrelated_models_refused():
+    other = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64)).eval()
+    fast = rewriter.convert(other, (torch.randn(2, 64),), precision="bf16")
+    with pytest.raises(rewriter.InputError, match="is not a conversion of 'before'"):
+        rewriter.diff(_mlp(), fast)
+    assert "saved" in str(rewriter.diff(other, fast))
