@@ -16,7 +16,7 @@ import rewriter
 
 
 def _numpy_double(x):
-    return torch.from_numpy(x.detach().numpy() * np.float32(2.0)).to(x.dtype)
+    return torch.from_numpy(x.detach().float().numpy() * np.float32(2.0)).to(x.dtype)
 
 
 torch.fx.wrap("_numpy_double")
@@ -73,15 +73,9 @@ def test_fallback_leaves_the_model_alone(precision):
     model = _bn_with_stats(_Fallback())
     x = torch.randn(2, 3, 8, 8)
     before, ref = _state(model), model(x)
-    if precision == "bf16":  # numpy has no bfloat16: the numpy helper must stay fp32 or fail clearly
-        try:
-            fast = rewriter.convert(model, (x,), precision=precision)
-        except rewriter.RewriterError:
-            fast = None
-    else:
-        fast = rewriter.convert(model, (x,), precision=precision)
-        assert fast.meta["rewriter"]["capture"] == "torch.fx.symbolic_trace"
-        assert fast(x).dtype == torch.float32
+    fast = rewriter.convert(model, (x,), precision=precision)
+    assert fast.meta["rewriter"]["capture"] == "torch.fx.symbolic_trace"
+    assert fast(x).dtype == torch.float32
     _assert_same_state(model, before)
     assert torch.equal(model(x), ref), "the original model no longer computes what it did"
     assert all(m.training is False for m in model.modules())
@@ -219,3 +213,38 @@ def test_diff_of_unrelated_models_refused():
     with pytest.raises(rewriter.InputError, match="is not a conversion of 'before'"):
         rewriter.diff(_mlp(), fast)
     assert "saved" in str(rewriter.diff(other, fast))
+
+
+# ---------------------------------------------------------------- fallback: modules with their own weights (item 7)
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.fc = nn.Linear(8, 8)
+        self.inner = {"lstm": nn.LSTM(8, 8, batch_first=True), "gru": nn.GRU(8, 8, batch_first=True),
+                      "mha": nn.MultiheadAttention(8, 2, batch_first=True)}[kind]
+
+    def forward(self, x):
+        y = _numpy_double(self.fc(x))
+        out, extra = self.inner(y, y, y) if self.kind == "mha" else self.inner(y)
+        return out, extra
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "mha"])
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_fallback_modules_with_own_weights_get_fp32(kind, precision):
+    torch.manual_seed(0)
+    model = _Recurrent(kind).eval()
+    x = torch.randn(2, 5, 8)
+    ref = torch.utils._pytree.tree_leaves(model(x))
+    fast = rewriter.convert(model, (x,), precision=precision)
+    assert fast.meta["rewriter"]["capture"] == "torch.fx.symbolic_trace"
+    got = torch.utils._pytree.tree_leaves(fast(x))
+    assert [t.dtype for t in got] == [t.dtype for t in ref]  # keep_io_types
+    module_call = next(n for n in fast.graph.nodes if n.op == "call_module" and n.target == "inner")
+    assert module_call.meta["rewriter.decision"]["dtype"] == "float32"
+    budget = {"fp16": 5e-3, "bf16": 4e-2}[precision]
+    for r, g in zip(ref, got):
+        assert ((g - r).norm() / r.norm()).item() < budget
