@@ -173,8 +173,8 @@ def _check_keys(path: Path, where: str, value: Any, schema: dict) -> None:
     for key, item in value.items():
         if key not in schema:
             raise _bad(path, f"has unknown key {key!r} in {where} (known: {', '.join(sorted(schema))})")
-        if not isinstance(item, schema[key]) or (isinstance(item, bool) and bool not in _as_tuple(schema[key])
-                                                 and item is not None):
+        allowed = _as_tuple(schema[key])
+        if not isinstance(item, allowed) or (isinstance(item, bool) and bool not in allowed):  # bool is an int
             raise _bad(path, f"has {where}.{key} of type {type(item).__name__}")
 
 

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rewriter.attention_swap import batch_first_copy, record_swaps
+from rewriter.grad_regions import cut_no_grad, flag_no_grad_regions
 from rewriter.errors import CaptureError, InputError
 
 __all__ = ["Captured", "capture", "normalize_inputs", "batch_dynamic_shapes", "CAPTURE_LOCK"]
@@ -212,58 +213,13 @@ def batch_dynamic_shapes(forward, args: tuple, kwargs: dict, dim=None):
     return shapes
 
 
-_NO_GRAD = "rewriter.no_grad"  # temporary flag in node.meta["custom"] (survives run_decompositions)
-
-
 def _export(model, args, kwargs, dynamic: bool, train: bool = False):
     shapes = batch_dynamic_shapes(model.forward, args, kwargs) if dynamic else None
     ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
     if train:
-        _flag_no_grad_regions(ep.graph_module)
+        flag_no_grad_regions(ep.graph_module)
     ep = ep.run_decompositions({})
     return ep
-
-
-def _flag_no_grad_regions(gm: fx.GraphModule) -> None:
-    """Mark the torch.no_grad() regions of a training capture (wrap_with_set_grad_enabled(False, ...)):
-    run_decompositions inlines them and the mark, kept in meta["custom"], tells `_cut_no_grad`
-    which nodes they became."""
-    hop = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is hop and node.args and node.args[0] is False:
-            node.meta.setdefault("custom", {})[_NO_GRAD] = True
-
-
-def _cut_no_grad(gm: fx.GraphModule) -> int:
-    """Detach every value that leaves a torch.no_grad() region, so no gradient flows into it (a frozen
-    teacher stays frozen). Returns the number of detach nodes inserted."""
-    from rewriter import meta
-
-    count = 0
-    for node in list(gm.graph.nodes):
-        custom = node.meta.get("custom")
-        if not (isinstance(custom, dict) and custom.pop(_NO_GRAD, False)):
-            continue
-        if not custom:
-            node.meta.pop("custom")
-        outside = [u for u in node.users
-                   if not (isinstance(u.meta.get("custom"), dict) and u.meta["custom"].get(_NO_GRAD))]
-        if not outside or not isinstance(node.meta.get("val"), torch.Tensor):
-            continue
-        with gm.graph.inserting_after(node):
-            cut = gm.graph.call_function(torch.ops.aten.detach.default, (node,))
-        cut.meta["val"] = node.meta["val"]
-        for key in ("nn_module_stack", "stack_trace"):
-            if key in node.meta:
-                cut.meta[key] = node.meta[key]
-        meta.put(cut, meta.REWRITTEN, [{"pass": "capture", "reason": "the value leaves a torch.no_grad() "
-                                        "region of forward: it carries no gradient, as in the original"}])
-        for user in outside:
-            user.replace_input_with(node, cut)
-        count += 1
-    if count:
-        gm.recompile()
-    return count
 
 
 def _batch_is_dynamic(gm: fx.GraphModule) -> bool:
@@ -473,7 +429,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, *, dynamic_batch: bool 
                 swap_error, export_error = export_error[0], None
         if export_error is None:
             gm = ep.module()
-            if train and _cut_no_grad(gm):
+            if train and cut_no_grad(gm):
                 notes.append("torch.no_grad() regions of forward carry no gradient (their results are "
                              "detached)")
             _untie_parameters(gm, model)

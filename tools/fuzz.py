@@ -231,7 +231,7 @@ def run(graphs: int, seed: int = 0, precisions=("fp16", "bf16", "fp8"), max_len:
                                  "outcome": outcome, "detail": detail})
         if log and (g + 1) % 25 == 0:
             log(f"{g + 1}/{graphs} graphs, {dict(counts)}, {time.time() - start:.0f}s")
-    return {"graphs": graphs, "seed": seed, "precisions": list(precisions), "conversions": sum(counts.values()),
+    return {"graphs": graphs, "seed": seed, "max_len": max_len, "precisions": list(precisions), "conversions": sum(counts.values()),
             "counts": dict(counts), "by_capture": {f"{p}:{o}": n for (p, o), n in sorted(by_path.items())},
             "failures": failures[:200], "seconds": round(time.time() - start, 1),
             "torch": torch.__version__}
@@ -242,10 +242,11 @@ def main(argv=None) -> int:
     p.add_argument("--graphs", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precisions", default="fp16,bf16,fp8")
+    p.add_argument("--max-len", type=int, default=8, help="most ops per graph")
     p.add_argument("--out", default=None, help="write the counts and failures as JSON here")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
-    result = run(args.graphs, args.seed, tuple(args.precisions.split(",")),
+    result = run(args.graphs, args.seed, tuple(args.precisions.split(",")), max_len=args.max_len,
                  log=lambda s: print(s, file=sys.stderr, flush=True))
     text = json.dumps(result, indent=1, default=str)
     if args.out:
