@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import inspect
 import os
+import threading
 import traceback
 from typing import Any
 
@@ -29,9 +30,15 @@ import torch.nn.functional as F
 
 from rewriter import autocast_regions
 from rewriter.attention_swap import batch_first_copy, record_swaps
+from rewriter.grad_regions import cut_no_grad, flag_no_grad_regions
 from rewriter.errors import CaptureError, InputError
 
-__all__ = ["Captured", "capture", "normalize_inputs", "batch_dynamic_shapes"]
+__all__ = ["Captured", "capture", "normalize_inputs", "batch_dynamic_shapes", "CAPTURE_LOCK"]
+
+# torch.export, fake tensors and the module patching of capture are not thread-safe (4 threads
+# converting one model, or even copies, left fake tensors in the models): convert, and save's
+# re-export, hold this lock, so concurrent calls run one after the other.
+CAPTURE_LOCK = threading.RLock()
 
 
 @dataclasses.dataclass
@@ -207,10 +214,12 @@ def batch_dynamic_shapes(forward, args: tuple, kwargs: dict, dim=None):
     return shapes
 
 
-def _export(model, args, kwargs, dynamic: bool):
+def _export(model, args, kwargs, dynamic: bool, train: bool = False):
     shapes = batch_dynamic_shapes(model.forward, args, kwargs) if dynamic else None
     with autocast_regions.visible():  # regions transformers' maybe_autocast would hide
         ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+    if train:
+        flag_no_grad_regions(ep.graph_module)
     return autocast_regions.decompose(ep)  # run_decompositions({}), the model's autocast regions kept
 
 
@@ -391,7 +400,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, *, dynamic_batch: bool 
         raise InputError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
     notes: list[str] = []
     with _mode(model, train):
-        with _buffers_restored(model, train):
+        with _buffers_restored(model, True):  # a reference run may count steps or update statistics
             run_reference(model, args, kwargs)
         # made under _mode, so the copy's modules carry the same train/eval flags
         swapped_model, swapped = batch_first_copy(model)
@@ -401,13 +410,13 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, *, dynamic_batch: bool 
             with _track_modules(target) as tracker:
                 try:
                     try:
-                        ep = _export(target, args, kwargs, dynamic_batch)
+                        ep = _export(target, args, kwargs, dynamic_batch, train)
                     except Exception as exc:
                         if not dynamic_batch:
                             raise
                         attempt_notes.append(f"dynamic batch export failed ({_first_line(exc, 120)}); "
                                              "captured with static shapes")
-                        ep = _export(target, args, kwargs, False)
+                        ep = _export(target, args, kwargs, False, train)
                 except Exception as exc:
                     export_error = (exc, tracker.innermost(), _user_frame(exc))
             if export_error is None:
@@ -416,12 +425,15 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, *, dynamic_batch: bool 
                     notes.append("export with batch-first nn.MultiheadAttention failed "
                                  f"({_first_line(swap_error, 120)}); exported the attention as it is")
                 break
-            if target is swapped_model:
+            if swapped and target is swapped_model:
                 if not _may_be_the_swap(export_error[1], swapped):
                     break  # it failed elsewhere: the model as it is would fail the same way
                 swap_error, export_error = export_error[0], None
         if export_error is None:
             gm = ep.module()
+            if train and cut_no_grad(gm):
+                notes.append("torch.no_grad() regions of forward carry no gradient (their results are "
+                             "detached)")
             _untie_parameters(gm, model)
             _views_to_reshapes(gm)
             batch_first = record_swaps(gm, swapped_model) if target is swapped_model and swapped else []
@@ -434,13 +446,29 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, *, dynamic_batch: bool 
                              "use an example batch of 2 or more to keep it dynamic")
             return Captured(gm, "torch.export", dynamic, notes, args, kwargs, batch_first)
         try:
-            gm = _symbolic_trace(model, args, kwargs)
+            # on a copy: the traced graph holds the modules it calls, and the passes after it cast,
+            # fold and delete their weights and buffers; the caller's model must stay as it was
+            gm = _symbolic_trace(_private_copy(model, export_error), args, kwargs)
+        except CaptureError:
+            raise
         except Exception as exc:
             raise _capture_error(model, export_error, exc) from exc
     exc, where, _frame = export_error
     notes.append(f"torch.export failed in module '{where}' ({_first_line(exc, 160)}); "
                  "captured with torch.fx.symbolic_trace")
     return Captured(gm, "torch.fx.symbolic_trace", True, notes, args, kwargs)
+
+
+def _private_copy(model: nn.Module, export_error) -> nn.Module:
+    import copy
+
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:
+        raise CaptureError(
+            f"could not capture {type(model).__name__}: torch.export failed ({_first_line(export_error[0])}) "
+            f"and the torch.fx.symbolic_trace fallback works on a copy of the model, which copy.deepcopy "
+            f"could not make ({_first_line(exc)}). Make the model exportable, or deep-copyable") from exc
 
 
 def _may_be_the_swap(where: str, swapped: list[str]) -> bool:

@@ -475,6 +475,7 @@ def diff(before: Any, after: Any, *, capture_before: bool = True) -> Diff:
             f"diff: 'after' ({type(after).__name__}) is not a converted model: it has no rewriter "
             "annotations. Pass the GraphModule returned by rewriter.convert, or a .pt2 written by "
             "rewriter.save (a plain torch.export.save file of a converted model has no annotations)")
+    _check_related(before, after)
     state = _before_state(before, after, capture_before)
     record = after.meta.get(meta.INFO) or {}
     gone = _removed(state, after)
@@ -501,6 +502,24 @@ def diff(before: Any, after: Any, *, capture_before: bool = True) -> Diff:
             inputs=tuple(n.name for n in node.all_input_nodes),
         ))
     return Diff(_summarize(entries, state, after, record), entries)
+
+
+def _check_related(before: Any, after: fx.GraphModule) -> None:
+    """Refuse to diff two unrelated models (it reported 'saved -227282%'): `after` must keep `before`'s
+    weights by name and shape, and about as many weight elements."""
+    if not isinstance(before, torch.nn.Module):
+        return
+    old = {k: v for k, v in before.state_dict().items() if isinstance(v, torch.Tensor)}
+    new = {k: v for k, v in after.state_dict().items() if isinstance(v, torch.Tensor)}
+    if not old or not new:
+        return
+    shared = [k for k, v in new.items() if k in old and old[k].numel() == v.numel()]
+    n_old, n_new = sum(v.numel() for v in old.values()), sum(v.numel() for v in new.values())
+    if not shared or not (0.25 <= n_new / max(n_old, 1) <= 4.0):
+        raise InputError(
+            f"diff: 'after' is not a conversion of 'before': they share {len(shared)} of {len(new)} weights "
+            f"by name and size, and hold {n_old:,} vs {n_new:,} weight elements. Diff a model with its own "
+            "conversion (rewriter.diff(model, rewriter.convert(model, ...)))")
 
 
 def _entry(node: fx.Node, index: int, gm: fx.GraphModule, state: _Before,

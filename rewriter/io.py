@@ -23,14 +23,17 @@ How the annotations survive:
 The input GraphModule is left as it was: the temporary `custom` entries are removed after saving.
 Files are written atomically (a temporary file in the same folder, then `os.replace`).
 
-Pickles (`.pt`/`.pth` full modules) are loaded only with `trust_pickle=True`: unpickling runs code
-from the file.
+Opening a file runs no code from it unless `trust_pickle=True`: a `.pt2` is checked entry by entry
+before torch.export.load sees it (rewriter/archive.py: pickled parts must pass torch's weights_only
+unpickler, the side record is validated against a schema, weights against their sha256 in the record,
+and the output types' modules are imported only from transformers/torchvision/timm); pickles
+(`.pt`/`.pth` full modules) are loaded only with `trust_pickle=True`.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io as _bytes_io
+import io
 import json
 import os
 from pathlib import Path
@@ -40,18 +43,18 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from rewriter import meta
+from rewriter import archive, meta
 from rewriter.backends import fast_forward
-from rewriter.capture import batch_dynamic_shapes, normalize_inputs
+from rewriter.capture import CAPTURE_LOCK, batch_dynamic_shapes, normalize_inputs
 from rewriter.errors import InputError
 from rewriter.files import WRITE_ERRNOS, atomic_write, check_writable, write_error  # noqa: F401 (re-exported)
 
 __all__ = ["save", "load", "prepare", "Prepared", "atomic_write", "check_writable", "write_error",
            "WRITE_ERRNOS", "PICKLE_SUFFIXES", "RECORD_FILE"]
 
-RECORD_FILE = "rewriter.json"            # extra file inside the .pt2 archive
+RECORD_FILE = archive.RECORD_FILE        # extra file inside the .pt2 archive
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl")
-_FORMAT = "rewriter.pt2/1"
+_FORMAT = archive.FORMAT
 _GRAPH_KEYS = tuple(k for k in (getattr(meta, "CALIBRATION", None),) if k)  # JSON-able GraphModule.meta
 
 
@@ -180,7 +183,7 @@ class Prepared:
         writer aborts the process when the disk fills up, while a Python write raises OSError(ENOSPC),
         which `atomic_write` turns into a message naming the file.
         """
-        buffer = _bytes_io.BytesIO()
+        buffer = io.BytesIO()
         torch.export.save(self.program, buffer, extra_files=dict(self.extra_files))
         view = buffer.getbuffer()
         try:
@@ -201,7 +204,7 @@ def prepare(gm: fx.GraphModule, *, example_inputs: Any = None, where: str = "a .
                          f"{type(gm).__name__}; convert the model first")
     args, kwargs = _example_inputs(gm, example_inputs)
     record = dict(gm.meta.get(meta.INFO) or {})
-    with _annotations_in_custom(gm):
+    with CAPTURE_LOCK, _annotations_in_custom(gm):
         try:
             ep, dynamic = _export(gm, args, kwargs, _is_dynamic(gm))
             getitems = _getitem_annotations(gm)
@@ -216,7 +219,8 @@ def prepare(gm: fx.GraphModule, *, example_inputs: Any = None, where: str = "a .
     graph_meta = {key: gm.meta[key] for key in _GRAPH_KEYS if key in gm.meta}
     payload = {"format": _FORMAT, "record": record, "dynamic_batch": dynamic,
                "torch": torch.__version__, "getitems": getitems, "attrs": attrs, "inputs": inputs,
-               "graph_meta": graph_meta}
+               "graph_meta": graph_meta, "weights_sha256": archive.weight_checksums(ep),
+               "imports": archive.output_modules(ep)}
     return Prepared(ep, {RECORD_FILE: json.dumps(payload, default=str)})
 
 
@@ -306,15 +310,35 @@ def _fix_inherited(gm: fx.GraphModule, getitems: dict) -> None:
         seen.add(name)
 
 
-def _load_program(path: Path) -> fx.GraphModule:
-    extra = {RECORD_FILE: ""}
+def _parse_record(path: Path, text: "str | None") -> dict:
+    if not text:
+        return {}
     try:
-        ep = torch.export.load(str(path), extra_files=extra)
+        payload = json.loads(text)
+    except ValueError as exc:
+        raise InputError(f"{str(path)!r}: its conversion record ({RECORD_FILE}) is not valid JSON "
+                         f"({exc}); the file is damaged, convert the model again") from exc
+    return archive.check_record(path, payload)
+
+
+def _load_program(path: Path, trust_pickle: bool = False) -> fx.GraphModule:
+    checked = archive.read(path, trust_pickle=trust_pickle)  # refuses code before torch sees the file
+    text = checked.record_text or ""
+    payload = _parse_record(path, text)
+    skipped = archive.import_output_modules(list(payload.get("imports") or []))
+    try:
+        # the very bytes that were checked: the file cannot change between the check and the load
+        ep = torch.export.load(io.BytesIO(checked.data))
     except Exception as exc:
+        hint = (f" Its outputs use types from {', '.join(skipped)}, which the rewriter imports only from "
+                f"{', '.join(archive.IMPORT_ALLOWED)}: import them first (import {skipped[0]}) and load again."
+                if skipped else "")
         raise InputError(
-            f"could not read {str(path)!r} as a torch.export program (.pt2): {_first_line(exc)}. "
+            f"could not read {str(path)!r} as a torch.export program (.pt2): {_first_line(exc)}.{hint} "
             "The file may be truncated or not written by torch.export.save; export the model again "
             "with torch.export.save(torch.export.export(model, (x,)), 'model.pt2')") from exc
+    if payload.get("weights_sha256"):
+        archive.check_checksums(path, ep, payload["weights_sha256"])
     try:
         gm = ep.module()
     except Exception as exc:
@@ -324,16 +348,6 @@ def _load_program(path: Path) -> fx.GraphModule:
     _allow_eval(gm, path)
     for node in gm.graph.nodes:
         meta.from_custom(node)
-    text = extra.get(RECORD_FILE) or ""
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
-    payload: dict = {}
-    if text:
-        try:
-            payload = json.loads(text)
-        except ValueError as exc:
-            raise InputError(f"{str(path)!r}: its conversion record ({RECORD_FILE}) is not valid JSON "
-                             f"({exc}); the file is damaged, convert the model again") from exc
     _fix_inherited(gm, payload.get("getitems") or {})
     _restore_placeholder_annotations(gm, payload)
     if text:
@@ -378,7 +392,8 @@ def load(path: "str | os.PathLike", *, trust_pickle: bool = False) -> nn.Module:
     Args:
         path: a `.pt2` file written by `rewriter.save` or `torch.export.save`, or a pickled full
             module (`.pt`, `.pth`, `.pkl`).
-        trust_pickle: allow unpickling, which runs code from the file.
+        trust_pickle: allow unpickling, which runs code from the file: a pickled module, or a .pt2
+            whose parts are pickled Python objects (without it such a .pt2 is refused).
 
     Returns:
         For `.pt2`: a torch.fx.GraphModule called like the original model; for a converted model its
@@ -398,7 +413,7 @@ def load(path: "str | os.PathLike", *, trust_pickle: bool = False) -> nn.Module:
         raise InputError(f"{str(path)!r} is a directory; give a .pt2 file")
     suffix = path.suffix.lower()
     if suffix == ".pt2":
-        return _load_program(path)
+        return _load_program(path, trust_pickle)
     if suffix in PICKLE_SUFFIXES:
         return _load_pickle(path, trust_pickle)
     raise InputError(f"{str(path)!r}: unknown model file type {suffix or '(no suffix)'!r}; give a .pt2 file "

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from rewriter import meta
 from rewriter.backends.torch_backend import check_available, graph_module_of, is_converted, optimize
-from rewriter.capture import capture, normalize_inputs
+from rewriter.capture import CAPTURE_LOCK, capture, normalize_inputs
 from rewriter.config import ConvertConfig, Mode, Precision
 from rewriter.errors import ConfigError
 from rewriter.fp8_options import Fp8Options, resolve_options
@@ -174,6 +174,12 @@ def convert(model: nn.Module, example_inputs: Any = None, example_kwargs: dict |
         >>> fast(x).dtype == model(x).dtype
         True
     """
+    with CAPTURE_LOCK:  # torch.export and fake tensors are not thread-safe: one conversion at a time
+        return _convert(model, example_inputs, example_kwargs, calibration=calibration, progress=progress,
+                        config=config, **options)
+
+
+def _convert(model, example_inputs, example_kwargs, *, calibration, progress, config, **options):
     config = ConvertConfig.from_options(config, **options)
     if config.tolerance is not None and calibration is None:
         raise ConfigError(f"tolerance needs calibration data: pass calibration=[(x1,), (x2,), ...] (batches of "
@@ -189,6 +195,7 @@ def convert(model: nn.Module, example_inputs: Any = None, example_kwargs: dict |
         check_available(config.backend)
     say = reporter(progress)
     args, kwargs = normalize_inputs(example_inputs, example_kwargs)
+    warned = _input_warnings(model, config)
     if config.mode is Mode.TRAIN:  # a training and an evaluation graph on one set of fp32 parameters
         gm, captured = _convert_train(model, args, kwargs, config, calibration=calibration, say=say)
     else:
@@ -203,9 +210,11 @@ def convert(model: nn.Module, example_inputs: Any = None, example_kwargs: dict |
         "config": config.to_dict(),
         "capture": captured.method,
         "dynamic_batch": captured.dynamic_batch,
-        "notes": captured.notes,
+        "notes": [f"warning: {w}" for w in warned] + list(captured.notes),
         "model": type(model).__name__,
     }
+    if warned:
+        gm.meta[INFO_KEY]["warnings"] = warned
     gm.meta[meta.EXAMPLE_INPUTS] = (args, kwargs)
     if config.backend != "eager":
         say("backend", f"{config.backend} {config.backend_kwargs() or ''}".strip())
@@ -234,6 +243,31 @@ def _convert_train(model: nn.Module, args: tuple, kwargs: dict, config: ConvertC
     gm = TrainEvalGraphModule(train_gm, eval_gm, class_name=type(model).__name__)
     gm.train(model.training)
     return gm, captured["train"]
+
+
+def _input_warnings(model: nn.Module, config: ConvertConfig) -> list[str]:
+    """Loud warnings about the input model, also kept in the conversion record ("warnings"): weights
+    that are NaN/Inf (every error measurement is then meaningless), and a model left in train mode
+    converted with mode="eval" (dropout and batch statistics are then evaluation behaviour)."""
+    import warnings
+
+    import torch
+
+    found = []
+    if isinstance(model, nn.Module):
+        bad = [name for name, t in list(model.named_parameters()) + list(model.named_buffers())
+               if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.detach()).all())]
+        if bad:
+            found.append(f"the model's weights hold NaN or Inf values ({', '.join(bad[:5])}"
+                         f"{f' and {len(bad) - 5} more' if len(bad) > 5 else ''}): outputs and error "
+                         "measurements are not meaningful; fix or reload the weights")
+        if config.mode is Mode.EVAL and any(m.training for m in model.modules()):
+            found.append(f"{type(model).__name__} is in training mode but is converted with mode='eval': "
+                         "dropout is off and batch norm uses its running statistics in the result. Call "
+                         "model.eval() first to silence this, or pass mode='train' to keep training behaviour")
+    for text in found:
+        warnings.warn(f"rewriter.convert: {text}", UserWarning, stacklevel=4)
+    return found
 
 
 def _apply_backend(model, config: ConvertConfig):

@@ -33,6 +33,7 @@ from rewriter.passes.op_tables import is_known_op, promotes_natively
 from rewriter import meta
 from rewriter.autocast_regions import describe
 from rewriter.config import ConvertConfig, Precision
+from rewriter.errors import ConfigError
 
 __all__ = ["Assign"]
 
@@ -46,6 +47,38 @@ def _widest(dtypes: list[torch.dtype]) -> torch.dtype:
     if len(distinct) == 1:
         return distinct.pop()
     return _F32  # fp32 wins, and fp16 + bf16 promote to fp32 as in PyTorch
+
+
+def _check_overrides_match(gm: fx.GraphModule, config: ConvertConfig) -> None:
+    """An override that matches no node is a typo (`sofmax`) or a module path that does not exist:
+    a ConfigError naming the closest op or module of this model, never a silent no-op."""
+    if not config.overrides:
+        return
+    ops, paths = set(), set()
+    for node in gm.graph.nodes:
+        info = meta.get(node, meta.OP_CLASS)
+        if info is not None:
+            if not str(info["op"]).startswith("module:"):
+                ops.add(info["op"])
+        path = meta.module_path(node)
+        while path:
+            paths.add(path)
+            path = path.rpartition(".")[0]
+    pairs = [(op, None) for op in ops] + [("", p) for p in paths]
+    unmatched = [o for o in config.overrides if not any(o.matches(op, p) for op, p in pairs)]
+    if not unmatched:
+        return
+    import difflib
+
+    lines = []
+    for o in unmatched:
+        pool = sorted(paths) if o.kind == "regex" else sorted(ops | paths)
+        close = difflib.get_close_matches(o.key[3:] if o.kind == "regex" else o.key, pool, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}?" if close else \
+            f"ops here: {', '.join(sorted(ops)[:12])}; modules: {', '.join(sorted(paths)[:8]) or 'none'}"
+        lines.append(f"override {o.key!r} matches no op or module of this model ({hint})")
+    raise ConfigError("; ".join(lines) + ". Overrides name an op (softmax, linear), a module path "
+                      "(encoder.layer.0.attention) or a regex 're:...' over module paths; fix the key or drop it")
 
 
 def _rank_name(kind: str) -> str:
@@ -133,6 +166,7 @@ class Assign(AnalysisPass):
                 elif info["exact"] and len(ins) <= 1:
                     free.add(node)
 
+        _check_overrides_match(gm, self.config)
         placed = self._place(gm, ref, free, deciding, low)
         for node in deciding:
             d = placed.get(node, ref[node])

@@ -38,6 +38,11 @@ class Classify(AnalysisPass):
                     and explicit_dtype(node) is None and meta.is_float_dtype(out)):
                 # zeros_like(x) is made in x's dtype: when x changes precision, so does it
                 cls, reason = OpClass.FOLLOW, f"{name} makes a tensor in the dtype of its input"
+            if _owns_float_weights(node) and cls is not OpClass.UNTOUCHED:
+                # symbolic_trace keeps LSTM/GRU/MultiheadAttention as module calls: their weights are
+                # not graph values, so they stay fp32 and a 16-bit input would not match them
+                cls, reason = OpClass.FP32, (f"module call {node.target} ({name}) computes with its own "
+                                             "fp32 weights, which the graph cannot cast: kept fp32")
             if is_tuple_getitem(node):
                 if meta.is_float_dtype(out):
                     cls, reason = OpClass.FOLLOW, f"element of {node.args[0].name}"
@@ -55,6 +60,13 @@ class Classify(AnalysisPass):
             meta.put(node, meta.OP_CLASS, {"op": name, "class": cls.value, "exact": is_exact(name),
                                            "reason": reason})
         return PassResult(gm, False)
+
+
+def _owns_float_weights(node) -> bool:
+    if node.op != "call_module" or node.graph.owning_module is None:
+        return False
+    module = node.graph.owning_module.get_submodule(node.target)
+    return any(t.is_floating_point() for t in list(module.parameters()) + list(module.buffers()))
 
 
 def _is_multi_float(node) -> bool:
