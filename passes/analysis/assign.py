@@ -49,10 +49,11 @@ def _widest(dtypes: list[torch.dtype]) -> torch.dtype:
     return _F32  # fp32 wins, and fp16 + bf16 promote to fp32 as in PyTorch
 
 
-def _check_overrides_match(gm: fx.GraphModule, config: ConvertConfig) -> None:
+def _check_overrides_match(gm: fx.GraphModule, overrides: tuple) -> None:
     """An override that matches no node is a typo (`sofmax`) or a module path that does not exist:
-    a ConfigError naming the closest op or module of this model, never a silent no-op."""
-    if not config.overrides:
+    a ConfigError naming the closest op or module of this model, never a silent no-op. `overrides` are
+    resolved (bare words are ops or module paths by now)."""
+    if not overrides:
         return
     ops, paths = set(), set()
     for node in gm.graph.nodes:
@@ -65,7 +66,7 @@ def _check_overrides_match(gm: fx.GraphModule, config: ConvertConfig) -> None:
             paths.add(path)
             path = path.rpartition(".")[0]
     pairs = [(op, None) for op in ops] + [("", p) for p in paths]
-    unmatched = [o for o in config.overrides if not any(o.matches(op, p) for op, p in pairs)]
+    unmatched = [o for o in overrides if not any(o.matches(op, p) for op, p in pairs)]
     if not unmatched:
         return
     import difflib
@@ -166,7 +167,7 @@ class Assign(AnalysisPass):
                 elif info["exact"] and len(ins) <= 1:
                     free.add(node)
 
-        _check_overrides_match(gm, self.config)
+        _check_overrides_match(gm, self.overrides)
         placed = self._place(gm, ref, free, deciding, low)
         for node in deciding:
             d = placed.get(node, ref[node])
