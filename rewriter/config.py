@@ -148,6 +148,10 @@ class ConvertConfig:
         backend_options: options of the backend, e.g. {"compile_mode": "max-autotune-no-cudagraphs"}
             or {"clone_outputs": False}; stored as a sorted tuple of (name, value) pairs, read them
             with `backend_kwargs()`.
+        dynamic_shapes: torch.export's `dynamic_shapes` for the example inputs, used as given (e.g.
+            {"input_ids": {1: torch.export.Dim("seq", max=512)}}); by default every dimension the
+            model allows stays dynamic (batch, sequence length, image height and width).
+        static: capture every dimension static (backends that want fixed shapes).
     """
 
     precision: Precision = Precision.FP16
@@ -160,6 +164,8 @@ class ConvertConfig:
     allow_bf16_fallback: bool = False
     backend: str = "eager"
     backend_options: tuple[tuple[str, Any], ...] = ()
+    dynamic_shapes: Any = None
+    static: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "precision", Precision.parse(self.precision))
@@ -178,6 +184,12 @@ class ConvertConfig:
         if self.metric is not None and not callable(self.metric):
             raise ConfigError("metric must be a function metric(reference, candidate) -> float")
         self._check_backend()
+        if self.static and self.dynamic_shapes is not None:
+            raise ConfigError("static=True and dynamic_shapes= contradict each other: pass one of them "
+                              "(static=True fixes every dimension)")
+        if self.dynamic_shapes is not None and not isinstance(self.dynamic_shapes, (dict, tuple, list)):
+            raise ConfigError(f"dynamic_shapes={self.dynamic_shapes!r} must be torch.export's format: a "
+                              "dict keyed by input name (or a tuple by position) of {dim: Dim} dicts")
 
     def _check_backend(self) -> None:
         from rewriter.backends.torch_backend import check_options
@@ -217,6 +229,8 @@ class ConvertConfig:
             "mode": self.mode.value,
             "keep_io_types": self.keep_io_types,
             "dynamic_batch": self.dynamic_batch,
+            "static": self.static,
+            "dynamic_shapes": None if self.dynamic_shapes is None else repr(self.dynamic_shapes),
             "tolerance": self.tolerance,
             "backend": self.backend,
             "backend_options": {k: (v if isinstance(v, (str, int, float, bool, type(None))) else repr(v))

@@ -146,7 +146,8 @@ def convert(model: nn.Module, example_inputs: Any = None, example_kwargs: dict |
             keep_io_types: bool = True, dynamic_batch: bool = True,
             config: ConvertConfig | None = None, progress: bool = False,
             fp8: Fp8Options | None = None, backend: str = "eager",
-            backend_options: dict | None = None) -> fx.GraphModule:
+            backend_options: dict | None = None, dynamic_shapes: Any = None,
+            static: bool = False) -> fx.GraphModule:
     """Rewrite `model` for lower precision.
 
     Args:
@@ -171,6 +172,10 @@ def convert(model: nn.Module, example_inputs: Any = None, example_kwargs: dict |
             backends/torch_backend.py.
         backend_options: options of the backend, e.g. {"compile_mode": "max-autotune-no-cudagraphs"},
             {"dynamic": False}, {"clone_outputs": False, "max_graphs": 4}.
+        dynamic_shapes: torch.export's `dynamic_shapes` for the inputs, used as given; by default every
+            dimension the model allows stays dynamic (batch, sequence length, image size), and a call
+            outside the captured range is an InputError naming the input and the allowed range.
+        static: capture with every dimension static.
 
     Returns:
         A torch.fx.GraphModule called exactly like `model`. `gm.meta["rewriter"]` records how it
@@ -188,7 +193,8 @@ def convert(model: nn.Module, example_inputs: Any = None, example_kwargs: dict |
         config = ConvertConfig(precision=precision, overrides=overrides, mode=mode,
                                keep_io_types=keep_io_types, dynamic_batch=dynamic_batch,
                                tolerance=tolerance, metric=metric, backend=backend,
-                               backend_options=backend_options)
+                               backend_options=backend_options, dynamic_shapes=dynamic_shapes,
+                               static=static)
     if is_converted(model):
         done = model.meta.get(INFO_KEY, {}).get("config", {}).get("precision")
         if done not in (None, config.precision.value):
@@ -210,7 +216,8 @@ def convert(model: nn.Module, example_inputs: Any = None, example_kwargs: dict |
                                      fp8=fp8)
     else:
         say("capture", f"tracing {type(model).__name__}")
-        captured = capture(model, args, kwargs, dynamic_batch=config.dynamic_batch, train=False)
+        captured = capture(model, args, kwargs, dynamic_batch=config.dynamic_batch,
+                           dynamic_shapes=config.dynamic_shapes, static=config.static, train=False)
         say("capture", f"{captured.method}, {len(captured.graph_module.graph.nodes)} nodes"
             + "".join(f"; {n}" for n in captured.notes))
         gm = captured.graph_module
@@ -220,6 +227,7 @@ def convert(model: nn.Module, example_inputs: Any = None, example_kwargs: dict |
         "config": config.to_dict(),
         "capture": captured.method,
         "dynamic_batch": captured.dynamic_batch,
+        "input_shapes": captured.input_shapes,
         "notes": captured.notes,
         "model": type(model).__name__,
     }
