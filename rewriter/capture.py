@@ -202,8 +202,30 @@ def _shape_plans(model, args, kwargs, *, dynamic_batch: bool, dynamic_shapes, st
 
 
 def _export(model, args, kwargs, shapes):
+    """torch.export, functionalised. A dynamic graph whose guards exclude size 1 (RAFT concatenates
+    its two images and splits them again: a traced size-1 check there excluded batch 1) is exported
+    again size-obliviously (export assumes a dynamic size is not 1 instead of guarding on it) and
+    that graph is kept when it accepts size 1."""
     ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+    if shapes is not None and not capture_inputs.accepts_ones(ep):
+        with _size_oblivious():
+            oblivious = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+        if capture_inputs.accepts_ones(oblivious):
+            ep = oblivious
     return ep.run_decompositions({})
+
+
+@contextlib.contextmanager
+def _size_oblivious():
+    try:
+        from torch.fx.experimental import _config
+    except ImportError:  # an older torch: export's default guards
+        _config = None
+    if not hasattr(_config, "backed_size_oblivious"):
+        yield
+        return
+    with _config.patch(backed_size_oblivious=True):
+        yield
 
 
 def _export_first(target, args, kwargs, plans) -> tuple[Any, str | None, list[_Attempt]]:

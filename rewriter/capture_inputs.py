@@ -33,7 +33,7 @@ from rewriter import meta
 from rewriter.errors import InputError
 
 __all__ = ["dynamic_shapes_for", "batch_dynamic_shapes", "InputCheck", "install", "input_shapes",
-           "describe_shapes", "bind_call"]
+           "describe_shapes", "bind_call", "accepts_ones"]
 
 
 # ---------------------------------------------------------------- dynamic_shapes for torch.export
@@ -100,7 +100,7 @@ def batch_dynamic_shapes(forward, args: tuple, kwargs: dict, dim=None):
 
 
 def _bound(expr, ranges: dict) -> tuple[int, int | None]:
-    vr = ranges.get(expr)
+    vr = ranges.get(str(expr))
     if vr is None:
         return 2, None
     return _int_or_none(vr.lower) or 0, _int_or_none(vr.upper)
@@ -120,7 +120,7 @@ def input_shapes(gm: fx.GraphModule, range_constraints: dict) -> list[dict]:
     """[{"name": "input_ids", "dims": [2 | {"symbol": "s0", "min": 2, "max": 128 | None}
     | {"expr": "2*s0"}]}] for each tensor input of the captured graph, in placeholder order."""
     names = _input_names(gm)
-    ranges = {k: v for k, v in (range_constraints or {}).items()}
+    ranges = {str(k): v for k, v in (range_constraints or {}).items()}
     result = []
     for node, name in zip([n for n in gm.graph.nodes if n.op == "placeholder"], names):
         val = node.meta.get("val")
@@ -189,6 +189,47 @@ def describe_shapes(shapes: list[dict]) -> str:
 def _range_text(d: dict) -> str:
     lo = 1 if d["min"] <= 2 else d["min"]  # export's 2 is its 0/1 specialisation: 1 runs too
     return f"{lo}..{d['max']}" if d["max"] is not None else f"{lo}.."
+
+
+def accepts_ones(ep) -> bool:
+    """Whether the guards of exported program `ep` accept every dynamic dimension at size 1 (a
+    batch of one, a one-token step) where its range starts at 2 (export's 0/1 specialisation, not a
+    bound of the model): probed with empty tensors of those sizes, nothing is run."""
+    gm = ep.module()
+    ranges = {str(k): v for k, v in (ep.range_constraints or {}).items()}
+
+    def probe_size(d) -> int:
+        if isinstance(d, int):
+            return d
+        if d.node.expr.is_number:
+            return int(d.node.expr)
+        vr = ranges.get(str(d.node.expr))
+        if vr is None or _int_or_none(vr.lower) is None or _int_or_none(vr.lower) <= 2:
+            return 1
+        hint = getattr(d.node, "hint", None)
+        return int(hint) if hint is not None else _int_or_none(vr.lower)
+
+    guards = getattr(gm, "_guards_fn", None)
+    if not isinstance(guards, nn.Module):
+        return True
+    probe = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node.meta.get("val")
+        if isinstance(val, (int, float, bool, str)) or val is None:
+            probe.append(val)  # a constant input (export specialised it): passed as it was
+            continue
+        if not isinstance(val, torch.Tensor):
+            return True  # a symbolic int input: nothing to probe with
+        probe.append(torch.empty([probe_size(d) for d in val.shape], dtype=val.dtype))
+    try:
+        guards(*probe)
+    except AssertionError:
+        return False
+    except Exception:  # a guard this probe cannot evaluate: keep export's default
+        return True
+    return True
 
 
 # ---------------------------------------------------------------- checking a call

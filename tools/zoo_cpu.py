@@ -154,6 +154,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="JSON file for the table (rewritten after each row)")
     parser.add_argument("--only", default=None, help="comma-separated row names (e.g. bert,llama,tv-resnet18)")
+    parser.add_argument("--merge", action="store_true",
+                        help="with --out: replace only the rows run now in the existing table")
     opts = parser.parse_args(argv)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     wanted = set(opts.only.split(",")) if opts.only else None
@@ -175,12 +177,26 @@ def main(argv=None) -> int:
             for k in ("example", "other_batch", "other_size") if k in row) + (f" {row.get('error', '')}"),
             flush=True)
         if opts.out:
-            _write(opts.out, rows, skipped)
+            _write(opts.out, _merged(opts.out, rows) if opts.merge else rows, skipped)
+    if opts.merge and opts.out:
+        rows = _merged(opts.out, rows)
     summary = _summary(rows)
     print(json.dumps(summary), flush=True)
     if opts.out:
         _write(opts.out, rows, skipped)
     return 0
+
+
+def _merged(path: str, rows: list[dict]) -> list[dict]:
+    """The table at `path` with the rows of the same names replaced by `rows` (new ones appended)."""
+    try:
+        with open(path) as f:
+            old = json.load(f)["rows"]
+    except (OSError, ValueError, KeyError):
+        return rows
+    new = {r["name"]: r for r in rows}
+    merged = [new.pop(r["name"], r) for r in old]
+    return merged + list(new.values())
 
 
 def _write(path: str, rows: list[dict], skipped: list[dict]) -> None:
