@@ -202,16 +202,17 @@ def _shape_plans(model, args, kwargs, *, dynamic_batch: bool, dynamic_shapes, st
 
 
 def _export(model, args, kwargs, shapes):
-    """torch.export, functionalised. A dynamic graph whose guards exclude size 1 (RAFT concatenates
-    its two images and splits them again: a traced size-1 check there excluded batch 1) is exported
-    again size-obliviously (export assumes a dynamic size is not 1 instead of guarding on it) and
-    that graph is kept when it accepts size 1."""
+    """torch.export, functionalised. A dynamic graph whose guards reject a batch or token length of 1
+    (RAFT concatenates its two images and splits them again: a traced size-1 check there excluded
+    batch 1) is exported again size-obliviously (export assumes a dynamic size is not 1 instead of
+    guarding on it), and that graph is kept when it rejects fewer of them."""
     ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
-    if shapes is not None and not capture_inputs.accepts_ones(ep):
+    rejected = capture_inputs.rejects_ones(ep) if shapes is not None else set()
+    if rejected:
         with _size_oblivious():
             oblivious = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
-        if capture_inputs.accepts_ones(oblivious):
-            ep = oblivious
+            if len(capture_inputs.rejects_ones(oblivious)) < len(rejected):
+                return oblivious.run_decompositions({})  # re-traces: under the same setting
     return ep.run_decompositions({})
 
 

@@ -33,7 +33,7 @@ from rewriter import meta
 from rewriter.errors import InputError
 
 __all__ = ["dynamic_shapes_for", "batch_dynamic_shapes", "InputCheck", "install", "input_shapes",
-           "describe_shapes", "bind_call", "accepts_ones"]
+           "describe_shapes", "bind_call", "rejects_ones"]
 
 
 # ---------------------------------------------------------------- dynamic_shapes for torch.export
@@ -191,45 +191,62 @@ def _range_text(d: dict) -> str:
     return f"{lo}..{d['max']}" if d["max"] is not None else f"{lo}.."
 
 
-def accepts_ones(ep) -> bool:
-    """Whether the guards of exported program `ep` accept every dynamic dimension at size 1 (a
-    batch of one, a one-token step) where its range starts at 2 (export's 0/1 specialisation, not a
-    bound of the model): probed with empty tensors of those sizes, nothing is run."""
+def rejects_ones(ep) -> set[str]:
+    """The batch and token-length symbols of exported program `ep` whose guards reject size 1 (a
+    batch of one, a one-token step) although export's range allows it: each probed alone, with empty
+    tensors, at 1 while the other sizes keep their example values (nothing is run). Batch: the
+    symbol of dimension 0 of an input; token length: a dimension of an integer input."""
     gm = ep.module()
-    ranges = {str(k): v for k, v in (ep.range_constraints or {}).items()}
-
-    def probe_size(d) -> int:
-        if isinstance(d, int):
-            return d
-        if d.node.expr.is_number:
-            return int(d.node.expr)
-        vr = ranges.get(str(d.node.expr))
-        if vr is None or _int_or_none(vr.lower) is None or _int_or_none(vr.lower) <= 2:
-            return 1
-        hint = getattr(d.node, "hint", None)
-        return int(hint) if hint is not None else _int_or_none(vr.lower)
-
     guards = getattr(gm, "_guards_fn", None)
     if not isinstance(guards, nn.Module):
-        return True
-    probe = []
+        return set()
+    ranges = {str(k): v for k, v in (ep.range_constraints or {}).items()}
+    inputs, candidates = [], set()
     for node in gm.graph.nodes:
         if node.op != "placeholder":
             continue
         val = node.meta.get("val")
-        if isinstance(val, (int, float, bool, str)) or val is None:
-            probe.append(val)  # a constant input (export specialised it): passed as it was
-            continue
-        if not isinstance(val, torch.Tensor):
-            return True  # a symbolic int input: nothing to probe with
-        probe.append(torch.empty([probe_size(d) for d in val.shape], dtype=val.dtype))
-    try:
-        guards(*probe)
-    except AssertionError:
-        return False
-    except Exception:  # a guard this probe cannot evaluate: keep export's default
+        if isinstance(val, torch.Tensor):
+            for i, d in enumerate(val.shape):
+                if isinstance(d, torch.SymInt) and isinstance(d.node.expr, sympy.Symbol):
+                    vr = ranges.get(str(d.node.expr))
+                    low = _int_or_none(vr.lower) if vr is not None else None
+                    if (i == 0 or not val.is_floating_point()) and low is not None and low <= 2:
+                        candidates.add(str(d.node.expr))
+        elif not isinstance(val, (int, float, bool, str)) and val is not None:
+            return set()  # a symbolic int input: nothing to probe with
+        inputs.append(val)
+
+    def probe(symbols) -> bool:
+        flat = []
+        for val in inputs:
+            if not isinstance(val, torch.Tensor):
+                flat.append(val)
+                continue
+            shape = []
+            for d in val.shape:
+                if isinstance(d, int) or d.node.expr.is_number:
+                    shape.append(int(d))
+                elif str(d.node.expr) in symbols:
+                    shape.append(1)
+                else:
+                    hint = getattr(d.node, "hint", None)
+                    if hint is None:
+                        return True
+                    shape.append(int(hint))
+            flat.append(torch.empty(shape, dtype=val.dtype))
+        try:
+            guards(*flat)
+        except AssertionError:
+            return False
+        except Exception:  # a guard this probe cannot evaluate: keep export's default
+            return True
         return True
-    return True
+
+    rejected = {symbol for symbol in sorted(candidates) if not probe({symbol})}
+    if candidates and not probe(candidates):  # all at once: inputs whose batches must agree
+        rejected.add("all at 1")
+    return rejected
 
 
 # ---------------------------------------------------------------- checking a call
@@ -285,8 +302,10 @@ class InputCheck(nn.Module):
                     raise InputError(
                         f"input '{name}' dimension {i} is {size}, outside the range {_range_text(want)} "
                         f"the converted model allows (captured shapes: {describe_shapes(self.shapes)}). "
-                        "The model's code bounds it (a position table, a fixed buffer): call it within "
-                        "the range, or rebuild the model with a larger limit and convert again.")
+                        "The captured graph holds only in this range: the model's code bounds the size "
+                        "(a position table) or takes another path outside it. Call it within the range, "
+                        "or convert with example inputs of the size you need (a model with a size limit: "
+                        "rebuild it with a larger one).")
         if self.guards is not None:
             try:
                 self.guards(*flat)

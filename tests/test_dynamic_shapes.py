@@ -85,7 +85,7 @@ def test_bert_beyond_its_position_table_is_an_input_error(bert):
     message = str(info.value)
     assert "input 'input_ids' dimension 1 is 80" in message
     assert "outside the range 1..64" in message  # max_position_embeddings=64
-    assert "call it within the range" in message
+    assert "Call it within the range" in message
     assert "Guard failed" not in message
 
 

@@ -94,7 +94,7 @@ def _decoders() -> list[Spec]:
     gqa = dict(_SMALL, num_key_value_heads=2)
     rows = [
         ("llama", gqa), ("mistral", gqa), ("qwen2", gqa), ("qwen3", dict(gqa, head_dim=8)),
-        ("gemma", dict(gqa, head_dim=8)), ("gemma2", dict(gqa, head_dim=8)), ("phi3", gqa),
+        ("gemma", dict(gqa, head_dim=8)), ("gemma2", dict(gqa, head_dim=8)), ("phi3", dict(gqa, pad_token_id=0)),
         ("mixtral", dict(gqa, num_local_experts=4, num_experts_per_tok=2)),
         ("gpt2", dict(n_embd=32, n_layer=2, n_head=4, vocab_size=128)),
         ("gpt_neox", dict(_SMALL)), ("gptj", dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, vocab_size=128)),
@@ -117,7 +117,8 @@ def _encoder_decoders() -> list[Spec]:
     ]
     specs = [Spec(name, "encoder-decoder", "transformers", _hf(name, **cfg), _seq2seq, 16, 24)
              for name, cfg in rows]
-    whisper = dict(bart_like, num_mel_bins=16, max_source_positions=32, max_target_positions=64)
+    whisper = dict(bart_like, num_mel_bins=16, max_source_positions=32, max_target_positions=64, pad_token_id=0,
+                   bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
     specs.append(Spec("whisper", "audio", "transformers", _hf("whisper", **whisper), _whisper, 8, 12))
     return specs
 
@@ -140,8 +141,10 @@ def _hf_vision() -> list[Spec]:
         ("mobilevit", dict(hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64],
                            image_size=64, patch_size=2)),
     ]
+    # CNN-like models at 64 px: at 32 px their last feature map is 1x1 and export specialises on that
+    sizes = {"vit": (32, 64), "deit": (32, 64), "dinov2": (32, 64)}
     return [Spec(f"hf-{name}", "vision", "transformers", _hf(name, **cfg), _image("pixel_values"),
-                 64 if name == "mobilevit" else 32, 96 if name == "mobilevit" else 64) for name, cfg in rows]
+                 *sizes.get(name, (64, 96))) for name, cfg in rows]
 
 
 def _torchvision() -> list[Spec]:
