@@ -153,7 +153,8 @@ def _torchvision() -> list[Spec]:
             import torchvision
 
             torch.manual_seed(0)
-            return getattr(torchvision.models, name)(weights=None, **kw).eval()
+            family = torchvision.models.optical_flow if name.startswith("raft") else torchvision.models
+            return getattr(family, name)(weights=None, **kw).eval()
         return make
 
     def tiny_vit():
