@@ -1,5 +1,10 @@
 """Helpers shared by the passes that read attention masks (causal_attention, padding_mask): find the
-subgraph that computes a mask, and evaluate it on concrete sizes (and inputs) to check what it is."""
+subgraph that computes a mask, and evaluate it on concrete sizes (and inputs) to check what it is.
+
+Sizes: a captured graph keeps batch, sequence length and image sizes symbolic. A mask subgraph is
+checked at several assignments of every symbol it reads (`size_substitutions`): the example sizes,
+all small, all larger, and each symbol different from the others (within each symbol's captured
+range), so a rewrite that holds only at the traced sizes, or only when two lengths agree, is refused."""
 from __future__ import annotations
 
 import sympy
@@ -11,7 +16,8 @@ import torch.nn.functional as F
 from rewriter.passes.graph_utils import attr_owner, is_metadata_assert
 
 __all__ = ["SDPA", "SIZE_READS", "NotShapeOnly", "mask_arg", "ancestors", "concrete", "batch_symbols",
-           "batch_substitutions", "evaluate", "remove_dead"]
+           "batch_substitutions", "size_substitutions", "describe_substitutions", "size_node", "evaluate",
+           "remove_dead"]
 
 SDPA = (torch.ops.aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention)
 SIZE_READS = (torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int)
@@ -125,13 +131,94 @@ def batch_substitutions(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[dict]:
             {s: sympy.Integer(1 if v != 1 else 2) for s, v in batch.items()}]
 
 
+def _symbol_range(symbol, sizes: list) -> tuple[int, int | None]:
+    """(lowest, highest) value `symbol` may take at run time, from the shape environment's ranges."""
+    for size in sizes:
+        env = size.node.shape_env
+        vr = env.var_to_range.get(symbol)
+        if vr is None:
+            continue
+        hi = None if "oo" in str(vr.upper) else int(vr.upper)
+        return 1, hi  # export's lower bound 2 is its 0/1 specialisation: 1 runs too
+    return 1, None
+
+
+def size_substitutions(nodes: list[fx.Node]) -> list[dict]:
+    """The size assignments to check a mask subgraph at: [{}] when it reads no symbolic size, else
+    [example sizes, every symbol small (1 or 2), every symbol larger (+5), each symbol distinct
+    (example + 1 + its index)], each clamped to the symbol's range, duplicates dropped."""
+    sizes: list[torch.SymInt] = []
+    for n in nodes:
+        val = n.meta.get("val")
+        found = [val] if n.target in SIZE_READS else list(val.shape) \
+            if n.op == "placeholder" and isinstance(val, torch.Tensor) else []
+        sizes += [s for s in found if isinstance(s, torch.SymInt)]
+    symbols = sorted({sym for s in sizes for sym in s.node.expr.free_symbols}, key=str)
+    if not symbols:
+        return [{}]
+    example = {sym: int(_symbol_values(sizes[0])[sym]) for sym in symbols}
+
+    def clamp(sym, value):
+        lo, hi = _symbol_range(sym, sizes)
+        return max(lo, min(value, hi)) if hi is not None else max(lo, value)
+
+    plans = [example,
+             {s: clamp(s, 1 if v != 1 else 2) for s, v in example.items()},
+             {s: clamp(s, v + 5) for s, v in example.items()},
+             {s: clamp(s, v + 1 + i) for i, (s, v) in enumerate(example.items())}]
+    result, seen = [], set()
+    for plan in plans:
+        key = tuple(sorted((str(s), v) for s, v in plan.items()))
+        if key not in seen:
+            seen.add(key)
+            result.append({s: sympy.Integer(v) for s, v in plan.items()})
+    return result
+
+
+def describe_substitutions(checked: list[dict]) -> str:
+    """'s0=2,s1=16; s0=1,s1=1; ...': the sizes a rewrite was checked at, for its reason."""
+    if not checked or checked == [{}]:
+        return "its only (static) shape"
+    return "; ".join(",".join(f"{s}={int(v)}" for s, v in sorted(subs.items(), key=lambda kv: str(kv[0])))
+                     for subs in checked)
+
+
+def size_node(gm: fx.GraphModule, size, before: fx.Node):
+    """An int, or a node computing the SymInt `size` (an existing size read of the same symbol, or a
+    new `sym_size` of a graph input that has it as a dimension); None when no input carries it."""
+    if isinstance(size, int):
+        return size
+    expr = size.node.expr
+    if expr.is_number:
+        return int(expr)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in gm.graph.nodes:
+        if order[node] >= order[before]:
+            break
+        val = node.meta.get("val")
+        if node.target in SIZE_READS and isinstance(val, torch.SymInt) and val.node.expr == expr:
+            return node
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if node.op != "placeholder" or not isinstance(val, torch.Tensor):
+            continue
+        for dim, d in enumerate(val.shape):
+            if isinstance(d, torch.SymInt) and d.node.expr == expr:
+                with gm.graph.inserting_before(before):
+                    new = gm.graph.call_function(torch.ops.aten.sym_size.int, (node, dim))
+                new.meta["val"] = d
+                return new
+    return None
+
+
 def evaluate(gm: fx.GraphModule, nodes: list[fx.Node], subs: dict, inputs: dict | None = None) -> dict:
     """Run the mask subgraph on concrete values; size reads take their (substituted) example value,
-    graph inputs the tensors in `inputs`."""
+    graph inputs (and any other node given in `inputs`) the tensors in `inputs`."""
+    inputs = inputs or {}
     env: dict[fx.Node, object] = {}
     with torch.no_grad():
         for node in nodes:
-            if node.op == "placeholder":
+            if node in inputs:
                 env[node] = inputs[node]
             elif node.op == "get_attr":
                 env[node] = getattr(*attr_owner(gm, node.target))

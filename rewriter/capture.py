@@ -1,11 +1,15 @@
 """Graph capture: nn.Module + example inputs -> aten-level torch.fx.GraphModule.
 
-torch.export first (non-strict, batch dimension dynamic when the model allows it), functionalised with
+torch.export first (non-strict; every dimension the model allows stays dynamic, see
+rewriter/capture_inputs.py, which also replaces export's input guards by InputErrors), functionalised with
 `run_decompositions({})` so in-place ops become their functional forms while linear, conv and
 layer_norm stay whole. When export fails, torch.fx.symbolic_trace plus shape propagation, with the
 parameterised leaf modules (Linear, Conv, norms, Embedding) inlined as functional calls so both paths
-give the same kind of graph: parameters as get_attr nodes, dtype/shape on every node, module path
-in nn_module_stack. When both fail, a CaptureError names the module and the source line.
+give the same kind of graph (rewriter/capture_fx.py). When both fail, a CaptureError names the module
+and the source line of the first real cause: the error of the most dynamic export of the model as it
+is (not a later retry's). Outputs holding transformers caches (DynamicCache, EncoderDecoderCache) are
+exported as they are: the cache classes are registered with torch's pytree (transformers' helper), so
+the converted model returns a cache object where the original does.
 
 torch.export runs on a copy of the model in which every eligible nn.MultiheadAttention(batch_first=True)
 computes self-attention batch-first, without the sequence-first transposes and copies of its traced
@@ -17,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import os
 import threading
 import traceback
@@ -26,14 +29,16 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
-from rewriter import autocast_regions
+from rewriter import autocast_regions, capture_inputs
 from rewriter.attention_swap import batch_first_copy, record_swaps
-from rewriter.grad_regions import cut_no_grad, flag_no_grad_regions
+from rewriter.capture_fx import symbolic_trace
+from rewriter.capture_inputs import batch_dynamic_shapes, dynamic_shapes_for
 from rewriter.errors import CaptureError, InputError
+from rewriter.grad_regions import cut_no_grad, flag_no_grad_regions
 
-__all__ = ["Captured", "capture", "normalize_inputs", "batch_dynamic_shapes", "CAPTURE_LOCK"]
+__all__ = ["Captured", "capture", "normalize_inputs", "batch_dynamic_shapes", "dynamic_shapes_for",
+           "run_reference", "CAPTURE_LOCK"]
 
 # torch.export, fake tensors and the module patching of capture are not thread-safe (4 threads
 # converting one model, or even copies, left fake tensors in the models): convert, and save's
@@ -51,6 +56,8 @@ class Captured:
     example_kwargs: dict
     # module paths of the nn.MultiheadAttention modules exported batch-first (attention_swap)
     batch_first_attention: list[str] = dataclasses.field(default_factory=list)
+    # captured input shapes (capture_inputs.input_shapes): static sizes and dynamic ranges
+    input_shapes: list[dict] = dataclasses.field(default_factory=list)
 
 
 def normalize_inputs(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, dict]:
@@ -176,51 +183,126 @@ def run_reference(model: nn.Module, args: tuple, kwargs: dict):
             ) from exc
 
 
-def batch_dynamic_shapes(forward, args: tuple, kwargs: dict, dim=None):
-    """`dynamic_shapes` for torch.export marking dimension 0 of every tensor input as `dim`.
+@dataclasses.dataclass
+class _Attempt:
+    """One failed torch.export attempt: on which copy of the model, with which shapes, and why."""
 
-    Args:
-        forward: the function that will be exported (its signature names the inputs).
-        dim: a torch.export.Dim; Dim.AUTO (dynamic where the model allows it) by default.
-
-    Returns:
-        A dict keyed by parameter name, or a tuple of specs when the signature cannot be bound.
-    """
-    dim = torch.export.Dim.AUTO if dim is None else dim
-
-    def spec(v):
-        if isinstance(v, torch.Tensor):
-            return {0: dim} if v.dim() >= 1 else None
-        if isinstance(v, (list, tuple)):
-            return type(v)(spec(x) for x in v)
-        if isinstance(v, dict):
-            return {k: spec(x) for k, x in v.items()}
-        return None
-
-    try:
-        sig = inspect.signature(forward)
-        bound = sig.bind(*args, **kwargs)
-    except (TypeError, ValueError):
-        return tuple(spec(a) for a in args) if not kwargs else None
-    shapes = {}
-    for name, value in bound.arguments.items():
-        kind = sig.parameters[name].kind
-        if kind is inspect.Parameter.VAR_POSITIONAL:
-            shapes[name] = tuple(spec(v) for v in value)
-        elif kind is inspect.Parameter.VAR_KEYWORD:
-            shapes[name] = {k: spec(v) for k, v in value.items()}
-        else:
-            shapes[name] = spec(value)
-    return shapes
+    shapes: str
+    exc: BaseException
+    where: str
+    frame: str
 
 
-def _export(model, args, kwargs, dynamic: bool, train: bool = False):
-    shapes = batch_dynamic_shapes(model.forward, args, kwargs) if dynamic else None
+def _shape_plans(model, args, kwargs, *, dynamic_batch: bool, dynamic_shapes, static: bool):
+    """[(name, dynamic_shapes)] to try in order: the most dynamic first, static last."""
+    if static:
+        return [("static", None)]
+    if dynamic_shapes is not None:
+        return [("dynamic_shapes as given", dynamic_shapes)]
+    forward = model.forward
+    plans = [("automatic dynamic shapes",
+              dynamic_shapes_for(forward, args, kwargs, batch=dynamic_batch, other=True))]
+    if dynamic_batch:
+        plans.append(("dynamic batch", dynamic_shapes_for(forward, args, kwargs, batch=True, other=False)))
+    plans.append(("static", None))
+    return plans
+
+
+def _export(model, args, kwargs, shapes, train: bool = False):
+    """torch.export, functionalised. A dynamic graph whose guards reject a batch or token length of 1
+    (RAFT concatenates its two images and splits them again: a traced size-1 check there excluded
+    batch 1) is exported again size-obliviously (export assumes a dynamic size is not 1 instead of
+    guarding on it), and that graph is kept when it rejects fewer of them."""
     with autocast_regions.visible():  # regions transformers' maybe_autocast would hide
         ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+    rejected = capture_inputs.rejects_ones(ep) if shapes is not None else set()
+    if rejected:
+        with _size_oblivious():
+            with autocast_regions.visible():
+                oblivious = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+            if len(capture_inputs.rejects_ones(oblivious)) < len(rejected):
+                return _decompose(oblivious, train)  # re-traces: under the same setting
+    return _decompose(ep, train)
+
+
+def _decompose(ep, train: bool):
+    """run_decompositions({}), keeping the model's autocast regions (and in training graphs its
+    torch.no_grad() regions) on their nodes."""
     if train:
         flag_no_grad_regions(ep.graph_module)
-    return autocast_regions.decompose(ep)  # run_decompositions({}), the model's autocast regions kept
+    return autocast_regions.decompose(ep)
+
+
+@contextlib.contextmanager
+def _size_oblivious():
+    try:
+        from torch.fx.experimental import _config
+    except ImportError:  # an older torch: export's default guards
+        _config = None
+    if not hasattr(_config, "backed_size_oblivious"):
+        yield
+        return
+    with _config.patch(backed_size_oblivious=True):
+        yield
+
+
+def _export_first(target, args, kwargs, plans, train: bool = False) -> tuple[Any, str | None, list[_Attempt]]:
+    """Export `target` with the first shape plan that works: (program, plan name, failed attempts).
+    A plan that fails for a reason other than shapes fails the same way statically, so after the
+    first failure only the static plan is tried; when that works, the batch-only plan too."""
+    failures: list[_Attempt] = []
+
+    def attempt(name, shapes):
+        with _track_modules(target) as tracker:
+            try:
+                return _export(target, args, kwargs, shapes, train)
+            except Exception as exc:
+                cause = _root_cause(exc)
+                failures.append(_Attempt(name, cause, tracker.innermost(), _user_frame(cause)))
+                return None
+
+    first_name, first_shapes = plans[0]
+    ep = attempt(first_name, first_shapes)
+    if ep is not None or len(plans) == 1:
+        return ep, (first_name if ep is not None else None), failures
+    static = attempt("static", None)
+    if static is None:
+        return None, None, failures
+    for name, shapes in plans[1:-1]:  # something between: keep what can stay dynamic
+        ep = attempt(name, shapes)
+        if ep is not None:
+            return ep, name, failures
+    return static, "static", failures
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost explicitly chained cause (`raise ... from exc`): export wraps some errors."""
+    seen = set()
+    while exc.__cause__ is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc = exc.__cause__
+    return exc
+
+
+def _register_output_types(model: nn.Module) -> str | None:
+    """Register transformers' cache classes (DynamicCache, EncoderDecoderCache, ...) with torch's
+    pytree so export can return them: the converted model then returns a cache object where the
+    original does. Returns a note when it could not."""
+    import sys
+
+    if "transformers" not in sys.modules or not type(model).__module__.startswith("transformers"):
+        return None
+    try:
+        from transformers.exporters.exporter_dynamo import register_cache_pytrees_for_model
+    except ImportError:
+        try:
+            from transformers.integrations.executorch import register_dynamic_cache_export_support
+        except ImportError:
+            return "transformers provides no pytree registration of its caches: outputs holding one fail"
+        register_dynamic_cache_export_support()
+        return None
+    register_cache_pytrees_for_model(model)
+    return None
 
 
 def _batch_is_dynamic(gm: fx.GraphModule) -> bool:
@@ -274,201 +356,106 @@ def _views_to_reshapes(gm: fx.GraphModule) -> None:
         gm.recompile()
 
 
-# ---------------------------------------------------------------- symbolic_trace fallback
-
-
-class _PathTracer(fx.Tracer):
-    """symbolic_trace that records the module path of every node and names the failing module."""
-
-    def __init__(self):
-        super().__init__()
-        self.stack: list[tuple[str, type]] = []
-
-    def call_module(self, m, forward, args, kwargs):
-        path = self.path_of_module(m)
-        self.stack.append((path, type(m)))
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception as exc:
-            # the stack unwinds before trace() sees the error: remember the innermost module now
-            if not hasattr(exc, "_rewriter_module"):
-                exc._rewriter_module = self.innermost()  # type: ignore[attr-defined]
-            raise
-        finally:
-            self.stack.pop()
-
-    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
-        node = super().create_node(kind, target, args, kwargs, name, type_expr)
-        stack = {p: (p, f"{t.__module__}.{t.__qualname__}") for p, t in self.stack if p}
-        if kind == "call_module":
-            mod = self.root.get_submodule(target)
-            stack[target] = (target, f"{type(mod).__module__}.{type(mod).__qualname__}")
-        if stack:
-            node.meta["nn_module_stack"] = stack
-        return node
-
-    def innermost(self) -> str:
-        return self.stack[-1][0] if self.stack and self.stack[-1][0] else "<top level>"
-
-
-def _inline_leaf_modules(gm: fx.GraphModule) -> None:
-    """Replace call_module nodes of parameterised leaf modules by functional calls on get_attr params."""
-    graph = gm.graph
-    for node in list(graph.nodes):
-        if node.op != "call_module" or node.kwargs:
-            continue
-        mod = gm.get_submodule(node.target)
-        call = _functional_form(mod)
-        if call is None:
-            continue
-        fn, params, make_args = call
-        with graph.inserting_before(node):
-            getters = {p: (graph.get_attr(f"{node.target}.{p}") if getattr(mod, p) is not None else None)
-                       for p in params}
-            for g in getters.values():
-                if g is not None:
-                    g.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))
-            new = graph.call_function(fn, make_args(node.args[0], getters), {})
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-    graph.lint()
-    gm.recompile()
-
-
-def _functional_form(mod):
-    if isinstance(mod, nn.Linear):
-        return F.linear, ("weight", "bias"), lambda x, g: (x, g["weight"], g["bias"])
-    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.padding_mode == "zeros" \
-            and not isinstance(mod.padding, str):
-        fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(mod.kernel_size)]
-        return fn, ("weight", "bias"), lambda x, g: (x, g["weight"], g["bias"], mod.stride, mod.padding,
-                                                     mod.dilation, mod.groups)
-    if isinstance(mod, nn.LayerNorm):
-        return F.layer_norm, ("weight", "bias"), lambda x, g: (x, mod.normalized_shape, g["weight"],
-                                                               g["bias"], mod.eps)
-    if isinstance(mod, nn.GroupNorm):
-        return F.group_norm, ("weight", "bias"), lambda x, g: (x, mod.num_groups, g["weight"], g["bias"],
-                                                               mod.eps)
-    if isinstance(mod, nn.modules.batchnorm._BatchNorm) and not mod.training and mod.track_running_stats:
-        return F.batch_norm, ("running_mean", "running_var", "weight", "bias"), \
-            lambda x, g: (x, g["running_mean"], g["running_var"], g["weight"], g["bias"], False,
-                          0.0, mod.eps)
-    if isinstance(mod, nn.Embedding) and mod.max_norm is None:
-        return F.embedding, ("weight",), lambda x, g: (x, g["weight"], mod.padding_idx)
-    return None
-
-
-def _symbolic_trace(model, args, kwargs):
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    tracer = _PathTracer()
-    try:
-        with autocast_regions.tracing(tracer):  # the model's autocast regions, on their nodes
-            graph = tracer.trace(model)
-    except Exception as exc:
-        if not hasattr(exc, "_rewriter_module"):
-            exc._rewriter_module = tracer.innermost()  # type: ignore[attr-defined]
-        raise
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    _inline_leaf_modules(gm)
-    bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    bound.apply_defaults()
-    flat = [bound.arguments[n.target] for n in gm.graph.nodes if n.op == "placeholder"
-            if n.target in bound.arguments]
-    ShapeProp(gm).propagate(*flat)
-    return gm
-
-
 # ---------------------------------------------------------------- entry point
 
 
 def capture(model: nn.Module, args: tuple, kwargs: dict, *, dynamic_batch: bool = True,
-            train: bool = False) -> Captured:
+            dynamic_shapes: Any = None, static: bool = False, train: bool = False) -> Captured:
     """Capture `model` as an aten-level GraphModule.
 
     Args:
         model: the module; it is not modified (train/eval flags are restored afterwards).
         args, kwargs: example inputs, already normalised by `normalize_inputs`.
-        dynamic_batch: try to keep dimension 0 dynamic.
+        dynamic_batch: keep dimension 0 dynamic where the model allows it (False: static batch).
+        dynamic_shapes: torch.export's `dynamic_shapes` for the inputs, used as given.
+        static: capture every dimension static (for backends that want fixed shapes).
         train: capture in training mode (dropout, batch-norm statistics).
 
     Returns:
         Captured, whose `method` says which path was taken and `notes` what to know about it.
+        By default every dimension the model allows stays dynamic (capture_inputs.py).
+
+    Example:
+        >>> captured = capture(bert, (), {"input_ids": ids})   # batch and sequence length dynamic
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
     notes: list[str] = []
+    note = _register_output_types(model)
+    if note:
+        notes.append(note)
+    plans = _shape_plans(model, args, kwargs, dynamic_batch=dynamic_batch, dynamic_shapes=dynamic_shapes,
+                         static=static)
     with _mode(model, train):
         with _buffers_restored(model, True):  # a reference run may count steps or update statistics
             run_reference(model, args, kwargs)
         # made under _mode, so the copy's modules carry the same train/eval flags
         swapped_model, swapped = batch_first_copy(model)
-        export_error = swap_error = None
+        ep, plan, failures, swap_failures = None, None, [], []
         for target in ((swapped_model, model) if swapped else (model,)):
-            attempt_notes: list[str] = []
-            with _track_modules(target) as tracker:
-                try:
-                    try:
-                        ep = _export(target, args, kwargs, dynamic_batch, train)
-                    except Exception as exc:
-                        if not dynamic_batch:
-                            raise
-                        attempt_notes.append(f"dynamic batch export failed ({_first_line(exc, 120)}); "
-                                             "captured with static shapes")
-                        ep = _export(target, args, kwargs, False, train)
-                except Exception as exc:
-                    export_error = (exc, tracker.innermost(), _user_frame(exc))
-            if export_error is None:
-                notes.extend(attempt_notes)
-                if swap_error is not None:
-                    notes.append("export with batch-first nn.MultiheadAttention failed "
-                                 f"({_first_line(swap_error, 120)}); exported the attention as it is")
+            ep, plan, failures = _export_first(target, args, kwargs, plans, train)
+            if ep is not None:
                 break
-            if swapped and target is swapped_model:
-                if not _may_be_the_swap(export_error[1], swapped):
+            if target is swapped_model:
+                swap_failures = failures
+                if not _may_be_the_swap(failures[0].where, swapped):
                     break  # it failed elsewhere: the model as it is would fail the same way
-                swap_error, export_error = export_error[0], None
-        if export_error is None:
-            gm = ep.module()
-            if train and cut_no_grad(gm):
-                notes.append("torch.no_grad() regions of forward carry no gradient (their results are "
-                             "detached)")
-            _untie_parameters(gm, model)
-            _views_to_reshapes(gm)
-            batch_first = record_swaps(gm, swapped_model) if target is swapped_model and swapped else []
-            if batch_first:
-                notes.append("nn.MultiheadAttention run batch-first (no transposes, same weights) at "
-                             + ", ".join(f"'{p}'" for p in batch_first))
-            dynamic = _batch_is_dynamic(gm)
-            if dynamic_batch and not dynamic:
-                notes.append("batch dimension is static (the model or an example batch of 1 fixed it); "
-                             "use an example batch of 2 or more to keep it dynamic")
-            return Captured(gm, "torch.export", dynamic, notes, args, kwargs, batch_first)
+        if ep is not None:
+            if swap_failures:
+                notes.append("export with batch-first nn.MultiheadAttention failed "
+                             f"({_first_line(swap_failures[0].exc, 120)}); exported the attention as it is")
+            return _finish(ep, model, swapped_model if target is swapped_model else None,
+                           plan, plans[0][0], failures, notes, args, kwargs, train)
+        first = failures[0]  # the first plan on the last model tried: the first real cause
+        if dynamic_shapes is not None:
+            raise _shapes_error(model, first)
         try:
             # on a copy: the traced graph holds the modules it calls, and the passes after it cast,
             # fold and delete their weights and buffers; the caller's model must stay as it was
-            gm = _symbolic_trace(_private_copy(model, export_error), args, kwargs)
-        except CaptureError:
-            raise
+            gm = symbolic_trace(_private_copy(model, first.exc), args, kwargs)
         except Exception as exc:
-            raise _capture_error(model, export_error, exc) from exc
-    exc, where, _frame = export_error
-    notes.append(f"torch.export failed in module '{where}' ({_first_line(exc, 160)}); "
+            raise _capture_error(model, first, exc) from exc
+    notes.append(f"torch.export failed in module '{first.where}'"
+                 f"{' at ' + first.frame if first.frame else ''} ({_first_line(first.exc, 160)}); "
                  "captured with torch.fx.symbolic_trace")
     return Captured(gm, "torch.fx.symbolic_trace", True, notes, args, kwargs)
 
 
-def _private_copy(model: nn.Module, export_error) -> nn.Module:
+def _private_copy(model: nn.Module, export_error: BaseException) -> nn.Module:
     import copy
 
     try:
         return copy.deepcopy(model)
     except Exception as exc:
         raise CaptureError(
-            f"could not capture {type(model).__name__}: torch.export failed ({_first_line(export_error[0])}) "
+            f"could not capture {type(model).__name__}: torch.export failed ({_first_line(export_error)}) "
             f"and the torch.fx.symbolic_trace fallback works on a copy of the model, which copy.deepcopy "
             f"could not make ({_first_line(exc)}). Make the model exportable, or deep-copyable") from exc
+
+
+def _finish(ep, model, swapped_model, plan, wanted, failures, notes, args, kwargs, train: bool = False) -> Captured:
+    """The exported program as the GraphModule the passes get, with its input checks and notes."""
+    gm = ep.module()
+    if train and cut_no_grad(gm):
+        notes.append("torch.no_grad() regions of forward carry no gradient (their results are detached)")
+    _untie_parameters(gm, model)
+    _views_to_reshapes(gm)
+    shapes = capture_inputs.install(gm, ep.range_constraints, model.forward, args, kwargs)
+    if plan != wanted and failures:
+        notes.append(f"export with {wanted} failed in module '{failures[0].where}' "
+                     f"({_first_line(failures[0].exc, 120)}); captured with {plan}")
+    batch_first = record_swaps(gm, swapped_model) if swapped_model is not None else []
+    if batch_first:
+        notes.append("nn.MultiheadAttention run batch-first (no transposes, same weights) at "
+                     + ", ".join(f"'{p}'" for p in batch_first))
+    dynamic = _batch_is_dynamic(gm)
+    described = capture_inputs.describe_shapes(shapes)
+    if plan != "static" and described:
+        notes.append(f"input shapes (sN:min..max are dynamic): {described}")
+    if plan != "static" and not dynamic and any(entry.get("dims") for entry in shapes):
+        notes.append("batch dimension is static (the model or an example batch of 1 fixed it); "
+                     "use an example batch of 2 or more to keep it dynamic")
+    return Captured(gm, "torch.export", dynamic, notes, args, kwargs, batch_first, shapes)
 
 
 def _may_be_the_swap(where: str, swapped: list[str]) -> bool:
@@ -479,14 +466,22 @@ def _may_be_the_swap(where: str, swapped: list[str]) -> bool:
     return any(where == p or where.startswith(p + ".") for p in swapped)
 
 
-def _capture_error(model, export_error, trace_exc) -> CaptureError:
-    exc, where, frame = export_error
+def _shapes_error(model, first: _Attempt) -> CaptureError:
+    return CaptureError(
+        f"could not capture {type(model).__name__} with the dynamic_shapes given: torch.export failed "
+        f"in module '{first.where}'{' at ' + first.frame if first.frame else ''}: "
+        f"{_first_line(first.exc, 600)}. What to do: follow torch.export's suggestion above, or leave "
+        "dynamic_shapes out to let export find the dynamic dimensions itself (static=True fixes all).")
+
+
+def _capture_error(model, first: _Attempt, trace_exc) -> CaptureError:
     t_where = getattr(trace_exc, "_rewriter_module", "<top level>")
     t_frame = _user_frame(trace_exc)
     return CaptureError(
-        f"could not capture {type(model).__name__}. torch.export failed in module '{where}'"
-        f"{' at ' + frame if frame else ''}: {_first_line(exc)}. torch.fx.symbolic_trace failed in "
-        f"module '{t_where}'{' at ' + t_frame if t_frame else ''}: {_first_line(trace_exc)}. "
+        f"could not capture {type(model).__name__}. torch.export failed in module '{first.where}'"
+        f"{' at ' + first.frame if first.frame else ''}: {type(first.exc).__name__}: "
+        f"{_first_line(first.exc)}. torch.fx.symbolic_trace failed in module '{t_where}'"
+        f"{' at ' + t_frame if t_frame else ''}: {_first_line(trace_exc)}. "
         "What to do: replace Python control flow that depends on tensor values with torch.where or "
         "torch.cond, move non-tensor side effects (printing, numpy, .item()) out of forward, or convert "
         "the traceable submodules separately."

@@ -166,6 +166,10 @@ class ConvertConfig:
         backend_options: a `BackendOptions` (or a dict of its fields), e.g.
             BackendOptions(compile_mode="max-autotune-no-cudagraphs") or {"clone_outputs": False}.
         fp8: with precision="fp8", how GEMMs are converted: an `Fp8Options` (or a dict of its fields).
+        dynamic_shapes: torch.export's `dynamic_shapes` for the example inputs, used as given (e.g.
+            {"input_ids": {1: torch.export.Dim("seq", max=512)}}); by default every dimension the
+            model allows stays dynamic (batch, sequence length, image height and width).
+        static: capture every dimension static (backends that want fixed shapes).
 
     Raises:
         ConfigError: a value that cannot work, saying what to write instead.
@@ -188,6 +192,8 @@ class ConvertConfig:
     backend: str = "eager"
     backend_options: BackendOptions = BackendOptions()
     fp8: Fp8Options = Fp8Options()
+    dynamic_shapes: Any = None
+    static: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "precision", Precision.parse(self.precision))
@@ -211,6 +217,14 @@ class ConvertConfig:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False")
         object.__setattr__(self, "backend_options", BackendOptions.of(self.backend_options))
         object.__setattr__(self, "backend", self.backend_options.check(self.backend))
+        if not isinstance(self.static, bool):
+            raise ConfigError(f"static={self.static!r} must be True or False")
+        if self.static and self.dynamic_shapes is not None:
+            raise ConfigError("static=True and dynamic_shapes= contradict each other: pass one of them "
+                              "(static=True fixes every dimension)")
+        if self.dynamic_shapes is not None and not isinstance(self.dynamic_shapes, (dict, tuple, list)):
+            raise ConfigError(f"dynamic_shapes={self.dynamic_shapes!r} must be torch.export's format: a "
+                              "dict keyed by input name (or a tuple by position) of {dim: Dim} dicts")
         if self.backend == "cuda_graphs" and self.mode is Mode.TRAIN:
             raise ConfigError("backend 'cuda_graphs' is inference only: use mode='eval', or "
                               "backend='compile' for training")
@@ -275,6 +289,8 @@ class ConvertConfig:
             "mode": self.mode.value,
             "keep_io_types": self.keep_io_types,
             "dynamic_batch": self.dynamic_batch,
+            "static": self.static,
+            "dynamic_shapes": None if self.dynamic_shapes is None else repr(self.dynamic_shapes),
             "tolerance": self.tolerance,
             "backend": self.backend,
             "backend_options": self.backend_options.to_dict(),

@@ -33,6 +33,10 @@ Graph-level key (GraphModule.meta, not node.meta):
     INFO       pipeline.convert: the conversion record {"config", "capture", "dynamic_batch", "notes", "model"}
     EXAMPLE_INPUTS pipeline.convert / io.load: (args, kwargs) the model was captured with
     FAST_FORWARD backends/fast_forward: {"ops_bound", "ops_kept"}
+    INPUT_SHAPES rewriter/capture_inputs: [{"name", "dims": [int | {"symbol", "min", "max"} | {"expr"}]}]
+               per graph input, as captured (what InputCheck enforces)
+    CALL_SIGNATURE rewriter/capture_inputs: {"params": [[name, kind, has_default]], "args", "kwargs"}
+               the original forward's signature and the captured input names (positional/keyword calls)
 """
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ __all__ = [
     "OP_CLASS", "DECISION", "RANGE", "SENSITIVITY", "DTYPE", "CREATED", "FP8", "REWRITTEN", "ALL_KEYS",
     "get", "put", "module_path", "value_dtype", "dtype_name", "dtype_from_name", "is_float_dtype",
     "numel_hint", "to_custom", "from_custom", "ORIGIN", "origin", "CALIBRATION", "INFO", "EXAMPLE_INPUTS",
-    "FAST_FORWARD", "GRAPH_KEYS", "AUTOCAST", "TARGET",
+    "FAST_FORWARD", "GRAPH_KEYS", "AUTOCAST", "TARGET", "INPUT_SHAPES", "CALL_SIGNATURE",
 ]
 
 OP_CLASS = "rewriter.op_class"
@@ -65,7 +69,9 @@ CALIBRATION = "rewriter.calibration"        # measurement summaries (ranges, sen
 INFO = "rewriter"                           # the conversion record: config, capture, notes, model name
 EXAMPLE_INPUTS = "rewriter.example_inputs"  # (args, kwargs) of the capture, for diff/bench/ONNX export
 FAST_FORWARD = "rewriter.fast_forward"      # backends/fast_forward: ops bound, ops kept
-GRAPH_KEYS = (CALIBRATION, INFO, EXAMPLE_INPUTS, FAST_FORWARD, FP8)
+INPUT_SHAPES = "rewriter.input_shapes"     # capture_inputs: captured shapes of the graph inputs
+CALL_SIGNATURE = "rewriter.call_signature"  # capture_inputs: the forward's signature, captured names
+GRAPH_KEYS = (CALIBRATION, INFO, EXAMPLE_INPUTS, FAST_FORWARD, FP8, INPUT_SHAPES, CALL_SIGNATURE)
 
 _CUSTOM = "custom"  # torch.export serialises node.meta["custom"]; we nest ours under "rewriter"
 

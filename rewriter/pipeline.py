@@ -157,6 +157,10 @@ def convert(model: nn.Module, example_inputs: Any = None, example_kwargs: dict |
                 "cuda_graphs" (captured per input shape and replayed; GPU, eval only).
             backend_options: a `rewriter.BackendOptions` or a dict of its fields, e.g.
                 {"compile_mode": "max-autotune-no-cudagraphs"}, {"clone_outputs": False, "max_graphs": 4}.
+            dynamic_shapes: torch.export's `dynamic_shapes` for the inputs, used as given; by default every
+                dimension the model allows stays dynamic (batch, sequence length, image size), and a call
+                outside the captured range is an InputError naming the input and the allowed range.
+            static: capture with every dimension static.
 
     Returns:
         A torch.fx.GraphModule called exactly like `model`. `gm.meta["rewriter"]` records how it
@@ -200,7 +204,8 @@ def _convert(model, example_inputs, example_kwargs, *, calibration, progress, co
         gm, captured = _convert_train(model, args, kwargs, config, calibration=calibration, say=say)
     else:
         say("capture", f"tracing {type(model).__name__}")
-        captured = capture(model, args, kwargs, dynamic_batch=config.dynamic_batch, train=False)
+        captured = capture(model, args, kwargs, dynamic_batch=config.dynamic_batch,
+                           dynamic_shapes=config.dynamic_shapes, static=config.static, train=False)
         say("capture", f"{captured.method}, {len(captured.graph_module.graph.nodes)} nodes"
             + "".join(f"; {n}" for n in captured.notes))
         gm = captured.graph_module
@@ -210,6 +215,7 @@ def _convert(model, example_inputs, example_kwargs, *, calibration, progress, co
         "config": config.to_dict(),
         "capture": captured.method,
         "dynamic_batch": captured.dynamic_batch,
+        "input_shapes": captured.input_shapes,
         "notes": [f"warning: {w}" for w in warned] + list(captured.notes),
         "model": type(model).__name__,
     }

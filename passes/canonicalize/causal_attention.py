@@ -16,11 +16,13 @@ nothing but shapes and is that mask at two batch sizes:
     by the graph), a constant, or a size read with aten.sym_size / sym_numel / sym_stride; any other
     path from a graph input (a user-supplied padding mask, say) makes it data-dependent, and the node
     is left alone. Random or side-effecting ops also disqualify it;
-  * causal: the mask subgraph is evaluated concretely at the example sizes and at a second batch size
-    (the batch dimension is dynamic), and at both its last two dimensions are square (L == S, the
+  * causal: the mask subgraph is evaluated concretely at several sizes of every symbol it reads (batch
+    and sequence length are dynamic: the example sizes, all small, all larger, each symbol different;
+    attention_masks.size_substitutions), and at each its last two dimensions are square (L == S, the
     query and key lengths) and every leading index holds the lower-triangular mask (bool: True where
-    attended; float: 0 where attended and -inf, finfo.min or <= -1e30 elsewhere);
-  * full: at both batch sizes the mask attends everywhere (bool all True, float all 0). Hugging Face
+    attended; float: 0 where attended and -inf, finfo.min or <= -1e30 elsewhere). Sizes at which the
+    subgraph itself fails are sizes the original rejects; at least two must succeed;
+  * full: at every size the mask attends everywhere (bool all True, float all 0). Hugging Face
     BERT called without an attention_mask exports such a mask; with it SDPA falls back to its math
     kernel when dropout is on (training), which on an H100 ran BERT-base's attention matmuls in fp32.
 The nodes that only computed the mask (and the `_assert_tensor_metadata` checks of those values) are
@@ -31,33 +33,34 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from rewriter.passes.attention_masks import (SDPA, NotShapeOnly, ancestors, batch_substitutions, concrete,
-                                    evaluate, mask_arg, remove_dead)
+from rewriter.passes.attention_masks import (SDPA, NotShapeOnly, ancestors, concrete, describe_substitutions,
+                                             evaluate, mask_arg, remove_dead, size_substitutions)
 from rewriter.passes.infra import Pass, PassResult
 from rewriter import meta
 
 __all__ = ["CausalAttention"]
 
 
-def _mask_kind(mask, length: int, keys: int) -> str | None:
-    """"full" when `mask` lets every query see every key (bool all True, float all 0: a no-op),
-    "causal" when every leading index is the lower-triangular length x keys mask with L == S, else None."""
+def _mask_kinds(mask, length: int, keys: int) -> set[str]:
+    """The kinds `mask` is: "full" when it lets every query see every key (bool all True, float all
+    0: a no-op), "causal" when every leading index is the lower-triangular length x keys mask with
+    L == S. Both at length 1 (one query, one key), neither for any other mask."""
     if not isinstance(mask, torch.Tensor) or mask.dim() < 2:
-        return None
+        return set()
     if mask.dtype == torch.bool:
         attend = mask
     elif mask.is_floating_point():
         attend = mask == 0
         if not bool(((mask == 0) | (mask <= torch.finfo(mask.dtype).min) | (mask <= -1e30)).all()):
-            return None  # a bias, not a mask
+            return set()  # a bias, not a mask
     else:
-        return None
-    if bool(attend.all()):
-        return "full"
-    if length != keys or tuple(mask.shape[-2:]) != (length, keys):
-        return None
-    allowed = torch.ones(length, keys, dtype=torch.bool, device=mask.device).tril().expand(mask.shape)
-    return "causal" if torch.equal(attend, allowed) else None
+        return set()
+    kinds = {"full"} if bool(attend.all()) else set()
+    if length == keys and tuple(mask.shape[-2:]) == (length, keys):
+        allowed = torch.ones(length, keys, dtype=torch.bool, device=mask.device).tril().expand(mask.shape)
+        if torch.equal(attend, allowed):
+            kinds.add("causal")
+    return kinds
 
 
 def _seq_lengths(node: fx.Node, subs: dict) -> tuple[int, int]:
@@ -128,22 +131,23 @@ class CausalAttention(Pass):
 
 def _verify(gm: fx.GraphModule, node: fx.Node, mask: fx.Node, nodes: list[fx.Node],
             values: dict) -> tuple[str, str] | None:
-    """("causal" | "full", how it was verified: "verified at batch 8 and 1, 512x512"), or None.
-    `values` caches the mask's concrete values: several attention layers share one mask."""
-    substitutions = batch_substitutions(gm, nodes)
-    kinds = set()
+    """("causal" | "full", how it was verified: "verified at sizes s0=8,s1=512; s0=1,s1=1; ..."), or
+    None. `values` caches the mask's concrete values: several attention layers share one mask."""
+    substitutions = size_substitutions(nodes)
+    kinds, checked = {"full", "causal"}, []
     for subs in substitutions:
         key = (mask, tuple(sorted((str(k), int(v)) for k, v in subs.items())))
         if key not in values:
-            values[key] = evaluate(gm, nodes, subs)[mask]
-        value = values[key]
+            try:
+                values[key] = evaluate(gm, nodes, subs)[mask]
+            except (IndexError, RuntimeError):
+                values[key] = None  # the original fails at these sizes too: nothing to preserve
+        if values[key] is None:
+            continue
         length, keys = _seq_lengths(node, subs)
-        kinds.add(_mask_kind(value, length, keys))
-    if len(kinds) != 1 or None in kinds:
+        kinds &= _mask_kinds(values[key], length, keys)
+        checked.append(subs)
+    if not kinds or (len(checked) < 2 and substitutions != [{}]):
         return None
-    kind = kinds.pop()
-    shape = f"{length}x{keys}"
-    if len(substitutions) == 1:
-        return kind, f"verified at its only shape, {shape}"
-    first, second = (sorted({int(v) for v in subs.values()}) for subs in substitutions)
-    return kind, f"verified at batch {', '.join(map(str, first))} and {', '.join(map(str, second))}, {shape}"
+    kind = "full" if "full" in kinds else "causal"  # both only where every size had one query
+    return kind, f"verified at sizes {describe_substitutions(checked)}"

@@ -73,7 +73,8 @@ def test_gpt2_mask_becomes_is_causal(gpt2):
         assert _mask_of(node) is None and _is_causal(node)
         note = meta.get(node, meta.REWRITTEN)[-1]
         assert note["pass"] == "causal_attention"
-        assert "verified at batch 4 and 1, 16x16" in note["reason"]
+        sizes = note["reason"].split("verified at sizes ")[1].split(")")[0].split("; ")
+        assert len(sizes) >= 3 and any("=16" in s and "=4" in s for s in sizes)  # the example and others
     # the mask subgraph is gone, including the metadata asserts on its values
     ops = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
     assert not ops & {"aten.cumsum.default", "aten.diff.default", "aten.le.Tensor", "aten.new_ones.default",

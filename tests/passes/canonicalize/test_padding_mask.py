@@ -61,18 +61,21 @@ def test_bert_padding_mask_rebuilt_same_outputs(bert):
     masks = {_mask_of(n) for n in nodes}
     assert len(masks) == 1  # one mask, shared by both layers
     (mask,) = masks
-    assert mask.target is _A.expand.default and mask.args[1] == [-1, 1, 16, 16]
+    assert mask.target is _A.expand.default and mask.args[1][:2] == [-1, 1] and mask.args[1][3] == -1
+    length = mask.args[1][2]  # the query length stays symbolic: a size read, not 16
+    assert isinstance(length, torch.fx.Node) and length.target is _A.sym_size.int
     assert meta.get(mask, meta.CREATED)["pass"] == "padding_mask"
     note = meta.get(nodes[0], meta.REWRITTEN)[-1]
     assert note["pass"] == "padding_mask" and "key padding mask of input 'attention_mask'" in note["reason"]
-    assert "checked on 7 padding patterns" in note["reason"]
+    assert "checked on 7 padding patterns at sizes" in note["reason"]
+    assert note["reason"].count(";") >= 2  # at several sizes of batch and length, not only the example
     ops = lambda g: {n.target for n in g.graph.nodes if n.op == "call_function"}
     assert _A.index.Tensor in ops(before) and _A.index.Tensor not in ops(gm)
     assert len(gm.graph.nodes) < len(before.graph.nodes) - 10
     with torch.no_grad():
-        for batch in (3, 1):
-            ids = torch.randint(0, 128, (batch, 16))
-            for am in _masks(batch, 16):
+        for batch, seq in ((3, 16), (1, 16), (2, 9), (4, 33)):
+            ids = torch.randint(0, 128, (batch, seq))
+            for am in _masks(batch, seq):
                 want = bert(input_ids=ids, attention_mask=am).last_hidden_state
                 got = gm(input_ids=ids, attention_mask=am).last_hidden_state
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -131,3 +134,30 @@ def test_gpt2_causal_and_padding_is_kept():
             got = gm(input_ids=ids, attention_mask=am).last_hidden_state
             valid = am.bool()
             torch.testing.assert_close(got[valid], want[valid], rtol=1e-5, atol=1e-5)
+
+
+class _KeyPaddingEqOne(nn.Module):
+    """The model's own test is `keep == 1`: positions holding 2 are masked out."""
+
+    def forward(self, x, keep):
+        mask = (keep == 1)[:, None, None, :].expand(-1, 1, x.shape[1], -1) & torch.ones(
+            x.shape[1], x.shape[1], dtype=torch.bool)
+        q = x.view(x.shape[0], x.shape[1], 2, -1).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+
+
+def test_the_models_own_comparison_is_kept_exact_for_every_mask_value():
+    """issue 19 item 6: `keep == 1` was rewritten as `keep != 0` (rel. error 0.18 with a 2 in the mask)."""
+    model = _KeyPaddingEqOne()
+    x, keep = torch.randn(2, 8, 16), torch.ones(2, 8, dtype=torch.long)
+    _, gm, modified = _rewrite(model, x=x, keep=keep)
+    assert modified
+    (mask,) = {_mask_of(n) for n in _sdpa_nodes(gm)}
+    tests = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (_A.eq.Scalar, _A.ne.Scalar)]
+    assert [n.target for n in tests] == [_A.eq.Scalar] and tests[0].args[1] == 1  # the test kept as written
+    for values in ([[1, 2, 1, 0, 2, 1, 1, 1], [2, 2, 2, 2, 1, 1, 1, 1]],
+                   [[-1, 1, 1, 7, 0, 0, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1]]):
+        keep = torch.tensor(values)
+        torch.testing.assert_close(gm(x=x, keep=keep), model(x, keep), rtol=0, atol=0)
+    x, keep = torch.randn(3, 5, 16), torch.tensor([[1, 2, 1, 0, 1]] * 3)
+    torch.testing.assert_close(gm(x=x, keep=keep), model(x, keep), rtol=0, atol=0)
