@@ -142,9 +142,10 @@ def _check_no_code(path: Path, rel: dict[str, bytes]) -> None:
 _TOP = {"format": str, "record": dict, "dynamic_batch": (bool, type(None)), "torch": str, "getitems": dict,
         "attrs": dict, "inputs": dict, "graph_meta": dict, "weights_sha256": dict, "imports": list}
 _RECORD = {"config": dict, "capture": str, "dynamic_batch": (bool, type(None)), "notes": list, "model": str,
-           "warnings": list}
+           "warnings": list, "input_shapes": list}
 _CONFIG = {"precision": str, "overrides": list, "mode": str, "keep_io_types": bool, "dynamic_batch": bool,
-           "tolerance": (int, float, type(None)), "backend": str, "backend_options": dict}
+           "static": bool, "dynamic_shapes": (str, type(None)), "tolerance": (int, float, type(None)),
+           "backend": str, "backend_options": dict, "allow_bf16_fallback": bool}
 _BACKENDS = ("eager", "compile", "cuda_graphs")
 _COMPILERS = ("inductor", "aot_eager", "eager", "cudagraphs")
 _SCALAR = (bool, int, float, type(None))

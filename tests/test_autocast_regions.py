@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import rewriter
-from rewriter import autocast_regions, capture as capture_module, meta
+from rewriter import autocast_regions, capture_fx, meta
 from rewriter.config import ConvertConfig
 from rewriter.passes.infra import PassManager
 from rewriter.pipeline import build_passes
@@ -132,7 +132,7 @@ def test_symbolic_trace_path_records_regions():
     torch.manual_seed(0)
     model, x = _Nested("cuda").eval(), torch.randn(4, 16)
     # a copy: the symbolic_trace graph shares the model's submodules, and CastWeights rewrites them
-    gm = capture_module._symbolic_trace(copy.deepcopy(model), (x,), {})
+    gm = capture_fx.symbolic_trace(copy.deepcopy(model), (x,), {})
     PassManager(build_passes(ConvertConfig(precision="fp16")))(gm)
     linears = _linears(gm)
     assert linears["lin1"]["dtype"] == "float16"

@@ -61,7 +61,7 @@ def llama():
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, intermediate_size=64)
     model = transformers.LlamaForCausalLM(config).eval()
-    return model, rewriter.convert(model, _text_inputs(2, 32, padded=False), precision="bf16")
+    return model, rewriter.convert(model, _text_inputs(2, 32, padded=False), precision="bf16", generate=False)
 
 
 @pytest.mark.parametrize("batch", [1, 5])
