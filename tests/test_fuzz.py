@@ -8,9 +8,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tool_scripts import load_tool
 
-fuzz = load_tool("fuzz", module_name="tools_fuzz")
+from tools import fuzz  # noqa: E402
 
 _OP = st.tuples(st.sampled_from(fuzz.UNARY + fuzz.BINARY), st.integers(0, 63), st.booleans())
 
