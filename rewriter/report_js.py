@@ -13,6 +13,7 @@ It reads the graph from `<script id="graph-data" type="application/json">` and d
   * a side panel with the selected node's decision, rule, reason, FP8 record and measured figures;
   * before/after: "before" colours by the original dtype and hides the casts the rewriter added.
 
+`#node=NAME` in the address opens the page with that node revealed and selected.
 Hooks for the browser tests: `#selftest` drives collapse, expand, search, select and the toggle and
 writes `data-selftest="ok"` (or the problems); `#perf` expands everything, draws it and writes
 `data-render-ms` and `data-render-ok` ("1" when under 3 s) on <body>.
@@ -52,7 +53,7 @@ function shown(x){if(x.k==='weight')return false;
   if(mode==='after'){return x.ch!=='removed'&&!(x.k==='compute'&&!x.od&&!x.nd&&!x.cd);}
   return x.ch!=='added';}
 function dtypeOf(x){return mode==='after'?(x.cd||x.nd):x.od;}
-function alias(i,depth){var x=N[i];if(shown(x))return i;if(depth>50||x.k==='weight')return -1;
+function alias(i,depth){var x=N[i];if(shown(x))return i;if(depth>50||x.ch!=='added'||x.k!=='cast')return -1;
   return x.ins.length?alias(x.ins[0],(depth||0)+1):-1;}
 function rep(x){for(var i=0;i<x.chain.length;i++){if(!expanded[x.chain[i]])return 'g:'+x.chain[i];}
   return 'n:'+x.id;}
@@ -82,8 +83,12 @@ function layout(g){
       return pos[a].x+pos[a].w/2;});it.c=xs.length?xs.reduce(function(s,v){return s+v;},0)/xs.length:0;});
     row.sort(function(a,b){return a.c-b.c;});
     var free=M;row.forEach(function(it){var w=it.k[0]==='g'?GW:NW,h=it.k[0]==='g'?GH:NH;
-      var x=Math.max(free,it.c-w/2);pos[it.k]={x:x,y:M+18+l*(NH+DY),w:w,h:h};free=x+w+DX;W=Math.max(W,free);});});
-  H=M+18+rows.length*(NH+DY)+M;W+=M;}
+      var x=Math.max(free,it.c-w/2);pos[it.k]={x:x,y:M+18+l*(NH+DY),w:w,h:h,l:l,col:0};free=x+w+DX;W=Math.max(W,free);});});
+  H=M+18+rows.length*(NH+DY)+M;W+=M;
+  // a long narrow graph (a stack of collapsed layers) wraps into columns that fill the panel
+  var ph=pic.clientHeight||700,pw=pic.clientWidth||1100,colW=W+30,k=Math.max(1,Math.min(Math.ceil(H/ph),Math.floor(pw/colW)));
+  if(k>1){var per=Math.ceil(rows.length/k);Object.keys(pos).forEach(function(key){var q=pos[key],c=Math.floor(q.l/per);
+    q.col=c;q.x+=c*colW;q.y-=c*per*(NH+DY);});W=k*colW;H=M+18+per*(NH+DY)+M;}}
 function bar(g,w){var tot=0,x=0,out='';Object.keys(g.dt).forEach(function(d){tot+=g.dt[d];});
   Object.keys(g.dt).sort().forEach(function(d){var bw=tot?w*g.dt[d]/tot:0;
     out+='<rect class="bar" x="'+x.toFixed(1)+'" y="'+(GH-6)+'" width="'+bw.toFixed(1)+'" height="6" fill="'+col(d)+'"/>';x+=bw;});
@@ -92,14 +97,15 @@ function render(){
   var g=build(false);layout(g);var out=[],labels=D.edgeLabels&&document.getElementById('elabels').checked;
   var many=g.edges.length>3000;
   Object.keys(groups).forEach(function(p){if(!expanded[p])return;var gr=groups[p];
-    var x0=1e9,y0=1e9,x1=-1e9,y1=-1e9,c=0;
+    var box={},c=0;
     g.list.forEach(function(it){var q=pos[it.k],x=it.k[0]==='g'?it.k.slice(2):N[it.first].m||'';
-      if(x===p||x.indexOf(p+'.')===0){c++;x0=Math.min(x0,q.x);y0=Math.min(y0,q.y);
-        x1=Math.max(x1,q.x+q.w);y1=Math.max(y1,q.y+q.h);}});
-    if(c<2)return;
-    out.push('<g class="frame" data-group="'+esc(p)+'"><rect x="'+(x0-6)+'" y="'+(y0-16)+'" width="'+
-      (x1-x0+12)+'" height="'+(y1-y0+22)+'" rx="6"/><text class="ft" x="'+(x0-2)+'" y="'+(y0-5)+
-      '">\u25BE '+esc(p)+'</text></g>');});
+      if(x===p||x.indexOf(p+'.')===0){c++;var b=box[q.col]=box[q.col]||[1e9,1e9,-1e9,-1e9];
+        b[0]=Math.min(b[0],q.x);b[1]=Math.min(b[1],q.y);b[2]=Math.max(b[2],q.x+q.w);b[3]=Math.max(b[3],q.y+q.h);}});
+    if(c<2)return;var segs=Object.keys(box).sort(),fr='<g class="frame" data-group="'+esc(p)+'">';
+    segs.forEach(function(col,j){var b=box[col];fr+='<rect x="'+(b[0]-6)+'" y="'+(b[1]-16)+'" width="'+
+      (b[2]-b[0]+12)+'" height="'+(b[3]-b[1]+22)+'" rx="6"/>';
+      if(j===0){fr+='<text class="ft" x="'+(b[0]-2)+'" y="'+(b[1]-5)+'">\u25BE '+esc(p)+'</text>';}});
+    out.push(fr+'</g>');});
   g.edges.forEach(function(e){var a=pos[e.a],b=pos[e.b];if(!a||!b)return;
     var ax=a.x+a.w/2,ay=a.y+a.h,bx=b.x+b.w/2,by=b.y,back=by<=ay,s=N[e.src],d=dtypeOf(s);
     var path=back?'M'+ax+' '+ay+'C'+(ax+60)+' '+(ay+40)+' '+(bx+60)+' '+(by-40)+' '+bx+' '+by:
@@ -128,7 +134,7 @@ function setZoom(z){zoom=Math.max(0.1,Math.min(3,z));svg.setAttribute('viewBox',
   document.getElementById('zoomv').textContent=Math.round(zoom*100)+'%';}
 function fit(){setZoom(Math.min(1,Math.max(0.35,Math.min(pic.clientWidth/W,pic.clientHeight/H))));}
 function reveal(i){var x=N[i];if(!shown(x)){setMode(x.ch==='added'?'after':'before');}
-  x.chain.forEach(function(p){expanded[p]=true;});render();select('n:'+i,true);}
+  x.chain.forEach(function(p){expanded[p]=true;});res.innerHTML='';render();select('n:'+i,true);}
 function highlight(){Array.prototype.forEach.call(svg.querySelectorAll('.sel'),function(e){e.classList.remove('sel');});
   var k=sel===null?null:sel;if(!k)return;var el=svg.querySelector('[data-key="'+k+'"]');if(el){el.classList.add('sel');}
   return el;}
@@ -211,6 +217,8 @@ applyFilter();
 var t0=performance.now();collapseToLayers();setMode('after');render();
 if(H*zoom>pic.clientHeight){fit();}
 body.setAttribute('data-initial-ms',(performance.now()-t0).toFixed(0));
+var want=/^#node=(.+)$/.exec(location.hash);  // a link to one node: #node=linear_3
+if(want&&byName[decodeURIComponent(want[1])]!==undefined){reveal(byName[decodeURIComponent(want[1])]);}
 body.setAttribute('data-table-rows',String(tbody.rows.length));
 if(location.hash==='#perf'){expandAll();var t1=performance.now();render();svg.getBoundingClientRect();
   void pic.offsetHeight;var ms=performance.now()-t1;
