@@ -102,7 +102,7 @@ def _rows(diff: "Diff") -> str:
             (n.old_dtype or "", _short(n.old_dtype)), (n.new_dtype or "", _short(n.new_dtype)),
             (n.compute_dtype or "", _short(n.compute_dtype) if n.compute_dtype else ""),
             (n.change, n.change), (n.rule or "", html.escape(n.rule or "")),
-            (n.reason or "", html.escape(n.reason or "")),
+            (_reason(n), html.escape(_reason(n))),
             (casts, html.escape(casts_text)), (saved if saved is not None else "", _num(saved)),
             (amax if amax is not None else "", _fmt_float(amax)),
             (error if error is not None else "", _fmt_float(error)),
@@ -113,6 +113,14 @@ def _rows(diff: "Diff") -> str:
         out.append(f'<tr id="row-{html.escape(n.name)}" class="{n.change} {n.kind}" '
                    f'data-name="{html.escape(n.name)}" style="--c:{_color(dtype)}">{tds}</tr>')
     return "".join(out)
+
+
+def _reason(n: "NodeDiff") -> str:
+    """The node's reason; a GEMM judged for FP8 adds that decision (why it stayed bf16)."""
+    if not n.fp8:
+        return n.reason or ""
+    what = "FP8" if n.fp8.get("use") else f"not FP8 ({n.fp8.get('rule')})"
+    return f"{n.reason or ''}; {what}: {n.fp8.get('reason', '')}"
 
 
 def _summary(diff: "Diff") -> str:
