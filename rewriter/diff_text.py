@@ -57,7 +57,7 @@ def fp8_lines(diff: "Diff", max_rows: int | None = 60) -> list[str]:
     out += ["", f"kept bf16 instead of FP8 ({n_kept})"]
     for rule, group in kept.items():
         names = [n.name for n in group]
-        shown = names if max_rows is None else names[:max_rows]
+        shown = names if max_rows is None else names[:8]  # all with --all (max_rows None)
         more = f", ... {len(names) - len(shown)} more" if len(shown) < len(names) else ""
         out.append(f"  {rule}  {FP8_RULES.get(rule, rule)} ({len(group)}): {', '.join(shown)}{more}")
         reasons = collections.Counter(_generic(n.fp8.get("reason")) for n in group)

@@ -86,9 +86,14 @@ function layout(g){
       var x=Math.max(free,it.c-w/2);pos[it.k]={x:x,y:M+18+l*(NH+DY),w:w,h:h,l:l,col:0};free=x+w+DX;W=Math.max(W,free);});});
   H=M+18+rows.length*(NH+DY)+M;W+=M;
   // a long narrow graph (a stack of collapsed layers) wraps into columns that fill the panel
-  var ph=pic.clientHeight||700,pw=pic.clientWidth||1100,colW=W+30,k=Math.max(1,Math.min(Math.ceil(H/ph),Math.floor(pw/colW)));
-  if(k>1){var per=Math.ceil(rows.length/k);Object.keys(pos).forEach(function(key){var q=pos[key],c=Math.floor(q.l/per);
-    q.col=c;q.x+=c*colW;q.y-=c*per*(NH+DY);});W=k*colW;H=M+18+per*(NH+DY)+M;}}
+  // (each band of layers is as wide as its own widest layer; the most bands that fit the panel's width)
+  var ph=pic.clientHeight||700,pw=pic.clientWidth||1100,keys=Object.keys(pos),best=null;
+  for(var k=2;k<=Math.ceil(H/ph);k++){var per=Math.ceil(rows.length/k),wid=[];
+    keys.forEach(function(key){var q=pos[key],c=Math.floor(q.l/per);wid[c]=Math.max(wid[c]||0,q.x+q.w+30);});
+    var tot=wid.reduce(function(s,v){return s+(v||0);},0);if(tot<=pw){best={per:per,wid:wid,tot:tot};}else{break;}}
+  if(best){var off=[0];for(var c=1;c<best.wid.length;c++){off[c]=off[c-1]+(best.wid[c-1]||0);}
+    keys.forEach(function(key){var q=pos[key],c=Math.floor(q.l/best.per);
+      q.col=c;q.x+=off[c];q.y-=c*best.per*(NH+DY);});W=best.tot+M;H=M+18+best.per*(NH+DY)+M;}}
 function bar(g,w){var tot=0,x=0,out='';Object.keys(g.dt).forEach(function(d){tot+=g.dt[d];});
   Object.keys(g.dt).sort().forEach(function(d){var bw=tot?w*g.dt[d]/tot:0;
     out+='<rect class="bar" x="'+x.toFixed(1)+'" y="'+(GH-6)+'" width="'+bw.toFixed(1)+'" height="6" fill="'+col(d)+'"/>';x+=bw;});
