@@ -86,11 +86,14 @@ function layout(g){
       var x=Math.max(free,it.c-w/2);pos[it.k]={x:x,y:M+18+l*(NH+DY),w:w,h:h,l:l,col:0};free=x+w+DX;W=Math.max(W,free);});});
   H=M+18+rows.length*(NH+DY)+M;W+=M;
   // a long narrow graph (a stack of collapsed layers) wraps into columns that fill the panel
-  // (each band of layers is as wide as its own widest layer; the most bands that fit the panel's width)
-  var ph=pic.clientHeight||700,pw=pic.clientWidth||1100,keys=Object.keys(pos),best=null;
-  for(var k=2;k<=Math.ceil(H/ph);k++){var per=Math.ceil(rows.length/k),wid=[];
+  // (each band of layers is as wide as its own widest layer; the number of bands that gives the largest
+  // zoom at which everything fits the panel)
+  var ph=pic.clientHeight||700,pw=pic.clientWidth||1100,keys=Object.keys(pos),best=null,
+    bestZ=Math.min(1,pw/W,ph/H);
+  for(var k=2;k<=Math.min(12,Math.ceil(H/ph)*2);k++){var per=Math.ceil(rows.length/k),wid=[];
     keys.forEach(function(key){var q=pos[key],c=Math.floor(q.l/per);wid[c]=Math.max(wid[c]||0,q.x+q.w+30);});
-    var tot=wid.reduce(function(s,v){return s+(v||0);},0);if(tot<=pw){best={per:per,wid:wid,tot:tot};}else{break;}}
+    var tot=wid.reduce(function(s,v){return s+(v||0);},0),z=Math.min(1,pw/(tot+M),ph/(M+18+per*(NH+DY)+M));
+    if(z>bestZ*1.05){bestZ=z;best={per:per,wid:wid,tot:tot};}}
   if(best){var off=[0];for(var c=1;c<best.wid.length;c++){off[c]=off[c-1]+(best.wid[c-1]||0);}
     keys.forEach(function(key){var q=pos[key],c=Math.floor(q.l/best.per);
       q.col=c;q.x+=off[c];q.y-=c*best.per*(NH+DY);});W=best.tot+M;H=M+18+best.per*(NH+DY)+M;}}
@@ -137,7 +140,7 @@ function render(){
 function setZoom(z){zoom=Math.max(0.1,Math.min(3,z));svg.setAttribute('viewBox','0 0 '+W+' '+H);
   svg.setAttribute('width',W*zoom);svg.setAttribute('height',H*zoom);
   document.getElementById('zoomv').textContent=Math.round(zoom*100)+'%';}
-function fit(){setZoom(Math.min(1,Math.max(0.35,Math.min(pic.clientWidth/W,pic.clientHeight/H))));}
+function fit(){setZoom(Math.min(1,Math.max(0.3,Math.min(pic.clientWidth/W,pic.clientHeight/H))));}
 function reveal(i){var x=N[i];if(!shown(x)){setMode(x.ch==='added'?'after':'before');}
   x.chain.forEach(function(p){expanded[p]=true;});res.innerHTML='';render();select('n:'+i,true);}
 function highlight(){Array.prototype.forEach.call(svg.querySelectorAll('.sel'),function(e){e.classList.remove('sel');});
