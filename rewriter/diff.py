@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
-import textwrap
 from typing import Any, Iterable
 
 import torch
@@ -35,249 +33,11 @@ from rewriter.errors import InputError
 from rewriter.io import load
 from rewriter.passes.graph_utils import is_cast
 from rewriter.passes.op_tables import op_name
-from rewriter.report import format_bytes, render_html, short_dtype
+from rewriter.diff_text import fp8_counts
+from rewriter.diff_types import Diff, NodeDiff, Summary
+from rewriter.report import format_bytes, short_dtype
 
 __all__ = ["diff", "Diff", "NodeDiff", "Summary", "short_dtype", "format_bytes", "parameter_bytes"]
-
-_FORMAT = "rewriter.diff/1"
-
-@dataclasses.dataclass(frozen=True)
-class NodeDiff:
-    """One node of the converted graph (or one node of the original graph that is gone).
-
-    change: "added" (a cast or weight copy the rewriter created), "removed" (a node of the original
-    graph that the converted one no longer has: a folded cast, a batch norm folded into its
-    convolution), "dtype" (the node now computes or stores another dtype), "rewritten" (same dtype,
-    but a pass changed it: see `rewritten`) or "none".
-    """
-
-    index: int                     # position in the converted graph; -1 for removed nodes
-    name: str
-    op: str
-    kind: str                      # input | weight | compute | cast | output
-    module: str | None
-    old_dtype: str | None          # output dtype before the conversion (None: did not exist)
-    new_dtype: str | None          # output dtype after (None: removed)
-    compute_dtype: str | None      # the dtype the node computes in (its decision)
-    change: str
-    rule: str | None
-    reason: str | None
-    casts_added: tuple[str, ...] = ()
-    casts_removed: tuple[str, ...] = ()
-    inputs: tuple[str, ...] = ()
-    bytes_before: int | None = None
-    bytes_after: int | None = None
-    range: dict | None = None
-    sensitivity: dict | None = None
-    fp8: dict | None = None
-    rewritten: tuple[dict, ...] = ()     # [{"pass", "reason"}] from passes that edited this node
-
-    @property
-    def changed(self) -> bool:
-        return self.change != "none"
-
-    def to_dict(self, *, with_inputs: bool = False) -> dict:
-        out = {"name": self.name, "op": self.op, "kind": self.kind, "module": self.module,
-               "old_dtype": self.old_dtype, "new_dtype": self.new_dtype,
-               "compute_dtype": self.compute_dtype, "change": self.change, "rule": self.rule,
-               "reason": self.reason, "casts_added": list(self.casts_added),
-               "casts_removed": list(self.casts_removed)}
-        for key in ("bytes_before", "bytes_after", "range", "sensitivity", "fp8"):
-            value = getattr(self, key)
-            if value is not None:
-                out[key] = value
-        if self.rewritten:
-            out["rewritten"] = [dict(r) for r in self.rewritten]
-        if with_inputs:
-            out["index"] = self.index
-            out["inputs"] = list(self.inputs)
-        return out
-
-
-@dataclasses.dataclass(frozen=True)
-class Summary:
-    """Totals of a diff: nodes per precision, casts, parameter bytes."""
-
-    model: str
-    precision: str | None
-    capture: str | None
-    dynamic_batch: bool | None
-    nodes: int                           # nodes of the converted graph (inputs, weights, ops, output)
-    compute_nodes: int
-    precision_before: dict[str, int]     # compute nodes per dtype
-    precision_after: dict[str, int]
-    casts_before: int
-    casts_after: int
-    casts_added: int
-    casts_removed: int
-    changed_nodes: int
-    param_bytes_before: int
-    param_bytes_after: int
-    rules: dict[str, int]                # rule -> changed compute nodes it decided
-    kept_fp32: int                       # compute nodes left in fp32 on purpose
-    notes: tuple[str, ...] = ()
-
-    @property
-    def param_bytes_saved(self) -> int:
-        return self.param_bytes_before - self.param_bytes_after
-
-    def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["notes"] = list(self.notes)
-        out["param_bytes_saved"] = self.param_bytes_saved
-        return out
-
-
-def _cut(text: str | None, width: int) -> str:
-    text = text or ""
-    return text if len(text) <= width else text[: width - 1] + "\u2026"
-
-
-class Diff:
-    """The result of `rewriter.diff`: `summary`, `nodes` (every node, graph order, then removed casts).
-
-    Renderings: `str(d)` / `d.to_text()`, `d.to_json()`, `d.to_html()`.
-    """
-
-    def __init__(self, summary: Summary, nodes: list[NodeDiff]):
-        self.summary = summary
-        self.nodes = list(nodes)
-
-    @property
-    def changed(self) -> list[NodeDiff]:
-        """The nodes whose precision changed, the casts and copies added, the casts removed."""
-        return [n for n in self.nodes if n.changed]
-
-    def __repr__(self) -> str:
-        s = self.summary
-        return (f"<Diff {s.model} -> {s.precision}: {len(self.changed)} changed nodes, "
-                f"+{s.casts_added}/-{s.casts_removed} casts, {format_bytes(s.param_bytes_saved)} saved>")
-
-    def __str__(self) -> str:
-        return self.to_text()
-
-    # ------------------------------------------------------------------ text
-    def to_text(self, max_rows: int | None = 60, width: int | None = None) -> str:
-        """Summary, then the changed ops and casts one per line, weights and fp32 keeps grouped.
-
-        Args:
-            max_rows: most lines per section (None: all); the JSON and HTML always have all.
-            width: fit every line in this many columns (a terminal's 80): long names are cut with an
-                ellipsis, each reason goes on its own wrapped line under its node. None: one line per node.
-        """
-        s = self.summary
-        lines = [f"rewriter diff: {s.model} -> {s.precision or '?'}"
-                 + (f" (captured with {s.capture}{', dynamic batch' if s.dynamic_batch else ''})"
-                    if s.capture else "")]
-        dtypes = sorted(set(s.precision_before) | set(s.precision_after),
-                        key=lambda d: (d != "float32", d))
-        per = ", ".join(f"{short_dtype(d)} {s.precision_before.get(d, 0)} -> {s.precision_after.get(d, 0)}"
-                        for d in dtypes)
-        lines.append(f"  compute nodes  {s.compute_nodes} ({per})")
-        lines.append(f"  casts          {s.casts_before} -> {s.casts_after} "
-                     f"(+{s.casts_added} added, -{s.casts_removed} removed)")
-        pct = (100.0 * s.param_bytes_saved / s.param_bytes_before) if s.param_bytes_before else 0.0
-        lines.append(f"  parameters     {format_bytes(s.param_bytes_before)} -> "
-                     f"{format_bytes(s.param_bytes_after)} "
-                     f"(saved {format_bytes(s.param_bytes_saved)}, {pct:.0f}%)")
-        if s.rules:
-            lines.append("  decided by     " + ", ".join(f"{r} {c}" for r, c in
-                                                          sorted(s.rules.items(), key=lambda kv: -kv[1])))
-        for note in s.notes:
-            lines.append(f"  note: {note}")
-
-        ops = [n for n in self.changed if n.kind != "weight"]
-        lines.append("")
-        lines.append(f"changed ({len(ops)} ops and casts; + added, - removed)")
-        rows = [("", "node", "op", "module", "dtype", "rule", "reason")]
-        for n in ops[: max_rows if max_rows is not None else None]:
-            mark = {"added": "+", "removed": "-"}.get(n.change, " ")
-            if n.change == "added":
-                dt = f"-> {short_dtype(n.new_dtype)}"
-            elif n.change == "removed":
-                dt = f"{short_dtype(n.old_dtype)} ->"
-            else:
-                dt = f"{short_dtype(n.old_dtype)} -> {short_dtype(n.new_dtype)}"
-                if n.compute_dtype and n.compute_dtype != n.new_dtype:
-                    dt += f" (in {short_dtype(n.compute_dtype)})"
-            rows.append((mark, _cut(n.name, 28), _cut(n.op, 16), _cut(n.module or "", 28), dt,
-                         n.rule or "", _cut(n.reason, 90)))
-        lines.extend(_columns(rows, width))
-        if max_rows is not None and len(ops) > max_rows:
-            lines.append(f"  ... {len(ops) - max_rows} more (see --json or --html for every node)")
-
-        weights = [n for n in self.changed if n.kind == "weight"]
-        if weights:
-            by = collections.Counter((short_dtype(n.old_dtype), short_dtype(n.new_dtype), n.change)
-                                     for n in weights)
-            saved = sum((n.bytes_before or 0) - (n.bytes_after or 0) for n in weights)
-            parts = [f"{c} {'copied to' if ch == 'added' else o + ' ->'} {nw}"
-                     for (o, nw, ch), c in by.items()]
-            lines.append("")
-            lines.append(f"weights ({len(weights)} changed: {', '.join(parts)}; {format_bytes(saved)} saved)")
-
-        kept = [n for n in self.nodes if n.kind == "compute" and not n.changed
-                and n.compute_dtype == "float32" and n.rule not in (None, "follow", "promote", "min-cut")]
-        if kept:
-            lines.append("")
-            lines.append(f"kept in fp32 on purpose ({len(kept)})")
-            rows = [("", "node", "op", "module", "rule", "reason")]
-            for n in kept[: max_rows if max_rows is not None else None]:
-                rows.append(("", _cut(n.name, 28), _cut(n.op, 16), _cut(n.module or "", 28),
-                             n.rule or "", _cut(n.reason, 90)))
-            lines.extend(_columns(rows, width))
-            if max_rows is not None and len(kept) > max_rows:
-                lines.append(f"  ... {len(kept) - max_rows} more")
-        return "\n".join(lines) if width is None else "\n".join(_fit(line, width) for line in lines)
-
-    # ------------------------------------------------------------------ json / html
-    def to_dict(self, *, all_nodes: bool = False) -> dict:
-        """{"format", "summary", "nodes"}: nodes are the changed ones unless all_nodes."""
-        nodes = self.nodes if all_nodes else self.changed
-        return {"format": _FORMAT, "summary": self.summary.to_dict(),
-                "nodes": [n.to_dict(with_inputs=all_nodes) for n in nodes]}
-
-    def to_json(self, *, all_nodes: bool = False, indent: int | None = 2) -> str:
-        """JSON text: one entry per changed node, each with its reason (all nodes with all_nodes)."""
-        return json.dumps(self.to_dict(all_nodes=all_nodes), indent=indent, default=str)
-
-    def to_html(self, title: str | None = None) -> str:
-        """A self-contained HTML page (no network): summary, sortable table, picture of the graph."""
-        return render_html(self, title=title)
-
-
-def _columns(rows: list[tuple], width: int | None = None) -> list[str]:
-    """Aligned columns. With a width: the last column (the reason) goes on its own indented line
-    under each row, and the name columns (node, module) shrink until a row fits."""
-    if width is None:
-        widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-        out = []
-        for row in rows:
-            cells = [str(c).ljust(w) for c, w in zip(row[:-1], widths[:-1])] + [str(row[-1])]
-            out.append(("  " + " ".join(cells)).rstrip())
-        return out
-    head = [tuple(str(c) for c in r[:-1]) for r in rows]
-    widths = [max(len(r[i]) for r in head) for i in range(len(head[0]))]
-    shrinkable = [i for i, name in enumerate(head[0]) if name in ("node", "module")]
-    while 2 + sum(widths) + len(widths) - 1 > width and any(widths[i] > 8 for i in shrinkable):
-        i = max(shrinkable, key=lambda k: widths[k])
-        widths[i] -= 1
-    out = []
-    for k, (row, cells) in enumerate(zip(rows, head)):
-        out.append(("  " + " ".join(_cut(c, w).ljust(w) for c, w in zip(cells, widths))).rstrip())
-        reason = str(row[-1]) if k else ""
-        if reason:
-            out += textwrap.wrap(reason, width, initial_indent="      ", subsequent_indent="      ",
-                                 break_on_hyphens=False)
-    return out
-
-
-def _fit(line: str, width: int) -> str:
-    """A summary line wrapped to `width`, continuation lines indented under its text."""
-    if len(line) <= width:
-        return line
-    indent = " " * (len(line) - len(line.lstrip()) + 4)
-    return "\n".join(textwrap.wrap(line, width, subsequent_indent=indent, break_on_hyphens=False))
 
 
 # ---------------------------------------------------------------------- building the diff
@@ -533,6 +293,7 @@ def _entry(node: fx.Node, index: int, gm: fx.GraphModule, state: _Before,
     inputs = tuple(n.name for n in node.all_input_nodes)
     casts_added = tuple(n.name for n in node.all_input_nodes if meta.CREATED in n.meta and is_cast(n))
     common = dict(index=index, name=node.name, module=meta.module_path(node) or None, inputs=inputs,
+                  shape=_shape_text(node),
                   casts_added=casts_added, casts_removed=tuple(removed_for.get(origin_name, ())),
                   range=meta.get(node, meta.RANGE), sensitivity=meta.get(node, meta.SENSITIVITY),
                   fp8=meta.get(node, meta.FP8),
@@ -589,6 +350,14 @@ def _entry(node: fx.Node, index: int, gm: fx.GraphModule, state: _Before,
                     compute_dtype=compute, change=change, rule=rule, reason=reason, **common)
 
 
+def _shape_text(node: fx.Node) -> str | None:
+    """'2x8x32' from the node's example value (meta["val"]); None for non-tensors."""
+    shape = getattr(node.meta.get("val"), "shape", None)
+    if shape is None:
+        return None
+    return "x".join(str(d) for d in shape) or "scalar"
+
+
 def _target_note(node: fx.Node) -> tuple[dict, ...]:
     """The ONNX export target's decision on the node (node.meta[TARGET]), as a rewrite note."""
     record = meta.get(node, meta.TARGET)
@@ -639,6 +408,7 @@ def _summarize(entries: list[NodeDiff], state: _Before, after: fx.GraphModule, r
                and e.rule not in (None, "follow", "promote", "min-cut"))
     config = record.get("config") or {}
     notes = tuple(list(record.get("notes") or []) + state.notes)
+    used, judged, kept_bf16 = fp8_counts(entries)
     return Summary(
         model=str(record.get("model") or type(after).__name__),
         precision=config.get("precision"), capture=record.get("capture"),
@@ -648,4 +418,6 @@ def _summarize(entries: list[NodeDiff], state: _Before, after: fx.GraphModule, r
         casts_after=casts_after, casts_added=casts_added, casts_removed=casts_removed,
         changed_nodes=len(changed), param_bytes_before=state.param_bytes,
         param_bytes_after=parameter_bytes(after), rules=dict(rules), kept_fp32=kept, notes=notes,
+        fp8_gemms=used if judged else None, fp8_judged=judged or None,
+        fp8_kept={r: len(v) for r, v in kept_bf16.items()} if judged else None,
     )

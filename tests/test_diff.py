@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -147,7 +148,13 @@ def test_html_is_self_contained(mlp_diff):
     assert "http://" not in page and "https://" not in page and "<link" not in page
     assert "<script src" not in page
     assert page.count("<tr id=\"row-") == len(mlp_diff.nodes)
-    assert page.count('class="node cast"') == mlp_diff.summary.casts_after
+    data = json.loads(re.search(r'<script type="application/json" id="graph-data">(.*?)</script>',
+                                page, re.S).group(1))
+    assert [n["n"] for n in data["nodes"]] == [n.name for n in mlp_diff.nodes]
+    casts = [n for n in data["nodes"] if n["k"] == "cast" and n["ch"] != "removed"]
+    assert len(casts) == mlp_diff.summary.casts_after
+    rows = re.findall(r'<tr id="row-[^"]*" class="\w+ (\w+)"', page)
+    assert rows.index("weight") > max(i for i, k in enumerate(rows) if k in ("compute", "cast"))  # ops first
 
 
 # ---------------------------------------------------------------------- save / load
