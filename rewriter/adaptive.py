@@ -111,7 +111,6 @@ class AdaptivePrecision:
                 if node.name not in index:
                     index[node.name] = len(self.layers)
                     self.layers.append(meta.module_path(node) or node.name)
-                    weight = node.args[1]
                     device = next((t.device for t in self.model.parameters()), None)
                     state, stats = new_buffers(device)
                     self._states.append(state)
@@ -120,8 +119,9 @@ class AdaptivePrecision:
                     setattr(self.model, f"_adaptive_stats_{index[node.name]}", stats)
                 i = index[node.name]
                 with graph.inserting_before(node):
-                    s_node = graph.get_attr(f"_adaptive_state_{i}")
-                    t_node = graph.get_attr(f"_adaptive_stats_{i}")
+                    # create_node: the eval graph's owning module is set only at recompile (get_attr warns)
+                    s_node = graph.create_node("get_attr", f"_adaptive_state_{i}")
+                    t_node = graph.create_node("get_attr", f"_adaptive_stats_{i}")
                 node.target = adaptive_linear_train
                 node.args = (*node.args[:5], s_node, t_node)
                 meta.put(node, meta.REWRITTEN, [*(meta.get(node, meta.REWRITTEN) or []), {
