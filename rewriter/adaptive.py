@@ -62,8 +62,10 @@ class AdaptivePrecision:
         overflow_up: overflow fraction above which a layer leaves FP8 (default 5%).
         growth_up: amax growth factor in one step above which a layer leaves FP8 (default 64x).
         sqnr_floor_x, sqnr_floor_g: sampled SQNR floors (dB) of x (e4m3) and grad_out (e5m2).
-        patience: consecutive healthy steps before a layer goes back one level.
+        patience: consecutive healthy observed steps before a layer goes back one level.
         sample_every: steps between two sampled SQNR measurements (0: never).
+        observe_every: steps between two observed steps (1: every step). On the others the GEMMs run bare
+            (no statistics, no decision), which bounds the statistics' overhead to 1/observe_every of it.
 
     Example:
         >>> controller = AdaptivePrecision(converted, patience=50)
@@ -75,7 +77,7 @@ class AdaptivePrecision:
     def __init__(self, model: nn.Module, *, underflow_up: float = 0.01, grad_underflow_up: float = 0.1,
                  overflow_up: float = 0.05,
                  growth_up: float = 64.0, sqnr_floor_x: float = 20.0, sqnr_floor_g: float = 14.0,
-                 patience: int = 100, sample_every: int = 50):
+                 patience: int = 100, sample_every: int = 50, observe_every: int = 1):
         if not isinstance(model, fx.GraphModule):
             raise ConfigError(f"AdaptivePrecision needs the module returned by rewriter.convert(..., "
                               f"precision='fp8', mode='train'), got {type(model).__name__}")
@@ -84,6 +86,7 @@ class AdaptivePrecision:
                            "overflow_up": overflow_up, "growth_up": growth_up,
                            "sqnr_floor_x": sqnr_floor_x, "sqnr_floor_g": sqnr_floor_g}
         self.patience, self.sample_every = int(patience), int(sample_every)
+        self.observe_every = max(int(observe_every), 1)
         self.layers: list[str] = []
         self._states: list[torch.Tensor] = []
         self._stats: list[torch.Tensor] = []
@@ -99,6 +102,7 @@ class AdaptivePrecision:
         self._events: list[dict] = []
         self._history: list[list[int]] = [[] for _ in range(n)]  # precision run on each step
         self._flops = [0.0] * 3  # GEMM FLOPs (forward + 2 backward) run in fp8 / bf16 / fp32
+        self._last_flops = [0.0] * n  # of the last observed step, counted for the unobserved ones
 
     # ------------------------------------------------------------------ install
     def _install(self) -> None:
@@ -133,6 +137,13 @@ class AdaptivePrecision:
     # ------------------------------------------------------------------ step
     def step(self) -> list[dict]:
         """Read every layer's statistics of this step, decide, switch; returns this step's switch events."""
+        if not int(self._states[0][2]):  # an unobserved step: count it, decide nothing
+            for i, state in enumerate(self._states):
+                self._history[i].append(int(state[0]))
+                self._flops[int(state[0])] += self._last_flops[i]
+            self._steps += 1
+            self._arm()
+            return []
         stats = torch.stack([s.detach() for s in self._stats]).float()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.MAX)
@@ -141,7 +152,8 @@ class AdaptivePrecision:
         for i, row in enumerate(rows):
             current = int(self._states[i][0])
             self._history[i].append(current)
-            self._flops[current] += 3 * row[_I["flops"]]
+            self._last_flops[i] = 3 * row[_I["flops"]]
+            self._flops[current] += self._last_flops[i]
             bad, calm = self._judge(i, row, current)
             target = current
             if bad and current == FP8:
@@ -168,7 +180,17 @@ class AdaptivePrecision:
             self._reset(i)
         self._events.extend(events)
         self._steps += 1
+        self._arm()
         return events
+
+    def _arm(self) -> None:
+        """Set the sample and observe flags of every layer for the next step."""
+        nxt = self._steps
+        observe = nxt % self.observe_every == 0
+        # the first observed step at or after each multiple of sample_every
+        sample = observe and self.sample_every > 0 and nxt > 0 and nxt % self.sample_every < self.observe_every
+        for state in self._states:
+            state[1], state[2] = int(sample), int(observe)
 
     def _judge(self, i: int, row: list[float], current: int) -> tuple[str, bool]:
         """(reason to leave FP8 or "", calm: within the down thresholds) of layer i on this step."""
@@ -207,8 +229,6 @@ class AdaptivePrecision:
             for k in ACCUMULATED:
                 s[_I[k]] = float("-inf") if k.endswith("neg_sqnr") else 0.0
             s[_I["x_prev_amax"]], s[_I["g_prev_amax"]] = self._prev_amax[i][0], self._prev_amax[i][2]
-        sample = self.sample_every > 0 and (self._steps + 1) % self.sample_every == 0
-        self._states[i][1] = int(sample)
 
     # ------------------------------------------------------------------ read-outs
     def precisions(self) -> dict[str, str]:

@@ -178,6 +178,28 @@ def test_hysteresis_goes_back_to_fp8_after_patience_healthy_steps():
                                                  {"start": 9, "end": 16, "precision": "fp8"}]
 
 
+def test_unobserved_steps_run_bare_and_decide_nothing():
+    torch.manual_seed(0)
+    gm = rewriter.convert(Planted(), (torch.randn(B, D), torch.zeros(B, H)), precision="fp8", mode="train",
+                          fp8=ALWAYS)
+    ctl = AdaptivePrecision(gm, observe_every=4, sample_every=8)
+    flags = []
+    for step in range(9):
+        flags.append(ctl._states[0].tolist()[1:])
+        spike = torch.zeros(B, H)
+        if step in (1, 4):
+            spike[::8, 0] = 1e6
+        gm(torch.randn(B, D), spike).float().sum().backward()
+        if step == 1:
+            i_amax, i_flops = SLOTS.index("x_amax"), SLOTS.index("flops")
+            assert all(float(s[i_amax]) == 0 and float(s[i_flops]) == 0 for s in ctl._stats)
+        ctl.step()
+    assert [f[1] for f in flags] == [1, 0, 0, 0, 1, 0, 0, 0, 1]  # observed every 4th step
+    assert [f[0] for f in flags] == [0, 0, 0, 0, 0, 0, 0, 0, 1]  # SQNR sampled on step 8
+    assert [(e["step"], e["layer"]) for e in ctl.timeline()["events"]] == [(4, "head")]  # not step 1
+    assert ctl.fp8_flop_fraction() == pytest.approx(1 - 4 * 4096 / (9 * (8192 + 65536 + 4096)))
+
+
 # ---------------------------------------------------------------- training
 
 

@@ -4,13 +4,15 @@
 
 is `fp8_linear_train` (rewriter/runtime/fp8_train_ops.py) plus two small per-layer buffers:
 
-  state  int64 CPU tensor [2], read on every call (on the host: no device sync): state[0] the precision,
+  state  int64 CPU tensor [3], read on every call (on the host: no device sync): state[0] the precision,
          0 = FP8 (e4m3 forward, e5m2 gradients, dynamic per-tensor scales), 1 = BF16 (operands cast to
-         bf16, fp32 accumulation), 2 = FP32; state[1] = 1 asks for the sampled SQNR on this step. The
+         bf16, fp32 accumulation), 2 = FP32; state[1] = 1 asks for the sampled SQNR on this step;
+         state[2] = 1 observes this step (0: no statistics at all, the bare GEMM). The
          controller (rewriter/adaptive.py) writes it between steps; one graph runs every layer in the
          precision its state says, nothing is recaptured or recompiled.
   stats  1-D fp32 tensor of N_STATS slots (`SLOTS`), updated in place without autograd on every call in
-         every precision, measured in the *target* format (e4m3 for x and weight, e5m2 for grad_out) so
+         every precision while observing and autograd is on (eval forwards under no_grad are not counted),
+         measured in the *target* format (e4m3 for x and weight, e5m2 for grad_out) so
          a layer running BF16 keeps reporting whether FP8 would be healthy again. Slots accumulate by
          max between two controller steps (several micro-batches), the controller reads and clears them.
 
@@ -22,7 +24,7 @@ Statistics (all cheap reductions over tensors the GEMM reads anyway):
                saturate) plus non-finite values: amax growth within a step;
   *_neg_sqnr   minus the quantization SQNR in dB (so that max-accumulation keeps the worst), computed only
                when state[1] is 1 (the controller sets it every `sample_every` steps);
-  flops        2*M*N*K of the forward of the last call (the controller weighs precision shares by it).
+  flops        2*M*N*K of the forwards since the last controller step (it weighs precision shares by it).
 
 Under torch.compile the op is `torch.compiler.disable`d: dynamo breaks the graph around it and never
 guards on `state`'s value, so switching a layer costs no recompilation and the number of compiled graphs
@@ -55,7 +57,7 @@ def new_buffers(device=None) -> tuple[torch.Tensor, torch.Tensor]:
     `state` stays on the CPU (read by the host), `stats` lives on `device` (the layer's)."""
     stats = torch.zeros(N_STATS, dtype=torch.float32, device=device)
     stats[_I["x_neg_sqnr"]] = stats[_I["g_neg_sqnr"]] = float("-inf")
-    return torch.zeros(2, dtype=torch.int64), stats
+    return torch.tensor([FP8, 0, 1], dtype=torch.int64), stats
 
 
 def _observe(t: torch.Tensor, fmt: torch.dtype, stats: torch.Tensor, prefix: str, sample: bool) -> None:
@@ -99,8 +101,9 @@ class _HighPrecisionLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         xc, wc = ctx.saved_tensors
         x_dtype, w_dtype, b_dtype = ctx.dtypes
-        with torch.no_grad():
-            _observe(grad_out, GRAD_DTYPE, ctx.stats, "g", ctx.sample)
+        if ctx.stats is not None:
+            with torch.no_grad():
+                _observe(grad_out, GRAD_DTYPE, ctx.stats, "g", ctx.sample)
         g = grad_out.to(xc.dtype).reshape(-1, grad_out.shape[-1])
         grad_x = (g @ wc).reshape(xc.shape).to(x_dtype) if ctx.needs_input_grad[0] else None
         grad_w = (g.t().float() @ xc.reshape(-1, xc.shape[-1]).float()).to(w_dtype) \
@@ -133,20 +136,23 @@ def adaptive_linear_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
     Args:
         x, weight, bias, out_dtype, fast_accum: as `fp8_linear_train`.
-        state: int64 CPU tensor [precision (FP8 / BF16 / FP32 = 0 / 1 / 2), sample SQNR (0 / 1)].
+        state: int64 CPU tensor [precision (FP8 / BF16 / FP32 = 0 / 1 / 2), sample SQNR (0 / 1), observe (0 / 1)].
         stats: the layer's statistics buffer (`SLOTS`), updated in place.
 
     Returns:
         [..., N] in `out_dtype`, differentiable in x, weight and bias.
     """
-    precision, sample = int(state[0]), bool(state[1])
-    with torch.no_grad():
-        _observe(x, FP8_DTYPE, stats, "x", sample)
-        _observe(weight, FP8_DTYPE, stats, "w", False)
-        stats[_I["flops"]] = 2.0 * x.numel() * weight.shape[0]
+    precision, sample, observe = state.tolist()
+    observe = bool(observe) and torch.is_grad_enabled()
+    sample = bool(sample) and observe
+    if observe:
+        with torch.no_grad():
+            _observe(x, FP8_DTYPE, stats, "x", sample)
+            _observe(weight, FP8_DTYPE, stats, "w", False)
+            stats[_I["flops"]] += 2.0 * x.numel() * weight.shape[0]
     if precision == FP8:
         y = Fp8LinearTrain.apply(x, weight, bias, out_dtype, fast_accum)
     else:
         compute = torch.bfloat16 if precision == BF16 else torch.float32
-        return _HighPrecisionLinear.apply(x, weight, bias, out_dtype, compute, stats, sample)
-    return _GradProbe.apply(y, stats, sample) if torch.is_grad_enabled() and y.requires_grad else y
+        return _HighPrecisionLinear.apply(x, weight, bias, out_dtype, compute, stats if observe else None, sample)
+    return _GradProbe.apply(y, stats, sample) if observe and y.requires_grad else y
