@@ -232,6 +232,35 @@ def test_healthy_task_makes_no_switch_and_matches_static_fp8():
     assert ada == pytest.approx(fp8, rel=1e-4)
 
 
+def test_reverse_demo_task_makes_no_switch_and_matches_static_fp8():
+    # (the digits demo is a CNN whose only linear, the N=10 head, stays bf16: nothing to switch there)
+    from rewriter.train_demo import make_task
+
+    task = make_task("reverse")
+    losses = {}
+    for adaptive in (False, True):
+        torch.manual_seed(0)
+        model = task.make_model()
+        x0 = task.batch(0, torch.Generator().manual_seed(2))[0]
+        gm = rewriter.convert(model, (x0,), precision="fp8", mode="train", fp8=Fp8Options.always(target="sm_90"))
+        ctl = AdaptivePrecision(gm, sample_every=10) if adaptive else None
+        opt = torch.optim.AdamW(gm.parameters(), lr=task.lr)
+        gen = torch.Generator().manual_seed(1)
+        torch.manual_seed(3)  # dropout masks
+        for step in range(60):
+            x, y = task.batch(step, gen)
+            opt.zero_grad(set_to_none=True)
+            task.loss(gm(x).float(), y).backward()
+            opt.step()
+            if ctl is not None:
+                ctl.step()
+        gm.eval()
+        with torch.no_grad():
+            losses[adaptive] = float(task.loss(gm(task.test[0]).float(), task.test[1]))
+    assert len(ctl.layers) >= 2 and ctl.timeline()["events"] == [], ctl.timeline()["events"]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
 def test_compiled_graph_count_does_not_grow_with_switches():
     from torch._dynamo.testing import CompileCounter
 
