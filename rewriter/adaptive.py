@@ -21,7 +21,8 @@ Policy (per layer, hysteresis):
   FP8 -> BF16   when, on this step, the fraction of x, weight or grad_out values that flush to zero after
                 scaling exceeds `underflow_up`, or that overflow (above the previous step's amax, or
                 non-finite) exceeds `overflow_up`, or amax grew more than `growth_up` times in one step, or
-                the sampled SQNR of x / grad_out fell below `sqnr_floor_x` / `sqnr_floor_g` dB;
+                the sampled SQNR of x / grad_out fell below `sqnr_floor_x` / `sqnr_floor_g` dB, or the
+                sampled grad_x norm strays from its bf16 reference by more than `grad_norm_dev_up`;
   BF16 -> FP32  when the layer's tensors hold non-finite values while in BF16;
   one level back after `patience` consecutive steps on which every statistic is within the *down*
                 thresholds (underflow < underflow_up / 4, overflow < overflow_up / 4, no jump, SQNR
@@ -61,6 +62,7 @@ class AdaptivePrecision:
             gradients below amax * 1e-10 that flush harmlessly; measured up to ~1.2% on the healthy tasks).
         overflow_up: overflow fraction above which a layer leaves FP8 (default 5%).
         growth_up: amax growth factor in one step above which a layer leaves FP8 (default 64x).
+        grad_norm_dev_up: on a sampled step, the largest |FP8 grad_x norm / bf16 reference - 1| (10%).
         sqnr_floor_x, sqnr_floor_g: sampled SQNR floors (dB) of x (e4m3) and grad_out (e5m2).
         patience: consecutive healthy observed steps before a layer goes back one level.
         sample_every: steps between two sampled SQNR measurements (0: never).
@@ -76,7 +78,7 @@ class AdaptivePrecision:
 
     def __init__(self, model: nn.Module, *, underflow_up: float = 0.01, grad_underflow_up: float = 0.1,
                  overflow_up: float = 0.05,
-                 growth_up: float = 64.0, sqnr_floor_x: float = 20.0, sqnr_floor_g: float = 14.0,
+                 growth_up: float = 64.0, grad_norm_dev_up: float = 0.1, sqnr_floor_x: float = 20.0, sqnr_floor_g: float = 14.0,
                  patience: int = 100, sample_every: int = 50, observe_every: int = 1):
         if not isinstance(model, fx.GraphModule):
             raise ConfigError(f"AdaptivePrecision needs the module returned by rewriter.convert(..., "
@@ -84,6 +86,7 @@ class AdaptivePrecision:
         self.model = model
         self.thresholds = {"underflow_up": underflow_up, "grad_underflow_up": grad_underflow_up,
                            "overflow_up": overflow_up, "growth_up": growth_up,
+                           "grad_norm_dev_up": grad_norm_dev_up,
                            "sqnr_floor_x": sqnr_floor_x, "sqnr_floor_g": sqnr_floor_g}
         self.patience, self.sample_every = int(patience), int(sample_every)
         self.observe_every = max(int(observe_every), 1)
@@ -218,6 +221,11 @@ class AdaptivePrecision:
                 if -neg < floor:
                     reasons.append(f"sampled {name} SQNR {-neg:.1f} dB < {floor:g} dB")
                 calm &= -neg >= floor + 3
+        dev = row[_I["gnorm_dev"]]
+        if dev > t["grad_norm_dev_up"]:
+            reasons.append(f"sampled FP8 grad_x norm off the bf16 reference by {dev:.1%} (> "
+                           f"{t['grad_norm_dev_up']:.0%})")
+        calm &= dev < t["grad_norm_dev_up"] / 4
         if row[_I["nonfinite"]] > 0:
             reasons.append(f"non-finite values ({row[_I['nonfinite']]:.2%})")
             calm = False

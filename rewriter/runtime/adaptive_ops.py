@@ -24,6 +24,8 @@ Statistics (all cheap reductions over tensors the GEMM reads anyway):
                saturate) plus non-finite values: amax growth within a step;
   *_neg_sqnr   minus the quantization SQNR in dB (so that max-accumulation keeps the worst), computed only
                when state[1] is 1 (the controller sets it every `sample_every` steps);
+  gnorm_dev    on a sampled step of an FP8 layer: | ||grad_x (e5m2 x e4m3)|| / ||grad_x (bf16)|| - 1 |, the
+               gradient-norm ratio against the high-precision reference (one extra GEMM, sampled steps only);
   flops        2*M*N*K of the forwards since the last controller step (it weighs precision shares by it).
 
 Under torch.compile the op is `torch.compiler.disable`d: dynamo breaks the graph around it and never
@@ -39,17 +41,19 @@ import torch.nn.functional as F
 from rewriter.runtime.fp8_ops import FP8_DTYPE
 from rewriter.runtime.fp8_train_ops import GRAD_DTYPE, Fp8LinearTrain, quantize_tensorwise
 
-__all__ = ["FP8", "BF16", "FP32", "PRECISIONS", "SLOTS", "N_STATS", "adaptive_linear_train", "new_buffers"]
+__all__ = ["FP8", "BF16", "FP32", "PRECISIONS", "SLOTS", "ACCUMULATED", "N_STATS", "adaptive_linear_train",
+           "new_buffers"]
 
 FP8, BF16, FP32 = 0, 1, 2
 PRECISIONS = ("fp8", "bf16", "fp32")
 SLOTS = ("x_amax", "w_amax", "g_amax", "x_underflow", "w_underflow", "g_underflow", "x_overflow",
-         "g_overflow", "x_neg_sqnr", "g_neg_sqnr", "x_prev_amax", "g_prev_amax", "flops", "nonfinite")
+         "g_overflow", "x_neg_sqnr", "g_neg_sqnr", "x_prev_amax", "g_prev_amax", "flops", "nonfinite",
+         "gnorm_dev")
 N_STATS = len(SLOTS)
 _I = {name: i for i, name in enumerate(SLOTS)}
 # the accumulated slots (max between controller steps); the others are written by the controller
 ACCUMULATED = ("x_amax", "w_amax", "g_amax", "x_underflow", "w_underflow", "g_underflow", "x_overflow",
-               "g_overflow", "x_neg_sqnr", "g_neg_sqnr", "flops", "nonfinite")
+               "g_overflow", "x_neg_sqnr", "g_neg_sqnr", "flops", "nonfinite", "gnorm_dev")
 
 
 def new_buffers(device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,15 +121,25 @@ class _GradProbe(torch.autograd.Function):
     """Identity on y whose backward observes grad_out (the e5m2 statistics of an FP8 layer)."""
 
     @staticmethod
-    def forward(ctx, y, stats, sample):
+    def forward(ctx, y, stats, sample, weight):
         ctx.stats, ctx.sample = stats, sample
+        ctx.weight = weight.detach() if sample else None
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad):
         with torch.no_grad():
             _observe(grad, GRAD_DTYPE, ctx.stats, "g", ctx.sample)
-        return grad, None, None
+            if ctx.weight is not None:
+                g2d = grad.reshape(-1, grad.shape[-1])
+                ref = g2d.bfloat16() @ ctx.weight.bfloat16()
+                gq, gs = quantize_tensorwise(g2d, GRAD_DTYPE)
+                wq, ws = quantize_tensorwise(ctx.weight)
+                low = (gq.float() * gs) @ (wq.float() * ws)
+                dev = (low.norm() / ref.float().norm().clamp_min(1e-30) - 1).abs()
+                i = _I["gnorm_dev"]
+                ctx.stats[i] = torch.maximum(ctx.stats[i], dev)
+        return grad, None, None, None
 
 
 @torch.compiler.disable
@@ -155,4 +169,4 @@ def adaptive_linear_train(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     else:
         compute = torch.bfloat16 if precision == BF16 else torch.float32
         return _HighPrecisionLinear.apply(x, weight, bias, out_dtype, compute, stats if observe else None, sample)
-    return _GradProbe.apply(y, stats, sample) if observe and y.requires_grad else y
+    return _GradProbe.apply(y, stats, sample, weight) if observe and y.requires_grad else y
