@@ -15,7 +15,7 @@ COLOURS = {"fp8": "#4c9f70", "bf16": "#e0a030", "fp32": "#c0392b"}
 def timeline_svg(timeline: dict, width: int = 900) -> str:
     """SVG text of `timeline` (AdaptivePrecision.timeline())."""
     layers, steps = timeline["layers"], max(int(timeline["steps"]), 1)
-    left, top, row_h, label_w = 160, 40, 28, 0
+    left, top, row_h = 160, 40, 28
     plot_w = width - left - 20
     height = top + row_h * len(layers) + 60
     x = lambda s: left + plot_w * s / steps  # noqa: E731

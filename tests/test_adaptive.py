@@ -1,5 +1,5 @@
-"""Adaptive precision in training (rewriter/adaptive.py, rewriter/runtime/adaptive_ops.py), on CPU (FP8 GEMMs
-emulated: the same quantized numerics as on an FP8 GPU)."""
+"""Adaptive precision in training (rewriter/adaptive.py, rewriter/runtime/adaptive_ops.py; the planted model in
+rewriter/adaptive_demo.py), on CPU (FP8 GEMMs emulated: the same quantized numerics as on an FP8 GPU)."""
 from __future__ import annotations
 
 import json
@@ -9,77 +9,33 @@ import tempfile
 import pytest
 import torch
 import torch.multiprocessing as mp
-import torch.nn as nn
 import torch.nn.functional as F
 
 import rewriter
 from rewriter import meta
 from rewriter.adaptive import AdaptivePrecision
+from rewriter.adaptive_demo import B, D, H, STEPS, Planted, spike, task_batch, train_planted
 from rewriter.errors import ConfigError
 from rewriter.fp8_options import Fp8Options
-from rewriter.runtime import adaptive_ops
 from rewriter.runtime.adaptive_ops import SLOTS, adaptive_linear_train, new_buffers
 from rewriter.runtime.fp8_ops import Fp8EmulationWarning
 from rewriter.runtime.fp8_train_ops import fp8_linear_train
 
 pytestmark = pytest.mark.filterwarnings(f"ignore::{Fp8EmulationWarning.__module__}.Fp8EmulationWarning")
 ALWAYS = Fp8Options.always()
-B, D, H, C = 64, 32, 256, 16
-STEPS = 300
-
-
-class Planted(nn.Module):
-    """x -> fc1 -> relu -> fc2 -> relu -> (+ spike) -> head. `spike` plants an attention-sink-like massive
-    activation: one channel of every 8th row (the sink rows, left out of the loss) grows from 0 to 1e6
-    between 30% and 60% of training. bf16 keeps the other values exactly; FP8's per-tensor scale
-    (amax / 448) flushes them to zero in the head's input. fc1 + fc2 hold 95% of the GEMM FLOPs."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2, self.head = nn.Linear(D, H), nn.Linear(H, H), nn.Linear(H, C)
-
-    def forward(self, x, spike):
-        return self.head(F.relu(self.fc2(F.relu(self.fc1(x)))) + spike)
-
-
-TEACHER = torch.randn(D, C, generator=torch.Generator().manual_seed(0))
 
 
 def _task(n, gen):
-    x = torch.randn(n, D, generator=gen)
-    return x, (x @ TEACHER).argmax(1)
+    return task_batch(n, gen)
 
 
 def _spike(step, planted, n=B):
-    s = torch.zeros(n, H)
-    if planted:
-        t = min(max((step - STEPS * 0.3) / (STEPS * 0.3), 0.0), 1.0)
-        s[torch.arange(n) % 8 == 0, 0] = 10 ** (6 * t)
-    return s
+    return spike(step, planted, n)
 
 
-def _train(precision, planted, adaptive, seed=0, steps=STEPS, ctl_kwargs=None):
+def _train(precision, planted, adaptive, seed=0):
     """(eval loss on 2048 fresh rows, controller or None)."""
-    torch.manual_seed(seed)
-    gm = rewriter.convert(Planted(), (torch.randn(B, D), torch.zeros(B, H)), precision=precision, mode="train",
-                          fp8=ALWAYS)
-    ctl = AdaptivePrecision(gm, patience=20, **(ctl_kwargs or {})) if adaptive else None
-    opt = torch.optim.AdamW(gm.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(seed + 1)
-    keep = torch.arange(B) % 8 != 0
-    for step in range(steps):
-        x, y = _task(B, gen)
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(gm(x, _spike(step, planted)).float()[keep], y[keep]).backward()
-        opt.step()
-        if ctl is not None:
-            ctl.step()
-    xe, ye = _task(2048, torch.Generator().manual_seed(99))
-    keep = torch.arange(2048) % 8 != 0
-    gm.eval()
-    with torch.no_grad():
-        loss = F.cross_entropy(gm(xe, _spike(steps, planted, 2048)).float()[keep], ye[keep]).item()
-    return loss, ctl
+    return train_planted(precision, planted=planted, adaptive=adaptive, seed=seed)
 
 
 @pytest.fixture(autouse=True)
