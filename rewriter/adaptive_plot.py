@@ -33,7 +33,9 @@ def timeline_svg(timeline: dict, width: int = 900) -> str:
             if ev["layer"] == name:
                 title = html.escape(f'step {ev["step"]}: {ev["from"]} -> {ev["to"]}: {ev["reason"]}')
                 out.append(f'<line x1="{x(ev["step"]):.1f}" x2="{x(ev["step"]):.1f}" y1="{y}" y2="{y + row_h}" '
-                           f'stroke="black" stroke-width="2"><title>{title}</title></line>')
+                           f'stroke="black" stroke-width="2"><title>{title}</title></line>'
+                           f'<text x="{x(ev["step"]) + 3:.1f}" y="{y + 17}" font-size="10">'
+                           f'{ev["step"]}: {ev["to"]}<title>{title}</title></text>')
     y = top + row_h * len(layers) + 20
     for k, (p, c) in enumerate(COLOURS.items()):
         out.append(f'<rect x="{left + 90 * k}" y="{y}" width="14" height="14" fill="{c}"/>'
