@@ -281,3 +281,16 @@ def test_ddp_ranks_make_the_same_switches():
     assert events[0] == events[1]
     assert [e[:3] for e in events[0]] == [(2, "head", "bf16"), (7, "head", "fp8")]
     assert timelines[0]["segments"] == timelines[1]["segments"]
+
+
+def test_demo_module_writes_losses_timeline_and_picture(tmp_path, capsys):
+    from rewriter import adaptive_demo
+
+    out, pic = tmp_path / "demo.json", tmp_path / "precision.svg"
+    assert adaptive_demo.main(["--steps", "100", "--out", str(out), "--picture", str(pic)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["loss"]) == {"bf16", "fp8", "adaptive"}
+    assert [e["layer"] for e in result["timeline"]["events"]] == ["head"]
+    svg = pic.read_text()
+    assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>") and ": bf16" in svg
+    assert "head fp8 -> bf16" in capsys.readouterr().out
