@@ -294,3 +294,15 @@ def test_demo_module_writes_losses_timeline_and_picture(tmp_path, capsys):
     svg = pic.read_text()
     assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>") and ": bf16" in svg
     assert "head fp8 -> bf16" in capsys.readouterr().out
+
+
+def test_bench_train_adaptive_variant_runs_beside_static_fp8(tmp_path):
+    from tools import bench_train
+
+    out = tmp_path / "bench.json"
+    assert bench_train.main(["--device", "cpu", "--small", "--models", "llama_mlp", "--variants", "rewriter fp8",
+                             "--adaptive", "--fp8-always", "--curve-steps", "3", "--out", str(out)]) == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["results"][0]["rows"]}
+    assert {"rewriter fp8", "rewriter fp8 adaptive"} <= set(rows)
+    # no switch on a healthy model: the adaptive run's loss curve is static FP8's
+    assert rows["rewriter fp8 adaptive"]["losses"] == pytest.approx(rows["rewriter fp8"]["losses"], rel=1e-5)
