@@ -139,7 +139,7 @@ def _compiled(v: Variant) -> Variant:
 
 
 def _make_step(v: Variant, model: nn.Module, example: tuple, device: torch.device,
-               lr: float, fp8_always: bool = False) -> tuple[Callable, dict]:
+               lr: float, fp8_always: bool = False, observe_every: int = 1) -> tuple[Callable, dict]:
     """step(batch) -> loss tensor, and what was built (conversion time, scaler, FP8 GEMMs)."""
     info: dict = {}
     short = "fp8" if v.fp8 else {torch.float16: "fp16", torch.bfloat16: "bf16", None: "fp32"}[v.dtype]
@@ -153,7 +153,7 @@ def _make_step(v: Variant, model: nn.Module, example: tuple, device: torch.devic
         if v.fp8:
             records = [meta.get(n, meta.FP8) for n in model.graph.nodes if meta.get(n, meta.FP8)]
             info["fp8_gemms"] = f"{sum(r['use'] for r in records)}/{len(records)}"
-    controller = rewriter.AdaptivePrecision(model) if v.adaptive else None
+    controller = rewriter.AdaptivePrecision(model, observe_every=observe_every) if v.adaptive else None
     run = torch.compile(model) if v.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda")
     if v.kind == "autocast" and v.dtype == torch.float16:
@@ -229,7 +229,8 @@ def bench_model(name: str, args, variants: list[Variant]) -> dict:
             # each variant trains its own copy from the same initial weights
             model = copy.deepcopy(base)
             model.load_state_dict(init)
-            step, info = _make_step(v, model, batches[0], device, args.lr, args.fp8_always)
+            step, info = _make_step(v, model, batches[0], device, args.lr, args.fp8_always,
+                                    getattr(args, "observe_every", 1))
             losses = []
             for s in range(args.curve_steps):  # the loss curve: same batches, same dropout masks
                 torch.manual_seed(args.seed + s)
@@ -340,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adaptive", action="store_true",
                         help="add 'rewriter fp8 adaptive' (AdaptivePrecision: statistics + per-layer switch), "
                              "compiled too with --compile; compare it with 'rewriter fp8' for the overhead")
+    parser.add_argument("--observe-every", type=int, default=1, metavar="K",
+                        help="the adaptive variant observes one step in K (AdaptivePrecision(observe_every=K))")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also print the N kernels that take the most time in one step of each variant")
