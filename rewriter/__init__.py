@@ -29,7 +29,7 @@ from rewriter.training import TrainEvalGraphModule
 
 __version__ = "0.1.0"
 
-__all__ = ["convert", "diff", "save", "load", "export_onnx", "ort_session", "optimize", "graph_module_of",
+__all__ = ["AdaptivePrecision", "convert", "diff", "save", "load", "export_onnx", "ort_session", "optimize", "graph_module_of",
            "make_scaler", "ConvertConfig", "Fp8Options", "BackendOptions", "Precision", "Mode", "Override",
            "TrainEvalGraphModule", "RewriterError", "ConfigError", "CaptureError", "InputError", "PassError",
            "BackendError", "__version__"]
@@ -38,6 +38,7 @@ __all__ = ["convert", "diff", "save", "load", "export_onnx", "ort_session", "opt
 # (and `rewrite --help`) should not pay for. name -> module that defines it.
 _LAZY = {
     "export_onnx": "rewriter.backends.onnx",
+    "AdaptivePrecision": "rewriter.adaptive",
     "ort_session": "rewriter.backends.onnx",
 }
 

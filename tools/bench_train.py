@@ -117,6 +117,7 @@ class Variant:
     tf32: bool = False
     compile: bool = False
     fp8: bool = False            # ours with precision="fp8" (bf16 islands, FP8 training GEMMs)
+    adaptive: bool = False       # fp8 + rewriter.AdaptivePrecision (per-layer statistics and switch)
 
 
 VARIANTS = [
@@ -130,12 +131,15 @@ VARIANTS = [
 ]
 
 
+ADAPTIVE = Variant("rewriter fp8 adaptive", "ours", torch.bfloat16, fp8=True, adaptive=True)
+
+
 def _compiled(v: Variant) -> Variant:
     return dataclasses.replace(v, name=v.name + " + compile", compile=True)
 
 
 def _make_step(v: Variant, model: nn.Module, example: tuple, device: torch.device,
-               lr: float, fp8_always: bool = False) -> tuple[Callable, dict]:
+               lr: float, fp8_always: bool = False, observe_every: int = 1) -> tuple[Callable, dict]:
     """step(batch) -> loss tensor, and what was built (conversion time, scaler, FP8 GEMMs)."""
     info: dict = {}
     short = "fp8" if v.fp8 else {torch.float16: "fp16", torch.bfloat16: "bf16", None: "fp32"}[v.dtype]
@@ -149,6 +153,7 @@ def _make_step(v: Variant, model: nn.Module, example: tuple, device: torch.devic
         if v.fp8:
             records = [meta.get(n, meta.FP8) for n in model.graph.nodes if meta.get(n, meta.FP8)]
             info["fp8_gemms"] = f"{sum(r['use'] for r in records)}/{len(records)}"
+    controller = rewriter.AdaptivePrecision(model, observe_every=observe_every) if v.adaptive else None
     run = torch.compile(model) if v.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda")
     if v.kind == "autocast" and v.dtype == torch.float16:
@@ -176,6 +181,8 @@ def _make_step(v: Variant, model: nn.Module, example: tuple, device: torch.devic
         else:
             loss.backward()
             opt.step()
+        if controller is not None:
+            controller.step()
         return loss
 
     info["model"] = model
@@ -222,7 +229,8 @@ def bench_model(name: str, args, variants: list[Variant]) -> dict:
             # each variant trains its own copy from the same initial weights
             model = copy.deepcopy(base)
             model.load_state_dict(init)
-            step, info = _make_step(v, model, batches[0], device, args.lr, args.fp8_always)
+            step, info = _make_step(v, model, batches[0], device, args.lr, args.fp8_always,
+                                    getattr(args, "observe_every", 1))
             losses = []
             for s in range(args.curve_steps):  # the loss curve: same batches, same dropout masks
                 torch.manual_seed(args.seed + s)
@@ -330,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="add torch.compile'd autocast and ours")
     parser.add_argument("--fp8-always", action="store_true",
                         help="rewriter fp8: every eligible GEMM in FP8, whatever the cost model estimates")
+    parser.add_argument("--adaptive", action="store_true",
+                        help="add 'rewriter fp8 adaptive' (AdaptivePrecision: statistics + per-layer switch), "
+                             "compiled too with --compile; compare it with 'rewriter fp8' for the overhead")
+    parser.add_argument("--observe-every", type=int, default=1, metavar="K",
+                        help="the adaptive variant observes one step in K (AdaptivePrecision(observe_every=K))")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also print the N kernels that take the most time in one step of each variant")
@@ -342,9 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         args.curve_steps = 5
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here; use --device cpu --small for a smoke run")
-    variants = list(VARIANTS)
+    variants = list(VARIANTS) + ([ADAPTIVE] if args.adaptive else [])
     if args.compile:
-        variants += [_compiled(v) for v in VARIANTS if v.kind != "eager"]
+        variants += [_compiled(v) for v in variants if v.kind != "eager"]
     if args.variants:
         keep = [k.strip() for k in args.variants.split(",") if k.strip()]
         variants = [v for v in variants if v.name == "fp32" or any(k in v.name for k in keep)]
