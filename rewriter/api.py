@@ -45,5 +45,5 @@ def convert(model: nn.Module, example_inputs: Any = None, example_kwargs: dict |
         return convert_for_generation(model, built, max_cache_len, say=say, kv_cache=kv_cache,
                                       example_inputs=example_inputs, example_kwargs=example_kwargs)
     return convert_graph(model, example_inputs, example_kwargs, calibration=calibration, progress=progress,
-                         config=config, **options)
+                         config=built)  # validated once, above
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import onnx
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import rewriter
+from tests.helpers import rel_l2
 from rewriter import meta
 from rewriter.backends.onnx import export_onnx, ort_session
 from rewriter.backends.onnx.fusion import fusion_recipe
@@ -31,11 +31,6 @@ class _ConvNet(nn.Module):
         y = F.max_pool2d(torch.relu(self.bn(self.conv1(x))), 2)
         y = torch.relu(self.conv2(y)) + y
         return self.fc(F.adaptive_avg_pool2d(y, 1).flatten(1))
-
-
-def _rel_l2(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
 def test_bf16_conv_model_for_cpu_ep_loads_and_runs(tmp_path):
@@ -61,7 +56,7 @@ def test_bf16_conv_model_for_cpu_ep_loads_and_runs(tmp_path):
         (got,) = session(batch)
         with torch.no_grad():
             want = model(batch).numpy()
-        assert _rel_l2(got, want) <= BF16_TOLERANCE
+        assert rel_l2(want, got) <= BF16_TOLERANCE
 
 
 def test_fallback_error_names_node_and_the_ep_with_the_kernel(tmp_path):
