@@ -202,7 +202,11 @@ def _mark_bodies(gm: fx.GraphModule) -> int:
     """Markers at the start and the end of every wrap_with_autocast body (recursively); their count."""
     hop, count = _hop(), 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not hop:
+        if node.op != "call_function":
+            continue
+        if node.target is not hop:  # another region op (torch.no_grad: wrap_with_set_grad_enabled,
+            for body in _bodies(gm, node):  # e.g. HF rotary embeddings): its body may hold regions
+                count += _mark_bodies(body)
             continue
         device, dtype, enabled = node.args[0], node.args[1], bool(node.args[2])
         body_node = node.args[4]
@@ -229,6 +233,17 @@ def _mark_bodies(gm: fx.GraphModule) -> int:
         body.recompile()
         count += 1 + _mark_bodies(body)
     return count
+
+
+def _bodies(gm: fx.GraphModule, node: fx.Node) -> list[fx.GraphModule]:
+    """The graph modules a higher-order op node calls (its get_attr arguments)."""
+    found = []
+    for arg in node.args:
+        if isinstance(arg, fx.Node) and arg.op == "get_attr":
+            body = getattr(gm, arg.target, None)
+            if isinstance(body, fx.GraphModule):
+                found.append(body)
+    return found
 
 
 def _unmark(gm: fx.GraphModule) -> None:

@@ -241,3 +241,43 @@ def test_any_transformers_maybe_autocast_is_seen(monkeypatch):
     matmuls = [n for n in gm.graph.nodes if n.op == "call_function" and "matmul" in str(n.target)
                and meta.get(n, meta.AUTOCAST)]
     assert matmuls and all(meta.get(n, meta.DECISION)["dtype"] == "float32" for n in matmuls)
+
+
+class _NoGradRotary(nn.Module):
+    """transformers 5.17's Llama rotary embedding in miniature: `@torch.no_grad()` on the forward
+    (export makes it a wrap_with_set_grad_enabled op) around the autocast-off matmul."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("inv", 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16)))
+
+    @torch.no_grad()
+    def forward(self, x, pos):
+        with torch.autocast("cpu", enabled=False):
+            freqs = (self.inv[:, None] @ pos[None, :]).t()
+        return x * freqs.cos().sum(-1, keepdim=True)
+
+
+class _WithNoGradRotary(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rotary, self.proj = _NoGradRotary(), nn.Linear(8, 8)
+
+    def forward(self, x, pos):
+        return self.rotary(self.proj(x), pos)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_a_region_inside_a_no_grad_forward_is_kept(precision):
+    """The region sits in the body of torch.no_grad's op, not at the top of the program: it is still
+    found (this was lost on transformers 5.17, whose Llama error was 6x autocast's on the H200)."""
+    model = _WithNoGradRotary().eval()
+    x, pos = torch.randn(2048, 8), torch.arange(2048).float()
+    fast = rewriter.convert(model, (x, pos), precision=precision)
+    regions = autocast_regions.regions_of(fast)
+    assert [r["module"] for r in regions] == ["rotary"] and not regions[0]["enabled"]
+    (matmul,) = _decisions(fast, "matmul")
+    assert matmul["dtype"] == "float32" and matmul["rule"] == "autocast-region"
+    with torch.no_grad():
+        ref = model(x, pos)
+        assert rel_l2(fast(x, pos), ref) <= 1.5 * rel_l2(_autocast(model, (x, pos), precision), ref) + 1e-6
