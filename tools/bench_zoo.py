@@ -11,14 +11,19 @@ goes on.
     python -m tools.bench_zoo --device cuda --dtypes bf16 --modes eager,compile --models swin_t,llama6 --out z.json
     python -m tools.bench_zoo --device cpu --models tiny_mlp --repeats 2      # smoke test
 
+On a machine with many cores, run several processes on disjoint --models lists with one --lock file: each
+converts and compiles while another times, and only the holder of the lock times (timings never overlap).
+
 Columns of the summary: x_autocast = autocast ms / ours ms (same dtype, same mode), err_ratio = our error /
 autocast's error.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
+import fcntl
 import gc
 import json
 import platform
@@ -114,13 +119,33 @@ def _to(value, device):
     return torch.utils._pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, value)
 
 
+def _cast_floats(value, dtype):
+    return torch.utils._pytree.tree_map(
+        lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, value)
+
+
 def _strict_fp32():
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
 
 
+@contextlib.contextmanager
+def _exclusive(lock: str | None):
+    """Hold `lock` (a file) while timing, so processes sharing the GPU never time at the same moment."""
+    if not lock:
+        yield
+        return
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def run_model(name: str, device: torch.device, dtypes: list[str], modes: list[str], repeats: int,
-              warmup: int) -> list[dict]:
+              warmup: int, static: bool = False, lock: str | None = None,
+              compile_dtypes: list[str] | None = None) -> list[dict]:
     """Rows (one per dtype and mode) for one zoo entry."""
     model, args, kwargs = build(name)
     model = model.to(device)
@@ -138,26 +163,29 @@ def run_model(name: str, device: torch.device, dtypes: list[str], modes: list[st
 
         variants["autocast"] = autocast_call
         start = time.perf_counter()
-        ours = rewriter.convert(model, args, kwargs, precision=dname)
+        ours = rewriter.convert(model, args, kwargs, precision=dname, static=static)
         convert_s = time.perf_counter() - start
         variants["ours"] = lambda g=ours: g(*args, **kwargs)
-        if "compile" in modes:
+        dtype_modes = [m for m in modes if m == "eager" or compile_dtypes is None or dname in compile_dtypes]
+        if "compile" in dtype_modes:
             compiled_auto = torch.compile(autocast_call)
             blanket = torch.compile(copy.deepcopy(model).to(dtype))
-            ours_c = rewriter.convert(model, args, kwargs, precision=dname, backend="compile")
+            ours_c = rewriter.convert(model, args, kwargs, precision=dname, backend="compile", static=static)
             variants["autocast+compile"] = compiled_auto
-            variants["compile(model.to)"] = lambda g=blanket: g(*args, **kwargs)
+            low_args, low_kwargs = _cast_floats((args, kwargs), dtype)  # a blanket cast takes 16-bit inputs
+            variants["compile(model.to)"] = lambda g=blanket: g(*low_args, **low_kwargs)
             variants["ours+compile"] = lambda g=ours_c: g(*args, **kwargs)
         errors = {}
         with torch.no_grad():
             for key, fn in variants.items():
-                errors[key] = measure.compare(reference, fn())
-        times = measure.round_robin(variants, device=device, warmup=warmup, repeats=repeats)
-        for mode in modes:
+                errors[key] = measure.compare(reference, fn())  # also the first (compiling) call
+        with _exclusive(lock):
+            times = measure.round_robin(variants, device=device, warmup=warmup, repeats=repeats)
+        for mode in dtype_modes:
             pair = ("autocast", "ours") if mode == "eager" else ("autocast+compile", "ours+compile")
             base, mine = times[pair[0]].median_ms, times[pair[1]].median_ms
             err_a, err_o = errors[pair[0]].rel_l2, errors[pair[1]].rel_l2
-            row = {"model": name, "dtype": dname, "mode": mode, "convert_s": round(convert_s, 2),
+            row = {"model": name, "dtype": dname, "mode": mode, "static": static, "convert_s": round(convert_s, 2),
                    "ms": {k: round(t.median_ms, 4) for k, t in times.items()},
                    "err": {k: e.rel_l2 for k, e in errors.items()},
                    "x_autocast": round(base / mine, 3),
@@ -182,7 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="eager", help="eager and/or compile, comma-separated")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--out", help="JSON file for every row")
+    parser.add_argument("--compile-dtypes", default=None,
+                        help="dtypes the compile mode runs (default: every --dtypes), e.g. bf16")
+    parser.add_argument("--static", action="store_true", help="convert with static=True (fixed input shapes)")
+    parser.add_argument("--lock", default=None, help="a file held while timing (several processes, one GPU)")
+    parser.add_argument("--out", help="JSON file for every row (rewritten after each model)")
     args = parser.parse_args(argv)
     names = [m for m in args.models.split(",") if m]
     unknown = [m for m in names if m not in MODELS]
@@ -191,21 +223,22 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     _strict_fp32()
     rows, failures = [], []
-    for name in names:
-        try:
-            rows += run_model(name, device, args.dtypes.split(","), args.modes.split(","), args.repeats,
-                              args.warmup)
-        except Exception as exc:  # one architecture's failure is a row, not the end of the run
-            failures.append({"model": name, "error": f"{type(exc).__name__}: {exc}"[:2000],
-                             "trace": traceback.format_exc()[-3000:]})
-            print(f"{name:22s} FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
     record = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
               "torch": torch.__version__, "date": datetime.date.today().isoformat(),
               "command": " ".join(["python -m tools.bench_zoo", *(argv if argv is not None else sys.argv[1:])]),
               "rows": rows, "failures": failures}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(record, f, indent=1)
+    compile_dtypes = args.compile_dtypes.split(",") if args.compile_dtypes else None
+    for name in names:
+        try:
+            rows += run_model(name, device, args.dtypes.split(","), args.modes.split(","), args.repeats,
+                              args.warmup, static=args.static, lock=args.lock, compile_dtypes=compile_dtypes)
+        except Exception as exc:  # one architecture's failure is a row, not the end of the run
+            failures.append({"model": name, "error": f"{type(exc).__name__}: {exc}"[:2000],
+                             "trace": traceback.format_exc()[-3000:]})
+            print(f"{name:22s} FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+        if args.out:  # after every model: a run cut short keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump(record, f, indent=1)
     slow = [r for r in rows if r["x_autocast"] < 1.0]
     print(f"{len(rows)} rows, {len(failures)} failures, {len(slow)} rows slower than autocast")
     return 0
