@@ -46,6 +46,7 @@ DataParallel/DistributedDataParallel wrappers. Wrappers are not picklable: save 
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import sys
 from typing import Any
@@ -53,6 +54,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.fx._pytree as fx_pytree
 from torch.utils import _pytree as pytree
 
 from rewriter import meta
@@ -263,8 +265,9 @@ class CompiledModule(TorchBackendModule):
             kwargs["mode"] = compile_mode
         if options:
             kwargs["options"] = dict(options)
-        # Kept out of the module tree: the compiled object wraps the same GraphModule.
-        self.__dict__["_compiled"] = torch.compile(gm, **kwargs)
+        # Kept out of the module tree: the compiled object wraps the same GraphModule (its flat twin).
+        flat, self.__dict__["_specs"] = _flat_graph(gm)
+        self.__dict__["_compiled"] = torch.compile(flat, **kwargs)
 
     def forward(self, *args, **kwargs):
         if self._mark_batch:
@@ -276,7 +279,17 @@ class CompiledModule(TorchBackendModule):
         if self._overwrites:
             torch.compiler.cudagraph_mark_step_begin()
         try:
-            out = self._compiled(*args, **kwargs)
+            if self._specs is None:
+                out = self._compiled(*args, **kwargs)
+            else:
+                in_spec, out_spec = self._specs
+                args, kwargs = _pre_hooks(self.graph_module, args, kwargs)  # input checks, call binding
+                flat_in = fx_pytree.tree_flatten_spec((args, kwargs), in_spec)
+                guards = getattr(self.graph_module, "_guards_fn", None)
+                if guards is not None:
+                    guards(*flat_in)
+                flat_out = self._compiled(*flat_in)
+                out = pytree.tree_unflatten(list(flat_out), out_spec)
         except Exception as exc:
             if _is_dynamo_failure(exc):
                 raise BackendError(
@@ -288,6 +301,42 @@ class CompiledModule(TorchBackendModule):
         if self._clone:
             out = pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, out)
         return out
+
+
+def _flat_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, tuple | None]:
+    """A twin of `gm` that takes and returns flat tensors, and the (in, out) specs to (un)flatten around it.
+
+    torch.compile traces what forward runs, the pytree (un)flattening of the call signature included:
+    an output class registered by a library (transformers' ModelOutput unflattens through an importlib
+    call dynamo refuses: "Attempted to call function marked as skipped") would break the compile. The
+    twin shares gm's parameters and buffers; the (un)flattening and the input checks (`_guards_fn`)
+    stay in Python, outside the compile.
+    """
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    if info is None or info.in_spec is None or info.out_spec is None:
+        return gm, None
+    graph = copy.deepcopy(gm.graph)
+    graph._codegen = fx.graph.CodeGen()
+    for node in [n for n in graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
+        graph.erase_node(node)  # the input checks run in Python before the call (an InputError, not a
+        # graph break inside the compiled code)
+    flat = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    flat.meta = gm.meta
+    return flat, (info.in_spec, info.out_spec)
+
+
+def _pre_hooks(gm: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Run gm's forward pre-hooks as calling gm would (the flat twin has none of them)."""
+    for key, hook in gm._forward_pre_hooks.items():
+        if key in gm._forward_pre_hooks_with_kwargs:
+            result = hook(gm, args, kwargs)
+            if result is not None:
+                args, kwargs = result
+        else:
+            result = hook(gm, args)
+            if result is not None:
+                args = result if isinstance(result, tuple) else (result,)
+    return args, kwargs
 
 
 def _is_dynamo_failure(exc: BaseException) -> bool:
