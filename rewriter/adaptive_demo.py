@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 
 import torch
 import torch.nn as nn
@@ -127,8 +128,8 @@ def run_demo(precision: str = "fp8", steps: int = STEPS, seed: int = 0) -> dict:
 
 def timeline_text(timeline: dict, width: int = 80) -> list[str]:
     """The timeline as terminal lines no wider than `width`: one bar per layer (a character per bucket of
-    steps: 8 fp8, h fp16, b bf16, F fp32, the highest precision of the bucket), then one line per switch
-    (its reason cut to fit)."""
+    steps: 8 fp8, h fp16, b bf16, F fp32, the highest precision of the bucket), then each switch with its
+    reason, wrapped."""
     layers, steps = timeline["layers"], max(int(timeline["steps"]), 1)
     name_w = min(max((len(n) for n in layers), default=4), 16)
     bar_w = max(min(width - name_w - 3, steps), 1)
@@ -146,9 +147,8 @@ def timeline_text(timeline: dict, width: int = 80) -> list[str]:
     kinds = [timeline.get("kind", "fp8"), "bf16", "fp32"]
     lines.append(f"{'':{name_w}}  {', '.join(f'{_SYMBOL[k]} {k}' for k in kinds)}"[:width])
     for ev in timeline["events"]:
-        head = f"step {ev['step']}: {ev['layer']} {ev['from']} -> {ev['to']}: "
-        reason = ev["reason"]
-        lines.append(head + (reason if len(head) + len(reason) <= width else reason[:width - len(head) - 3] + "..."))
+        text = f"step {ev['step']}: {ev['layer']} {ev['from']} -> {ev['to']}: {ev['reason']}"
+        lines += textwrap.wrap(text, width, subsequent_indent="    ", break_on_hyphens=False)
     return lines
 
 

@@ -5,12 +5,12 @@ beside the target, then renamed).
 """
 from __future__ import annotations
 
-import contextlib
 import html
 import os
-import tempfile
 
-__all__ = ["write_picture", "timeline_svg"]
+from rewriter.files import atomic_write
+
+__all__ = ["write_picture", "picture_path", "timeline_svg"]
 
 COLOURS = {"fp8": "#4c9f70", "fp16": "#3b7dd8", "bf16": "#e0a030", "fp32": "#c0392b"}
 
@@ -55,8 +55,20 @@ def timeline_svg(timeline: dict, width: int = 900) -> str:
     return "\n".join(out) + "\n"
 
 
+def picture_path(path: str) -> str:
+    """The file `write_picture(..., path)` writes: `path`, or its .svg sibling for a .png without matplotlib."""
+    root, ext = os.path.splitext(path)
+    if ext.lower() == ".png":
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            return root + ".svg"
+    return path
+
+
 def write_picture(timeline: dict, path: str) -> str:
-    """Write `timeline` to `path` (.png with matplotlib when available, else .svg). Returns the path written."""
+    """Write `timeline` to `path` (.png with matplotlib when available, else .svg), atomically, replacing an
+    existing file. Returns the path written."""
     root, ext = os.path.splitext(path)
     if ext.lower() == ".png":
         try:
@@ -77,27 +89,10 @@ def write_picture(timeline: dict, path: str) -> str:
             ax.set_yticks(range(len(layers)), layers)
             ax.set_xlabel("step")
             fig.tight_layout()
-            with _atomic(path, "wb") as f:
-                fig.savefig(f, format="png")
+            with atomic_write(path, force=True, what="picture") as tmp:
+                fig.savefig(tmp, format="png")
             plt.close(fig)
             return path
-    with _atomic(path, "w") as f:
-        f.write(timeline_svg(timeline))
+    with atomic_write(path, force=True, what="picture") as tmp:
+        tmp.write_text(timeline_svg(timeline), encoding="utf-8")
     return path
-
-
-@contextlib.contextmanager
-def _atomic(path: str, mode: str):
-    """A file object on a temporary file beside `path`, moved onto `path` once written (a reader never sees
-    half a picture; an error leaves `path` as it was)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".precision-", suffix=os.path.splitext(path)[1], dir=folder)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the picture private
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
