@@ -164,3 +164,27 @@ def test_reverse_task_in_fp16_makes_no_switch_and_matches_plain_fp16():
     assert len(ctl.layers) >= 2 and ctl.timeline()["events"] == [], ctl.timeline()["events"]
     assert skipped[False] and skipped[True] == skipped[False]  # the probing overflows (steps 23, 29) stay
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_gpt2_conv1d_addmm_and_tied_head_are_layers_with_plain_fp16_numerics():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0, eos_token_id=0, bos_token_id=0)
+    model = GPT2LMHeadModel(cfg).train()
+    ids = torch.randint(0, 64, (2, 16))
+    plain = rewriter.convert(model, (ids,), precision="fp16", mode="train")
+    gm = rewriter.convert(model, (ids,), precision="fp16", mode="train")
+    ctl = AdaptivePrecision(gm)
+    assert ctl.layers == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",
+                          "transformer.h.0.mlp.c_proj", "lm_head"]
+    nk = [n.args[3] for n in gm.graph.nodes if n.target is adaptive_linear_fp16]
+    assert nk == [False] * 4 + [True]  # Conv1D's [K, N] weights, the head's [N, K] (tied to wte)
+    out_plain, out = plain(ids), gm(ids)
+    logits_plain, logits = (o[0] if isinstance(o, tuple) else o.logits for o in (out_plain, out))
+    assert torch.equal(logits, logits_plain)
+    logits_plain.float().sum().backward()
+    logits.float().sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), gm.parameters()):
+        assert torch.equal(p.grad, q.grad), name
