@@ -1,15 +1,23 @@
 """The picture of an adaptive-precision timeline (rewriter/adaptive.py): one row per layer, one colour per
 precision along the steps, a marker and a label at each switch. PNG through matplotlib when it is
-installed and asked for, else a small self-written SVG (no dependency).
+installed and asked for, else a small self-written SVG (no dependency). Written atomically (a temporary file
+beside the target, then renamed).
 """
 from __future__ import annotations
 
 import html
 import os
 
-__all__ = ["write_picture", "timeline_svg"]
+from rewriter.files import atomic_write
 
-COLOURS = {"fp8": "#4c9f70", "bf16": "#e0a030", "fp32": "#c0392b"}
+__all__ = ["write_picture", "picture_path", "timeline_svg"]
+
+COLOURS = {"fp8": "#4c9f70", "fp16": "#3b7dd8", "bf16": "#e0a030", "fp32": "#c0392b"}
+
+
+def _legend(timeline: dict) -> list[str]:
+    """The precisions this timeline can hold: its low precision (fp8 or fp16), bf16, fp32."""
+    return [timeline.get("kind", "fp8"), "bf16", "fp32"]
 
 
 def timeline_svg(timeline: dict, width: int = 900) -> str:
@@ -22,7 +30,8 @@ def timeline_svg(timeline: dict, width: int = 900) -> str:
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
            f'font-family="sans-serif" font-size="12">',
            f'<text x="{left}" y="20" font-size="14">per-layer precision over {steps} steps '
-           f'(FP8 share of GEMM FLOPs {timeline["fp8_flop_fraction"]:.1%})</text>']
+           f'({timeline.get("kind", "fp8").upper()} share of GEMM FLOPs '
+           f'{timeline.get("low_flop_fraction", timeline.get("fp8_flop_fraction", 1.0)):.1%})</text>']
     for r, name in enumerate(layers):
         y = top + r * row_h
         out.append(f'<text x="{left - 6}" y="{y + 17}" text-anchor="end">{html.escape(name)}</text>')
@@ -37,7 +46,8 @@ def timeline_svg(timeline: dict, width: int = 900) -> str:
                            f'<text x="{x(ev["step"]) + 3:.1f}" y="{y + 17}" font-size="10">'
                            f'{ev["step"]}: {ev["to"]}<title>{title}</title></text>')
     y = top + row_h * len(layers) + 20
-    for k, (p, c) in enumerate(COLOURS.items()):
+    for k, p in enumerate(_legend(timeline)):
+        c = COLOURS[p]
         out.append(f'<rect x="{left + 90 * k}" y="{y}" width="14" height="14" fill="{c}"/>'
                    f'<text x="{left + 90 * k + 18}" y="{y + 12}">{p}</text>')
     out.append(f'<text x="{left}" y="{y + 34}">steps 0 .. {steps}; black lines: switches (hover for the '
@@ -45,8 +55,20 @@ def timeline_svg(timeline: dict, width: int = 900) -> str:
     return "\n".join(out) + "\n"
 
 
+def picture_path(path: str) -> str:
+    """The file `write_picture(..., path)` writes: `path`, or its .svg sibling for a .png without matplotlib."""
+    root, ext = os.path.splitext(path)
+    if ext.lower() == ".png":
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            return root + ".svg"
+    return path
+
+
 def write_picture(timeline: dict, path: str) -> str:
-    """Write `timeline` to `path` (.png with matplotlib when available, else .svg). Returns the path written."""
+    """Write `timeline` to `path` (.png with matplotlib when available, else .svg), atomically, replacing an
+    existing file. Returns the path written."""
     root, ext = os.path.splitext(path)
     if ext.lower() == ".png":
         try:
@@ -67,9 +89,10 @@ def write_picture(timeline: dict, path: str) -> str:
             ax.set_yticks(range(len(layers)), layers)
             ax.set_xlabel("step")
             fig.tight_layout()
-            fig.savefig(path)
+            with atomic_write(path, force=True, what="picture") as tmp:
+                fig.savefig(tmp, format="png")
             plt.close(fig)
             return path
-    with open(path, "w") as f:
-        f.write(timeline_svg(timeline))
+    with atomic_write(path, force=True, what="picture") as tmp:
+        tmp.write_text(timeline_svg(timeline), encoding="utf-8")
     return path

@@ -306,3 +306,20 @@ def test_bench_train_adaptive_variant_runs_beside_static_fp8(tmp_path):
     assert {"rewriter fp8", "rewriter fp8 adaptive"} <= set(rows)
     # no switch on a healthy model: the adaptive run's loss curve is static FP8's
     assert rows["rewriter fp8 adaptive"]["losses"] == pytest.approx(rows["rewriter fp8"]["losses"], rel=1e-5)
+
+
+def test_bench_train_times_several_observe_intervals_and_reports_the_overhead(tmp_path):
+    from tools import bench_train
+
+    out = tmp_path / "bench.json"
+    assert bench_train.main(["--device", "cpu", "--small", "--models", "llama_mlp", "--variants", "rewriter fp8",
+                             "--adaptive", "--observe-every", "1,4", "--fp8-always", "--curve-steps", "2",
+                             "--out", str(out)]) == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["results"][0]["rows"]}
+    assert {"rewriter fp8 adaptive", "rewriter fp8 adaptive 1/4"} <= set(rows)
+    for name in ("rewriter fp8 adaptive", "rewriter fp8 adaptive 1/4"):
+        want = rows[name]["step_ms"] / rows["rewriter fp8"]["step_ms"] - 1
+        assert rows[name]["overhead_vs_static_fp8"] == pytest.approx(want)
+    assert "overhead_vs_static_fp8" not in rows["rewriter fp8"]
+    with pytest.raises(SystemExit, match="whole numbers"):
+        bench_train.main(["--device", "cpu", "--small", "--adaptive", "--observe-every", "0"])

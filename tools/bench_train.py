@@ -24,6 +24,8 @@ timed round-robin, so machine noise spreads over every variant instead of landin
     python -m tools.bench_train --device cuda --compile                      # + torch.compile variants
     python -m tools.bench_train --device cuda --compile --models llama_mlp,gpt2_medium --variants bf16,fp8
     python -m tools.bench_train --device cpu --small                         # smoke run, no GPU
+    python -m tools.bench_train --device cuda --compile --fp8-always --adaptive --observe-every 1,10 \
+        --models llama_mlp --variants "fp8 + compile,fp8 adaptive"            # adaptive FP8's overhead
 """
 from __future__ import annotations
 
@@ -118,6 +120,7 @@ class Variant:
     compile: bool = False
     fp8: bool = False            # ours with precision="fp8" (bf16 islands, FP8 training GEMMs)
     adaptive: bool = False       # fp8 + rewriter.AdaptivePrecision (per-layer statistics and switch)
+    observe_every: int = 1       # the adaptive controller observes one step in this many
 
 
 VARIANTS = [
@@ -134,12 +137,25 @@ VARIANTS = [
 ADAPTIVE = Variant("rewriter fp8 adaptive", "ours", torch.bfloat16, fp8=True, adaptive=True)
 
 
+def _adaptive_variants(observe: str) -> list[Variant]:
+    """One adaptive variant per K of --observe-every (comma-separated): 'rewriter fp8 adaptive' for K = 1,
+    'rewriter fp8 adaptive 1/K' for the others, so one run times all of them round-robin."""
+    try:
+        ks = sorted({int(k) for k in str(observe).split(",") if k.strip()})
+    except ValueError:
+        raise SystemExit(f"--observe-every {observe!r}: give whole numbers, e.g. 1 or 1,10") from None
+    if not ks or min(ks) < 1:
+        raise SystemExit(f"--observe-every {observe!r}: give whole numbers >= 1, e.g. 1 or 1,10")
+    return [dataclasses.replace(ADAPTIVE, name=ADAPTIVE.name + ("" if k == 1 else f" 1/{k}"), observe_every=k)
+            for k in ks]
+
+
 def _compiled(v: Variant) -> Variant:
     return dataclasses.replace(v, name=v.name + " + compile", compile=True)
 
 
 def _make_step(v: Variant, model: nn.Module, example: tuple, device: torch.device,
-               lr: float, fp8_always: bool = False, observe_every: int = 1) -> tuple[Callable, dict]:
+               lr: float, fp8_always: bool = False) -> tuple[Callable, dict]:
     """step(batch) -> loss tensor, and what was built (conversion time, scaler, FP8 GEMMs)."""
     info: dict = {}
     short = "fp8" if v.fp8 else {torch.float16: "fp16", torch.bfloat16: "bf16", None: "fp32"}[v.dtype]
@@ -153,7 +169,7 @@ def _make_step(v: Variant, model: nn.Module, example: tuple, device: torch.devic
         if v.fp8:
             records = [meta.get(n, meta.FP8) for n in model.graph.nodes if meta.get(n, meta.FP8)]
             info["fp8_gemms"] = f"{sum(r['use'] for r in records)}/{len(records)}"
-    controller = rewriter.AdaptivePrecision(model, observe_every=observe_every) if v.adaptive else None
+    controller = rewriter.AdaptivePrecision(model, observe_every=v.observe_every) if v.adaptive else None
     run = torch.compile(model) if v.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda")
     if v.kind == "autocast" and v.dtype == torch.float16:
@@ -229,8 +245,7 @@ def bench_model(name: str, args, variants: list[Variant]) -> dict:
             # each variant trains its own copy from the same initial weights
             model = copy.deepcopy(base)
             model.load_state_dict(init)
-            step, info = _make_step(v, model, batches[0], device, args.lr, args.fp8_always,
-                                    getattr(args, "observe_every", 1))
+            step, info = _make_step(v, model, batches[0], device, args.lr, args.fp8_always)
             losses = []
             for s in range(args.curve_steps):  # the loss curve: same batches, same dropout masks
                 torch.manual_seed(args.seed + s)
@@ -294,6 +309,9 @@ def _compare(rows: list[dict]) -> None:
             ours_bf16 = by_name.get("rewriter bf16" + suffix)
             if "fp8" in r["variant"] and ours_bf16 is not None:
                 r["speedup_vs_ours_bf16"] = ours_bf16["step_ms"] / r["step_ms"]
+            static = by_name.get("rewriter fp8" + suffix)
+            if "adaptive" in r["variant"] and static is not None:  # the statistics' cost (issue 21: <= 3%)
+                r["overhead_vs_static_fp8"] = r["step_ms"] / static["step_ms"] - 1
 
 
 def _table(result: dict) -> str:
@@ -315,6 +333,10 @@ def _table(result: dict) -> str:
         if "speedup_vs_ours_bf16" in r:
             lines.append(f"  {r['variant']}: {r['speedup_vs_ours_bf16']:.2f}x ours bf16, FP8 GEMMs "
                          f"{r['fp8_gemms']}")
+    for r in result["rows"]:
+        if "overhead_vs_static_fp8" in r:
+            lines.append(f"  {r['variant']}: step time {100 * r['overhead_vs_static_fp8']:+.1f}% vs static FP8 "
+                         "(the adaptive statistics' overhead; issue 21 asks <= 3%)")
     for r in result["rows"]:
         if "meets_target" in r:
             lines.append(f"  target ours >= {TARGET}x autocast: {r['variant']}: {r['speedup_vs_autocast']:.2f}x "
@@ -341,8 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adaptive", action="store_true",
                         help="add 'rewriter fp8 adaptive' (AdaptivePrecision: statistics + per-layer switch), "
                              "compiled too with --compile; compare it with 'rewriter fp8' for the overhead")
-    parser.add_argument("--observe-every", type=int, default=1, metavar="K",
-                        help="the adaptive variant observes one step in K (AdaptivePrecision(observe_every=K))")
+    parser.add_argument("--observe-every", default="1", metavar="K[,K...]",
+                        help="the adaptive variant observes one step in K (AdaptivePrecision(observe_every=K)); "
+                             "several, e.g. 1,10: one adaptive variant each, timed in the same rounds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also print the N kernels that take the most time in one step of each variant")
@@ -355,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         args.curve_steps = 5
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here; use --device cpu --small for a smoke run")
-    variants = list(VARIANTS) + ([ADAPTIVE] if args.adaptive else [])
+    variants = list(VARIANTS) + (_adaptive_variants(args.observe_every) if args.adaptive else [])
     if args.compile:
         variants += [_compiled(v) for v in variants if v.kind != "eager"]
     if args.variants:

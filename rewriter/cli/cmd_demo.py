@@ -25,7 +25,8 @@ def run(args, ui: Ui) -> int:
 
     training = {"--task": args.task, "--precisions": args.precisions, "--steps": args.steps,
                 "--log-every": args.log_every, "--seed": args.seed, "--threads": args.threads,
-                "--growth-interval": args.growth_interval, "--json": args.json, "--force": args.force or None}
+                "--growth-interval": args.growth_interval, "--json": args.json, "--force": args.force or None,
+                "--adaptive": args.adaptive, "--picture": args.picture}
     if args.generate:
         if args.train:
             raise InputError("--generate and --train are two demos: run one at a time")
@@ -39,6 +40,13 @@ def run(args, ui: Ui) -> int:
             raise InputError(f"--precision {args.precision} picks the conversion demo's precision; the "
                              "training demo trains in several: give them with --precisions, e.g. "
                              "rewrite demo --train --precisions fp32,bf16")
+        if args.adaptive:
+            from rewriter.cli.cmd_demo_adaptive import adaptive_demo
+
+            return adaptive_demo(args, ui)
+        if args.picture:
+            raise InputError("--picture is the adaptive-precision demo's picture: add --adaptive "
+                             "(rewrite demo --train --adaptive --picture precision.svg)")
         return _train_demo(args, ui)
     given = [flag for flag, value in training.items() if value is not None]
     if given:

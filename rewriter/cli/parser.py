@@ -301,6 +301,13 @@ def _add_demo(sub, common) -> None:
     g.add_argument("--growth-interval", type=_positive_int, default=None, metavar="N",
                    help="clean fp16 steps before the loss scale doubles (50; GradScaler's default, 2000, "
                         "would not move the scale within a short run)")
+    g.add_argument("--adaptive", nargs="?", const="fp8", choices=("fp8", "fp16"), default=None,
+                   help="adaptive precision instead: a planted instability trained in bf16, static fp8 (or "
+                        "fp16) and with rewriter.AdaptivePrecision, which moves the troubled layer to bf16; "
+                        "prints the per-layer precision timeline and writes its picture (about 10 s on a CPU)")
+    g.add_argument("--picture", metavar="FILE",
+                   help="with --adaptive: where the timeline picture goes (.png with matplotlib, else .svg; "
+                        "default: rewrite-adaptive-<precision>.png in the system's temporary folder)")
     g.add_argument("--json", metavar="FILE", help="also write the settings and every run (losses, "
                                                    "accuracy, step time, loss scale history) as JSON")
     g.add_argument("--force", action="store_true", help="overwrite the --json file if it exists")
