@@ -28,6 +28,10 @@ True, "grad_dtype": "float8_e5m2"}; Fp8Options(granularity="row") is refused in 
 M is the example's batch*seq (rows of the activation in the captured example); a model traced at a
 small batch is judged at that batch, and the reason says which M it used.
 
+The decode graph of a converted causal LM (gm.meta[GENERATION_STEP] == "decode", rewriter/generation)
+is judged by passes/plan/fp8_decode.py instead of the size rules: its GEMMs read every weight for a
+few rows, so FP8 pays by halving weight bytes (Fp8Options.decode_gemms; rule "decode").
+
 The roofline follows torchao's `torchao/testing/training/roofline_utils.py` (inference variant): a
 GEMM takes max(2MNK / rate, bytes / bandwidth, launch), and quantizing the activation costs its
 kernels' memory traffic, each at least one launch. Rates are those measured on the H100 in
@@ -69,6 +73,8 @@ from rewriter.passes.infra import AnalysisPass, PassResult
 from rewriter.passes.op_tables import op_name
 from rewriter.runtime.fp8_ops import E4M3_MAX, FP8_DIM_MULTIPLE, FP8_MIN_CAPABILITY, fp8_linear_op
 from rewriter.runtime.fp8_train_ops import fp8_linear_train
+from rewriter.runtime.fp8_weight_ops import fp8_weight_linear_op
+from rewriter.passes.plan.fp8_decode import judge_decode
 
 __all__ = ["Fp8Options", "Fp8Cost", "resolve_options", "GemmShape", "estimate_speedup", "estimate_train_speedup",
            "gemm_operands", "stored_weight", "target_capability", "FP8_MIN_MNK", "FP8_MIN_ROWS", "FP8_MIN_SPEEDUP",
@@ -297,12 +303,14 @@ class Fp8Cost(AnalysisPass):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         cap, where = _resolve_target(self.options)
+        # a causal LM's decode step (rewriter/generation): its GEMMs are judged by weight bytes (fp8_decode)
+        self._decode = gm.meta.get(meta.GENERATION_STEP) == "decode"
         plan = {"use": [], "kept": {}}
         for node in gm.graph.nodes:
             info = meta.get(node, meta.OP_CLASS) or {}
             if node.op != "call_function" or info.get("class") != "lowp":
                 continue
-            if node.target is fp8_linear_op or node.target is fp8_linear_train:
+            if node.target in (fp8_linear_op, fp8_linear_train, fp8_weight_linear_op):
                 continue  # already rewritten: its record stays as the rewrite left it
             record = self._judge(node, info.get("op", node.name), cap, where)
             meta.put(node, meta.FP8, record)
@@ -353,6 +361,8 @@ class Fp8Cost(AnalysisPass):
         m = max(1, math.prod(_int(s) for s in x_shape[:-1]))
         shape = GemmShape(m, n, k)
         dims = {"m": m, "n": n, "k": k, "mnk": shape.mnk, "weight": str(weight.target)}
+        if self._decode and opts.decode_gemms != "flops" and self.config.mode is not Mode.TRAIN:
+            return judge_decode(shape, dims, opts, cap, where, keep, _quantization_producer(x, decision.get("dtype")))
         if k % FP8_DIM_MULTIPLE or n % FP8_DIM_MULTIPLE:
             bad = " and ".join(f"{d}={v}" for d, v in (("K", k), ("N", n)) if v % FP8_DIM_MULTIPLE)
             return keep("dims", f"{bad} not a multiple of {FP8_DIM_MULTIPLE} (torch._scaled_mm needs K and N "
