@@ -103,11 +103,14 @@ def judge_decode(shape, dims: dict, opts: Fp8Options, cap, where: str, keep, pro
            f"GEMM, activation not quantized; estimated {'compiled (widening fused into the GEMM)' if fused else 'eager (the widened weight is written and read again: compile the decode graph)'}"
            if kernel == "weight_only" else
            f"rewriter::fp8_linear (torch._scaled_mm, any M): float8_e4m3fn weights, dynamic per-"
-           f"{'row' if opts.granularity == 'row' else 'tensor'} activation scale, quantizing the activation "
-           f"{detail['quant_us']} us ({'fused into ' + name if fused and not own else 'own kernels'})")
+           f"{'row' if opts.granularity == 'row' else 'tensor'} activation scale, its quantization "
+           f"{'fused into ' + name if fused and not own else 'in kernels of its own'}")
+    extra = ("" if not detail["quant_us"] else
+             f" + {'quantizing the activation' if kernel == 'scaled_mm' else 'widening the weight'} "
+             f"{detail['quant_us']} us")
     estimate = (f"estimated {speedup:.2f}x vs bf16 on an H100 (roofline {detail['roofline']:.2f}x x 0.8: bf16 GEMM "
-                f"{detail['bf16_us']} us, fp8 {detail['fp8_us']} us; M={shape.m} rows (the decode batch), N={n}, "
-                f"K={k})")
+                f"{detail['bf16_us']} us, fp8 GEMM {detail['fp8_us']} us{extra}; M={shape.m} rows (the decode "
+                f"batch), N={n}, K={k})")
     if opts.min_speedup and speedup < opts.min_speedup:
         return keep("cost", f"decode GEMM: {estimate} < {opts.min_speedup:g}x; {how}", **dims)
     if other:
