@@ -30,7 +30,6 @@ from rewriter import meta
 from rewriter.backends.torch_backend import is_converted
 from rewriter.capture import capture
 from rewriter.errors import InputError
-from rewriter.generation import is_generative
 from rewriter.io import load
 from rewriter.passes.graph_utils import is_cast
 from rewriter.passes.op_tables import op_name
@@ -233,10 +232,10 @@ def diff(before: Any, after: Any, *, capture_before: bool = True) -> Diff:
     """
     before = _as_model(before, "before")
     after = _as_model(after, "after")
-    if is_generative(after):  # a converted causal LM: its prefill and decode graphs, each diffed
+    if meta.is_generative(after):  # a converted causal LM: its prefill and decode graphs, each diffed
         from rewriter.diff_generation import diff_steps
 
-        return diff_steps(before, after, _graph_diff)
+        return diff_steps(before, after, _graph_diff, parameter_bytes)
     if not isinstance(after, fx.GraphModule) or not is_converted(after):
         raise InputError(
             f"diff: 'after' ({type(after).__name__}) is not a converted model: it has no rewriter "

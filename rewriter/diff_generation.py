@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from rewriter.diff_types import Diff
 from rewriter.errors import InputError
-from rewriter.generation import is_generative
+from rewriter.meta import is_generative
 from rewriter.report import format_bytes
 
 __all__ = ["StepsDiff", "diff_steps"]
@@ -101,11 +101,10 @@ class StepsDiff:
                 f"{header}{frames}</body></html>\n")
 
 
-def diff_steps(before: nn.Module, fast: nn.Module, graph_diff) -> StepsDiff:
+def diff_steps(before: nn.Module, fast: nn.Module, graph_diff, parameter_bytes) -> StepsDiff:
     """The StepsDiff of GenerativeLM `fast` against `before`, its source model; `graph_diff(before, gm,
-    capture_before)` is rewriter.diff's diff of one converted graph."""
-    from rewriter.diff import parameter_bytes
-
+    capture_before)` is rewriter.diff's diff of one converted graph, `parameter_bytes(module)` its count
+    of stored bytes."""
     record = getattr(fast, "record", {}) or {}
     if is_generative(before):
         raise InputError("diff: 'before' is a converted GenerativeLM too; pass the Hugging Face model it was "

@@ -48,7 +48,7 @@ from rewriter import meta
 from rewriter.config import ConvertConfig
 from rewriter.errors import ConfigError, InputError
 
-__all__ = ["is_generative", "SUPPORTED_MODEL_TYPES", "wants_generation", "check_supported", "StepGraphs", "convert_steps",
+__all__ = ["SUPPORTED_MODEL_TYPES", "wants_generation", "check_supported", "StepGraphs", "convert_steps",
            "capture_steps", "cache_in_place", "share_weights", "own_weights", "new_cache", "new_scales",
            "step_mask"]
 
@@ -429,13 +429,6 @@ def _kernels(gm: fx.GraphModule) -> dict:
         if name.startswith("fp8_"):
             out[name] = out.get(name, 0) + 1
     return out
-
-
-def is_generative(model: Any) -> bool:
-    """True for a GenerativeLM (rewriter/generation_model.py: prefill and decode graphs), recognized
-    without importing transformers."""
-    return isinstance(getattr(model, "prefill_graph", None), fx.GraphModule) and \
-        isinstance(getattr(model, "decode_graph", None), fx.GraphModule)
 
 
 def example_shape(example_inputs: Any, example_kwargs: dict | None) -> tuple[int, int]:

@@ -241,9 +241,7 @@ def save(gm: fx.GraphModule, path: "str | os.PathLike", *, force: bool = False,
         >>> rewriter.save(rewriter.convert(model, (x,), precision="fp16"), "model-fp16.pt2")
         >>> torch.export.load("model-fp16.pt2").module()(x)      # runs without the rewriter
     """
-    from rewriter.generation import is_generative
-
-    if is_generative(gm):
+    if meta.is_generative(gm):
         raise ConfigError(
             "save: a GenerativeLM (rewriter.convert(..., generate=True)) is two graphs sharing weights over a "
             "KV cache updated in place, plus the Hugging Face config and generation config; a .pt2 archive holds "

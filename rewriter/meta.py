@@ -51,6 +51,7 @@ __all__ = [
     "get", "put", "module_path", "value_dtype", "dtype_name", "dtype_from_name", "is_float_dtype",
     "numel_hint", "to_custom", "from_custom", "ORIGIN", "origin", "CALIBRATION", "INFO", "EXAMPLE_INPUTS",
     "FAST_FORWARD", "GRAPH_KEYS", "AUTOCAST", "TARGET", "INPUT_SHAPES", "CALL_SIGNATURE", "GENERATION_STEP",
+    "is_generative",
 ]
 
 OP_CLASS = "rewriter.op_class"
@@ -188,3 +189,11 @@ def from_custom(node) -> None:
     for key, value in ours.items():
         if key in ALL_KEYS:
             node.meta[key] = value
+
+
+def is_generative(model) -> bool:
+    """True for a converted causal LM that generates (rewriter/generation_model.GenerativeLM): its
+    `decode_graph` carries GENERATION_STEP "decode". Recognized without importing transformers."""
+    graph = getattr(model, "decode_graph", None)
+    return isinstance(getattr(graph, "meta", None), dict) and graph.meta.get(GENERATION_STEP) == "decode" \
+        and hasattr(model, "prefill_graph")

@@ -27,6 +27,8 @@ After:  decode linear(x[B,1,K], w[N,K])  {"use": True, "rule": "decode", "kernel
 from __future__ import annotations
 
 from rewriter.fp8_options import Fp8Options
+from rewriter.passes.plan.fp8_roofline import (BF16_FLOPS, FP8_ROOFLINE_EFFICIENCY, HBM_BYTES_PER_S, KERNEL_LAUNCH_S,
+                                               combine, estimate_speedup)
 from rewriter.runtime.fp8_ops import FP8_DIM_MULTIPLE, FP8_MIN_CAPABILITY
 
 __all__ = ["judge_decode", "estimate_decode_speedup"]
@@ -47,13 +49,10 @@ def estimate_decode_speedup(shape, kernel: str, *, fused: bool, own_kernel: bool
         (speed-up, {"bf16_us", "fp8_us", "quant_us", "roofline", "weight_mb_bf16", "weight_mb_fp8"}).
 
     Example:
-        >>> from rewriter.passes.plan.fp8_cost import GemmShape
+        >>> from rewriter.passes.plan.fp8_roofline import GemmShape
         >>> estimate_decode_speedup(GemmShape(1, 16384, 2048), "weight_only", fused=True, own_kernel=False)[0] > 1.5
         True
     """
-    from rewriter.passes.plan.fp8_cost import (BF16_FLOPS, HBM_BYTES_PER_S, KERNEL_LAUNCH_S, _estimate,
-                                               estimate_speedup)
-
     if kernel == "scaled_mm":
         speedup, detail = estimate_speedup(shape, static=False, fused=fused, own_kernel=own_kernel)
     else:  # the bf16 GEMM's FLOPs and activation bytes, half its weight bytes, nothing to quantize
@@ -65,7 +64,7 @@ def estimate_decode_speedup(shape, kernel: str, *, fused: bool, own_kernel: bool
         if not fused:  # eager: a kernel writes the widened weight (1 byte read, 2 written), the GEMM reads 2
             widen = max(3 * n * k / HBM_BYTES_PER_S, KERNEL_LAUNCH_S)
             t_fp8 = t_bf16
-        speedup, detail = _estimate(t_bf16, t_fp8, widen)
+        speedup, detail = combine(t_bf16, t_fp8, widen)
     detail.update({"weight_mb_bf16": round(2 * shape.n * shape.k / 1e6, 3),
                    "weight_mb_fp8": round(shape.n * shape.k / 1e6, 3)})
     return speedup, detail
@@ -108,7 +107,7 @@ def judge_decode(shape, dims: dict, opts: Fp8Options, cap, where: str, keep, pro
     extra = ("" if not detail["quant_us"] else
              f" + {'quantizing the activation' if kernel == 'scaled_mm' else 'widening the weight'} "
              f"{detail['quant_us']} us")
-    estimate = (f"estimated {speedup:.2f}x vs bf16 on an H100 (roofline {detail['roofline']:.2f}x x 0.8: bf16 GEMM "
+    estimate = (f"estimated {speedup:.2f}x vs bf16 on an H100 (roofline {detail['roofline']:.2f}x x {FP8_ROOFLINE_EFFICIENCY:g}: bf16 GEMM "
                 f"{detail['bf16_us']} us, fp8 GEMM {detail['fp8_us']} us{extra}; M={shape.m} rows (the decode "
                 f"batch), N={n}, K={k})")
     if opts.min_speedup and speedup < opts.min_speedup:

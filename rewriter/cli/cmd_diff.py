@@ -18,7 +18,7 @@ def run(args, ui: Ui) -> int:
     from rewriter.diff import diff
     from rewriter.errors import InputError
     from rewriter.files import writing
-    from rewriter.generation import is_generative
+    from rewriter.meta import is_generative
     from rewriter.pipeline import is_converted
 
     html_path = Path(args.html) if args.html else None
