@@ -46,3 +46,13 @@ def test_bench_generate_variant_options():
 def test_bench_generate_rejects_unknown_variant(capsys):
     assert bench_generate.main(["--device", "cpu", "--small", "--variants", "nope"]) == 2
     assert "unknown variants" in capsys.readouterr().err
+
+
+def test_bench_generate_skips_variants_past_its_time_budget(tmp_path):
+    out = tmp_path / "g.json"
+    assert bench_generate.main(["--device", "cpu", "--small", "--repeats", "1", "--batches", "1", "--prompt", "4",
+                                "--new", "2", "--variants", "hf eager bf16,ours bf16", "--budget-s", "0",
+                                "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["runs"] == {}
+    assert all("time budget" in results["notes"][n] for n in ("hf eager bf16", "ours bf16"))

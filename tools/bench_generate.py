@@ -188,8 +188,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help=f"comma-separated, of: {', '.join(VARIANTS)}")
     p.add_argument("--budget-s", type=float, default=420.0,
-                   help="wall-clock budget: variants not built by 60%% of it are skipped, timing rounds stop at it "
-                        "(at least one round runs)")
+                   help="wall-clock budget: variants not built by 60%% of it or not warmed up (compiled) by 80%% "
+                        "are skipped, timing rounds stop at it (at least one round runs)")
     p.add_argument("--out", default=None, help="write the results as JSON")
     args = p.parse_args(argv)
     prompt = args.prompt or (16 if args.small else 512)
@@ -218,6 +218,10 @@ def main(argv=None) -> int:
     for name, run in list(runners.items()):  # warm-up (compiles, captures) before any timing
         memory = results["memory"][name] = {"param_bytes": params.get(name), "peak_bytes": None,
                                             "peak_run_bytes": None}
+        if time.perf_counter() > start + 0.8 * args.budget_s:
+            results["notes"][name] = "skipped: time budget (--budget-s) spent before its warm-up (compile)"
+            del runners[name]
+            continue
         try:
             if cuda:
                 torch.cuda.synchronize()
