@@ -99,7 +99,8 @@ class Fp8Rewrite(Pass):
             return self._rewrite_train(gm)
         graph = gm.graph
         emulated: str | None = None  # decided for the device the weights are on (the model's)
-        quantized: dict[tuple[str, bool], tuple[str, str, torch.Tensor, torch.Tensor]] = {}
+        kinds: list[str] = []  # per rewritten GEMM: weight-only GEMMs are never emulated
+        quantized: dict[tuple[str, bool, bool], tuple[str, str, torch.Tensor, torch.Tensor]] = {}
         getters: dict[str, fx.Node] = {}
         done, dropped = [], []
         for node, record, operands, weight in _planned(graph, (fp8_linear_op, fp8_weight_linear_op)):
@@ -111,8 +112,9 @@ class Fp8Rewrite(Pass):
             if key not in quantized:
                 quantized[key] = self._quantize(gm, weight, nk, per_channel)
             w_target, s_target, w_fp8, w_scale = quantized[key]
-            if not done:
+            if not weight_only and "scaled_mm" not in kinds:  # the first _scaled_mm GEMM decides
                 emulated = emulation_reason(w_fp8.device)
+            kinds.append("weight-only" if weight_only else "scaled_mm")
             with graph.inserting_before(node):
                 w_node = self._getter(graph, getters, w_target, w_fp8, node)
                 s_node = self._getter(graph, getters, s_target, w_scale, node)

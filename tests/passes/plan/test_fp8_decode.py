@@ -109,6 +109,7 @@ def test_weight_only_rewrite_stores_fp8_and_is_idempotent(up):
     PassManager([CastWeights(FP8)])(gm)
     (node,) = [n for n in gm.graph.nodes if n.target is fp8_weight_linear_op]
     assert meta.get(node, meta.FP8)["mode"] == "weight-only"
+    assert gm.meta[meta.FP8]["emulated"] is False  # no FP8 GEMM runs: nothing is emulated on the CPU
     assert "rewriter::fp8_weight_linear" in meta.get(node, meta.REWRITTEN)[-1]["reason"]
     fp8 = [t for _, t in gm.named_buffers() if t.dtype == torch.float8_e4m3fn]
     assert len(fp8) == 1 and fp8[0].shape == (8192, 2048)
