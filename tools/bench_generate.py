@@ -267,7 +267,8 @@ def main(argv=None) -> int:
     for key, row in results["runs"].items():  # against ours bf16 with the same decode backend
         name = key.rsplit(" b", 1)[0]
         suffix = next((s for s in (" compile+cg", " cudagraphs") if name.endswith(s)), "")
-        ours = results["runs"].get(f"ours bf16{suffix} b{row['batch']}") or results["runs"].get(f"ours bf16 b{row['batch']}")
+        runs = results["runs"]
+        ours = runs.get(f"ours bf16{suffix} b{row['batch']}") or runs.get(f"ours bf16 b{row['batch']}")
         if ours:
             row["decode_vs_ours_bf16"] = round(row["decode_tokens_per_s"] / ours["decode_tokens_per_s"], 3)
 

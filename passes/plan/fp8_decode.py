@@ -21,8 +21,8 @@ fp8_cost (max(compute, bytes, launch), torchao's) is applied to the decode shape
   auto         (the default) per GEMM, the one of the two with the larger estimate.
 
 Before: decode linear(x[B,1,K], w[N,K])  {"use": False, "rule": "size", "reason": "kept bf16: M = 2 rows < 8192 ..."}
-After:  decode linear(x[B,1,K], w[N,K])  {"use": True, "rule": "decode", "kernel": "weight_only",
-                                          "reason": "fp8: decode GEMM is weight-bandwidth bound: 2x fewer weight bytes ..."}
+After:  decode linear(x[B,1,K], w[N,K])  {"use": True, "rule": "decode", "kernel": "weight_only", "reason":
+        "fp8: decode GEMM is weight-bandwidth bound: 2x fewer weight bytes ..."}
 """
 from __future__ import annotations
 
@@ -98,8 +98,10 @@ def judge_decode(shape, dims: dict, opts: Fp8Options, cap, where: str, keep, pro
     scaling = "weight-only" if kernel == "weight_only" else "dynamic"
     granularity = "row" if kernel == "weight_only" else opts.granularity
     dims.update({"est_speedup": round(speedup, 3), **detail, "scaling": scaling, "granularity": granularity})
+    run = ("compiled (widening fused into the GEMM)" if fused else
+           "eager (the widened weight is written and read again: compile the decode graph)")
     how = ("rewriter::fp8_weight_linear: float8_e4m3fn weights (per output channel scales) widened inside the "
-           f"GEMM, activation not quantized; estimated {'compiled (widening fused into the GEMM)' if fused else 'eager (the widened weight is written and read again: compile the decode graph)'}"
+           f"GEMM, activation not quantized; estimated {run}"
            if kernel == "weight_only" else
            f"rewriter::fp8_linear (torch._scaled_mm, any M): float8_e4m3fn weights, dynamic per-"
            f"{'row' if opts.granularity == 'row' else 'tensor'} activation scale, its quantization "
@@ -107,9 +109,10 @@ def judge_decode(shape, dims: dict, opts: Fp8Options, cap, where: str, keep, pro
     extra = ("" if not detail["quant_us"] else
              f" + {'quantizing the activation' if kernel == 'scaled_mm' else 'widening the weight'} "
              f"{detail['quant_us']} us")
-    estimate = (f"estimated {speedup:.2f}x vs bf16 on an H100 (roofline {detail['roofline']:.2f}x x {FP8_ROOFLINE_EFFICIENCY:g}: bf16 GEMM "
-                f"{detail['bf16_us']} us, fp8 GEMM {detail['fp8_us']} us{extra}; M={shape.m} rows (the decode "
-                f"batch), N={n}, K={k})")
+    estimate = (f"estimated {speedup:.2f}x vs bf16 on an H100 (roofline {detail['roofline']:.2f}x x "
+                f"{FP8_ROOFLINE_EFFICIENCY:g}: bf16 GEMM {detail['bf16_us']} us, fp8 GEMM {detail['fp8_us']} us"
+                f"{extra}; "
+                f"M={shape.m} rows (the decode batch), N={n}, K={k})")
     if opts.min_speedup and speedup < opts.min_speedup:
         return keep("cost", f"decode GEMM: {estimate} < {opts.min_speedup:g}x; {how}", **dims)
     if other:
