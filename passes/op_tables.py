@@ -41,8 +41,8 @@ baddbmm bmm chain_matmul linalg_multi_dot _thnn_fused_lstm_cell _thnn_fused_gru_
 gru_cell rnn_tanh_cell rnn_relu_cell lstm gru scaled_dot_product_attention
 _scaled_dot_product_flash_attention _scaled_dot_product_efficient_attention
 _scaled_dot_product_cudnn_attention _native_multi_head_attention
-fp8_linear fp8_linear_train
-""".split())  # rewriter::fp8_linear and fp8_linear_train: the FP8 GEMMs made by passes/lower/fp8.py
+fp8_linear fp8_linear_train fp8_weight_linear
+""".split())  # rewriter::fp8_linear, fp8_linear_train, fp8_weight_linear: the FP8 GEMMs made by passes/lower/fp8.py
 
 FP32_OPS = frozenset("""
 acos asin cosh erfinv exp exp2 expm1 log log10 log2 log1p reciprocal rsqrt sinh tan pow
@@ -95,8 +95,8 @@ permute_copy transpose_copy view_copy unsqueeze_copy squeeze_copy expand_copy t_
 FP32_PARAM_OPS = frozenset("""
 batch_norm native_batch_norm _native_batch_norm_legit _native_batch_norm_legit_no_training
 _native_batch_norm_legit_functional cudnn_batch_norm miopen_batch_norm instance_norm
-fp8_linear fp8_linear_train
-""".split())  # fp8_linear reads its float8 weight, fp32 scales and bias as stored, fp8_linear_train its
+fp8_linear fp8_linear_train fp8_weight_linear
+""".split())  # fp8_linear (and fp8_weight_linear) reads its float8 weight, fp32 scales and bias as stored, fp8_linear_train its
 # fp32 master weight: only x is cast
 
 # Explicit dtype changes written by the user or inserted by us.

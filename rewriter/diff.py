@@ -215,7 +215,9 @@ def diff(before: Any, after: Any, *, capture_before: bool = True) -> Diff:
     Args:
         before: the original model (nn.Module, GraphModule, or path of a .pt2), or another
             conversion of it (then the diff is between the two conversions).
-        after: the GraphModule returned by `rewriter.convert` or `rewriter.load` (or a .pt2 path).
+        after: the GraphModule returned by `rewriter.convert` or `rewriter.load` (or a .pt2 path), or
+            the GenerativeLM of `rewriter.convert(..., generate=True)`: then a `StepsDiff`, one Diff
+            per graph (prefill and decode, each with its own decisions: FP8 decode GEMMs, say).
         capture_before: capture `before` (one torch.export, with the example inputs the conversion
             recorded) to list the nodes of the original graph that the conversion removed (folded
             casts, batch norms folded into convolutions); False is faster and shows everything else.
@@ -230,12 +232,21 @@ def diff(before: Any, after: Any, *, capture_before: bool = True) -> Diff:
     """
     before = _as_model(before, "before")
     after = _as_model(after, "after")
+    if meta.is_generative(after):  # a converted causal LM: its prefill and decode graphs, each diffed
+        from rewriter.diff_generation import diff_steps
+
+        return diff_steps(before, after, _graph_diff, parameter_bytes)
     if not isinstance(after, fx.GraphModule) or not is_converted(after):
         raise InputError(
             f"diff: 'after' ({type(after).__name__}) is not a converted model: it has no rewriter "
             "annotations. Pass the GraphModule returned by rewriter.convert, or a .pt2 written by "
             "rewriter.save (a plain torch.export.save file of a converted model has no annotations)")
     _check_related(before, after)
+    return _graph_diff(before, after, capture_before)
+
+
+def _graph_diff(before: nn.Module, after: fx.GraphModule, capture_before: bool) -> Diff:
+    """The Diff of one converted graph `after` against the model it came from."""
     state = _before_state(before, after, capture_before)
     record = after.meta.get(meta.INFO) or {}
     gone = _removed(state, after)

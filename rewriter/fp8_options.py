@@ -14,7 +14,7 @@ from typing import Any
 from rewriter.errors import ConfigError
 
 __all__ = ["Fp8Options", "resolve_options", "target_capability", "FP8_MIN_MNK", "FP8_MIN_ROWS",
-           "FP8_MIN_SPEEDUP", "FP8_AMAX_MARGIN"]
+           "FP8_MIN_SPEEDUP", "FP8_AMAX_MARGIN", "DECODE_GEMMS"]
 
 FP8_MIN_MNK = 2 ** 31
 """Smallest M*N*K rewritten: torchao Float8Linear runs at 0.80x BF16 at M,K,N = 1024,2048,1024
@@ -32,6 +32,9 @@ Llama MLP at 8192 rows, BERT-large and ViT-B at about 12,300 rows)."""
 FP8_MIN_SPEEDUP = 1.05
 """Estimated speed-up (roofline x FP8_ROOFLINE_EFFICIENCY, passes/plan/fp8_cost.py) a GEMM needs to be rewritten: FP8 must
 never be slower than BF16, so a GEMM estimated near break-even stays BF16."""
+
+DECODE_GEMMS = ("auto", "scaled_mm", "weight_only", "flops")
+"""Choices of `Fp8Options.decode_gemms` (see there)."""
 
 FP8_AMAX_MARGIN = 2.0
 """Static scales map amax * margin to 448: one binade of head room for inputs larger than those
@@ -60,6 +63,16 @@ class Fp8Options:
             emulates FP8 here and says so).
         fast_accum: `torch._scaled_mm(use_fast_accum=...)`: faster FP8 accumulation, as torchao's
             inference and forward GEMMs use.
+        decode_gemms: how the decode graph of a converted causal LM (generate=True) runs its GEMMs. A
+            decode step multiplies a few rows (the batch) by every weight: it is bound by the weight
+            bytes it reads, not by FLOPs, so the FLOP rules above (min_mnk, min_rows) would keep every
+            decode GEMM bf16; decode GEMMs are judged by the weight bytes they read instead
+            (passes/plan/fp8_decode.py). "scaled_mm": FP8 weights stored once and the activation
+            quantized per call, `rewriter::fp8_linear` (torch._scaled_mm); "weight_only": FP8 weights
+            widened inside the GEMM, the activation as it is, `rewriter::fp8_weight_linear` (pays only
+            when the decode graph is compiled, which fuses the widening: fused_quantization); "auto"
+            (default): per GEMM, the one estimated faster; "flops": judge decode GEMMs by the FLOP rules
+            like any other graph. Prefill graphs always use the FLOP rules.
 
     Example:
         >>> rewriter.convert(model, (x,), precision="fp8", fp8=Fp8Options(granularity="row"))
@@ -74,6 +87,7 @@ class Fp8Options:
     fused_quantization: "bool | None" = None
     target: "str | tuple[int, int] | None" = None
     fast_accum: bool = True
+    decode_gemms: str = "auto"
 
     def __post_init__(self):
         if self.granularity not in ("tensor", "row"):
@@ -91,6 +105,9 @@ class Fp8Options:
         if not isinstance(self.min_speedup, (int, float)) or self.min_speedup < 0:
             raise ConfigError(f"Fp8Options(min_speedup={self.min_speedup!r}): write a number >= 0 such as "
                               f"{FP8_MIN_SPEEDUP} (0 disables the estimate)")
+        if self.decode_gemms not in DECODE_GEMMS:
+            raise ConfigError(f"Fp8Options(decode_gemms={self.decode_gemms!r}): write one of "
+                              f"{', '.join(map(repr, DECODE_GEMMS))} (how a decode graph's GEMMs use FP8 weights)")
         target_capability(self.target)  # validates
 
     @classmethod

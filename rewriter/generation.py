@@ -260,7 +260,9 @@ def capture_steps(lm: nn.Module, max_cache_len: int, cache_dtype: torch.dtype,
         if fp8:
             args, shapes = args + (new_scales(lm.config, device),), shapes + ([None] * len(cache),)
         with torch.no_grad():
-            graphs.append(_export(step, args, shapes))
+            gm = _export(step, args, shapes)
+        gm.meta[meta.GENERATION_STEP] = "prefill" if length > 1 else "decode"  # plan/fp8_cost reads it
+        graphs.append(gm)
     return tuple(graphs)
 
 
@@ -410,10 +412,23 @@ def convert_steps(model: nn.Module, config: ConvertConfig, max_cache_len: int, s
     if fp8:  # each graph has its own FP8 plan: a prefill GEMM is compute-bound, a decode GEMM reads weights
         record["generation"]["fp8_gemms"] = {
             kind: {"fp8": len(plan.get("planned", [])), "kept": len(plan.get("kept", {})),
-                   "kept_because": sorted(set(plan.get("kept", {}).values()))[:3]} for kind, plan in fp8.items()}
+                   "kept_because": sorted(set(plan.get("kept", {}).values()))[:3],
+                   "kernels": _kernels(graphs[kind == "decode"]), "weight_bytes_fp8": plan.get("weight_bytes_fp8", 0)}
+            for kind, plan in fp8.items()}
     for kind, gm in zip(("prefill", "decode"), graphs):
         gm.meta[INFO_KEY] = {**record, "graph": kind}
     return StepGraphs(graphs[0], graphs[1], kv_dtype or cache_dtype, max_cache_len, record)
+
+
+def _kernels(gm: fx.GraphModule) -> dict:
+    """How many GEMMs of `gm` run each FP8 op (fp8_linear: torch._scaled_mm; fp8_weight_linear: weight-only)."""
+    out: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        packet = getattr(node.target, "_overloadpacket", None) if node.op == "call_function" else None
+        name = str(getattr(packet, "__name__", "")).split("::")[-1].split(".")[-1]
+        if name.startswith("fp8_"):
+            out[name] = out.get(name, 0) + 1
+    return out
 
 
 def example_shape(example_inputs: Any, example_kwargs: dict | None) -> tuple[int, int]:

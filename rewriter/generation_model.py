@@ -47,6 +47,7 @@ class GenerativeLM(nn.Module, GenerationMixin):
 
     def __init__(self, steps: StepGraphs, config, generation_config, main_input_name: str = "input_ids"):
         super().__init__()
+        self.training = False
         self.prefill_graph = steps.prefill
         self.decode_graph = steps.decode
         self.config = config
@@ -85,6 +86,17 @@ class GenerativeLM(nn.Module, GenerationMixin):
         self._cuda_graphs = backend.endswith("cuda_graphs")
         self._graphs: dict = {}
         self.decode_backend = backend
+        return self
+
+    def train(self, mode: bool = True) -> "GenerativeLM":
+        """eval() (train(False)) is accepted and changes nothing: the graphs were converted for inference
+        (exported graphs refuse train()). train(True) is a ConfigError."""
+        from rewriter.errors import ConfigError
+
+        if mode:
+            raise ConfigError("a GenerativeLM runs inference only: train the Hugging Face model and convert it "
+                              "again (rewriter.convert(model, ..., generate=True))")
+        self.training = False
         return self
 
     # ------------------------------------------------------------------ what GenerationMixin reads

@@ -46,7 +46,7 @@ import torch.nn as nn
 from rewriter import archive, meta
 from rewriter.backends import fast_forward
 from rewriter.capture import CAPTURE_LOCK, batch_dynamic_shapes, normalize_inputs
-from rewriter.errors import InputError
+from rewriter.errors import ConfigError, InputError
 from rewriter.files import WRITE_ERRNOS, atomic_write, check_writable, write_error  # noqa: F401 (re-exported)
 
 __all__ = ["save", "load", "prepare", "Prepared", "atomic_write", "check_writable", "write_error",
@@ -241,6 +241,13 @@ def save(gm: fx.GraphModule, path: "str | os.PathLike", *, force: bool = False,
         >>> rewriter.save(rewriter.convert(model, (x,), precision="fp16"), "model-fp16.pt2")
         >>> torch.export.load("model-fp16.pt2").module()(x)      # runs without the rewriter
     """
+    if meta.is_generative(gm):
+        raise ConfigError(
+            "save: a GenerativeLM (rewriter.convert(..., generate=True)) is two graphs sharing weights over a "
+            "KV cache updated in place, plus the Hugging Face config and generation config; a .pt2 archive holds "
+            "one program, so it is not saved. Save the Hugging Face model instead (model.save_pretrained(folder)) "
+            "and convert when loading: rewriter.convert(AutoModelForCausalLM.from_pretrained(folder), "
+            "{'input_ids': ids}, precision=..., generate=True), which takes seconds")
     path = Path(path)
     if path.suffix.lower() != ".pt2":
         raise InputError(f"save writes torch.export programs: name the file '*.pt2' (got {str(path)!r}); "

@@ -37,6 +37,8 @@ Graph-level key (GraphModule.meta, not node.meta):
                per graph input, as captured (what InputCheck enforces)
     CALL_SIGNATURE rewriter/capture_inputs: {"params": [[name, kind, has_default]], "args", "kwargs"}
                the original forward's signature and the captured input names (positional/keyword calls)
+    GENERATION_STEP rewriter/generation (capture): "prefill" | "decode" on the step graphs of a converted
+               causal LM; plan/fp8_cost judges a decode graph's GEMMs by the weight bytes they read
 """
 from __future__ import annotations
 
@@ -48,7 +50,8 @@ __all__ = [
     "OP_CLASS", "DECISION", "RANGE", "SENSITIVITY", "DTYPE", "CREATED", "FP8", "REWRITTEN", "ALL_KEYS",
     "get", "put", "module_path", "value_dtype", "dtype_name", "dtype_from_name", "is_float_dtype",
     "numel_hint", "to_custom", "from_custom", "ORIGIN", "origin", "CALIBRATION", "INFO", "EXAMPLE_INPUTS",
-    "FAST_FORWARD", "GRAPH_KEYS", "AUTOCAST", "TARGET", "INPUT_SHAPES", "CALL_SIGNATURE",
+    "FAST_FORWARD", "GRAPH_KEYS", "AUTOCAST", "TARGET", "INPUT_SHAPES", "CALL_SIGNATURE", "GENERATION_STEP",
+    "is_generative",
 ]
 
 OP_CLASS = "rewriter.op_class"
@@ -71,7 +74,8 @@ EXAMPLE_INPUTS = "rewriter.example_inputs"  # (args, kwargs) of the capture, for
 FAST_FORWARD = "rewriter.fast_forward"      # backends/fast_forward: ops bound, ops kept
 INPUT_SHAPES = "rewriter.input_shapes"     # capture_inputs: captured shapes of the graph inputs
 CALL_SIGNATURE = "rewriter.call_signature"  # capture_inputs: the forward's signature, captured names
-GRAPH_KEYS = (CALIBRATION, INFO, EXAMPLE_INPUTS, FAST_FORWARD, FP8, INPUT_SHAPES, CALL_SIGNATURE)
+GENERATION_STEP = "rewriter.generation_step"  # generation: "prefill" | "decode" step graph
+GRAPH_KEYS = (CALIBRATION, INFO, EXAMPLE_INPUTS, FAST_FORWARD, FP8, INPUT_SHAPES, CALL_SIGNATURE, GENERATION_STEP)
 
 _CUSTOM = "custom"  # torch.export serialises node.meta["custom"]; we nest ours under "rewriter"
 
@@ -185,3 +189,11 @@ def from_custom(node) -> None:
     for key, value in ours.items():
         if key in ALL_KEYS:
             node.meta[key] = value
+
+
+def is_generative(model) -> bool:
+    """True for a converted causal LM that generates (rewriter/generation_model.GenerativeLM): its
+    `decode_graph` carries GENERATION_STEP "decode". Recognized without importing transformers."""
+    graph = getattr(model, "decode_graph", None)
+    return isinstance(getattr(graph, "meta", None), dict) and graph.meta.get(GENERATION_STEP) == "decode" \
+        and hasattr(model, "prefill_graph")

@@ -24,8 +24,35 @@ def test_bench_generate_small_cpu(tmp_path):
     assert note["converted_bytes"] <= 1.05 * results["model_bytes"]
     assert note["generation"]["cache_updates_in_place"]["decode"] == note["generation"]["cache_updates_in_place"][
         "expected"]
+    # memory per variant: parameter bytes everywhere, CUDA peak (None on the CPU) in the JSON and every row
+    assert results["memory"]["ours bf16"]["param_bytes"] == note["converted_bytes"]
+    assert results["memory"]["hf eager bf16"]["param_bytes"] == results["model_bytes"]
+    assert all(m["peak_bytes"] is None for m in results["memory"].values())
+    assert all("param_bytes" in row and "peak_bytes" in row for row in results["runs"].values())
+
+
+def test_bench_generate_variant_options():
+    fp8 = bench_generate.variant_options("ours fp8 weightonly compile+cg")
+    assert fp8["backend"] == "compile+cuda_graphs" and fp8["convert"]["precision"] == "fp8"
+    options = fp8["convert"]["fp8"]
+    assert (options.decode_gemms, options.min_speedup, options.fused_quantization) == ("weight_only", 0.0, True)
+    scaled = bench_generate.variant_options("ours fp8 scaledmm cudagraphs")["convert"]["fp8"]
+    assert (scaled.decode_gemms, scaled.fused_quantization) == ("scaled_mm", False)
+    assert bench_generate.variant_options("ours fp8 cudagraphs")["convert"]["fp8"].decode_gemms == "auto"
+    assert "fp8" not in bench_generate.variant_options("ours bf16 kv8 cudagraphs")["convert"]
+    assert set(bench_generate.DEFAULT_VARIANTS) <= set(bench_generate.VARIANTS)
 
 
 def test_bench_generate_rejects_unknown_variant(capsys):
     assert bench_generate.main(["--device", "cpu", "--small", "--variants", "nope"]) == 2
     assert "unknown variants" in capsys.readouterr().err
+
+
+def test_bench_generate_skips_variants_past_its_time_budget(tmp_path):
+    out = tmp_path / "g.json"
+    assert bench_generate.main(["--device", "cpu", "--small", "--repeats", "1", "--batches", "1", "--prompt", "4",
+                                "--new", "2", "--variants", "hf eager bf16,ours bf16", "--budget-s", "0",
+                                "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["runs"] == {}
+    assert all("time budget" in results["notes"][n] for n in ("hf eager bf16", "ours bf16"))

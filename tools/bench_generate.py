@@ -7,16 +7,28 @@ Variants, all in one process, timed round-robin (each variant once per round, --
     ours bf16               rewriter.convert(precision="bf16", generate=True): eager prefill and decode graphs
     ours bf16 cudagraphs    the same, decode graph replayed from a CUDA graph (GPU only)
     ours bf16 compile+cg    decode graph compiled by inductor, then replayed from a CUDA graph (GPU only)
-    ours fp8 [...]          precision="fp8" (the FP8 GEMM cost model decides per linear), same backends
+    ours fp8 [...]          precision="fp8": the prefill by the FLOP rules, the decode GEMMs by the weight
+                            bytes they read (passes/plan/fp8_decode.py, Fp8Options(decode_gemms="auto")); the
+                            compile+cg variants convert with fused_quantization=True (estimated as compiled)
+    ours fp8 scaledmm [...] every decode GEMM rewriter::fp8_linear (torch._scaled_mm, activation quantized per
+                            call): decode_gemms="scaled_mm", min_speedup=0 (whatever the estimate says)
+    ours fp8 weightonly compile+cg  every decode GEMM rewriter::fp8_weight_linear (FP8 weights widened inside
+                            the compiled GEMM): decode_gemms="weight_only", min_speedup=0
     ours bf16 kv8 cudagraphs  bf16 with kv_cache="fp8" (e4m3 cache, per-head scales), CUDA graphs
 Per variant and batch: time to first token (prefill + first token, median), decode tokens/s (all
-sequences of the batch, tokens after the first / time after the first), end-to-end tokens/s. Greedy
+sequences of the batch, tokens after the first / time after the first), end-to-end tokens/s, and
+decode_vs_ours_bf16: the decode rate over ours bf16 with the same decode backend (ours bf16 eager if absent). Greedy
 decoding with min_new_tokens = max_new_tokens, so every variant generates the same number of tokens.
+Memory per variant: the bytes of its parameters and buffers (`param_bytes`; for ours, both graphs' weights
+once: an FP8 decode graph keeps its float8 weights beside the prefill's bf16 ones) and, on CUDA,
+`torch.cuda.max_memory_allocated` while it generates (peak stats reset before each variant's warm-up:
+`peak_bytes`, and `peak_run_bytes` above what was allocated before it: cache and activations).
 Also measured: peak memory while converting the bf16 model (CUDA: max_memory_allocated above what was
 allocated before), against the converted model's bytes (target <= 1.5x), and whether our greedy tokens
 equal hf eager's on the first prompt.
 
     python -m tools.bench_generate --device cuda --out bench_generate.json
+    python -m tools.bench_generate --variants "ours bf16 cudagraphs,ours fp8 weightonly compile+cg" --out g.json
     python -m tools.bench_generate --device cpu --small --out /tmp/g.json     # smoke run, tiny model
 """
 from __future__ import annotations
@@ -30,10 +42,29 @@ import traceback
 
 import torch
 
-__all__ = ["main", "build_model", "VARIANTS"]
+__all__ = ["main", "build_model", "VARIANTS", "DEFAULT_VARIANTS", "variant_options"]
 
 VARIANTS = ("hf eager bf16", "hf static compile", "ours bf16", "ours bf16 cudagraphs", "ours bf16 compile+cg",
-            "ours fp8", "ours fp8 cudagraphs", "ours fp8 compile+cg", "ours bf16 kv8 cudagraphs")
+            "ours fp8", "ours fp8 cudagraphs", "ours fp8 compile+cg", "ours fp8 scaledmm cudagraphs",
+            "ours fp8 scaledmm compile+cg", "ours fp8 weightonly compile+cg", "ours bf16 kv8 cudagraphs")
+DEFAULT_VARIANTS = ("hf eager bf16", "hf static compile", "ours bf16 cudagraphs", "ours bf16 compile+cg",
+                    "ours fp8 cudagraphs", "ours fp8 scaledmm cudagraphs", "ours fp8 weightonly compile+cg")
+"""What runs without --variants: the baselines, ours bf16 and the FP8 decode kernels (the other variants by name)."""
+
+
+def variant_options(name: str) -> dict:
+    """rewriter.convert keyword arguments and the decode backend of one of our variants."""
+    import rewriter
+
+    backend = ("compile+cuda_graphs" if name.endswith("compile+cg") else
+               "cuda_graphs" if name.endswith("cudagraphs") else "eager")
+    options = {"precision": "fp8" if " fp8" in name else "bf16", "kv_cache": "fp8" if " kv8" in name else None}
+    if options["precision"] == "fp8":
+        fp8 = {"fused_quantization": backend.startswith("compile")}  # what the cost model estimates for
+        if " scaledmm" in name or " weightonly" in name:
+            fp8.update(decode_gemms="scaled_mm" if " scaledmm" in name else "weight_only", min_speedup=0.0)
+        options["fp8"] = rewriter.Fp8Options(**fp8)
+    return {"convert": options, "backend": backend}
 
 
 def build_model(device: str, small: bool):
@@ -92,12 +123,21 @@ def _ours_runner(fast):
     return generate
 
 
-def build_variants(model, names, device: str, max_cache_len: int, notes: dict) -> dict:
+def build_variants(model, names, device: str, max_cache_len: int, notes: dict, params: dict | None = None,
+                   deadline: float | None = None) -> dict:
+    """Runners of the variants `names`; `params` gets each one's parameter bytes. A variant not started by
+    `deadline` (time.perf_counter()) is skipped with a note, so the run stays within its time budget."""
     import rewriter
 
     runners = {}
+    params = {} if params is None else params
     for name in names:
+        if deadline is not None and time.perf_counter() > deadline:
+            notes[name] = "skipped: time budget (--budget-s) spent before it was built"
+            continue
         try:
+            if name.startswith("hf"):
+                params[name] = _bytes(model)
             if name == "hf eager bf16":
                 runners[name] = _hf_runner(model, static=False)
             elif name == "hf static compile":
@@ -108,10 +148,8 @@ def build_variants(model, names, device: str, max_cache_len: int, notes: dict) -
                 # (CompileConfig: mode="reduce-overhead", i.e. CUDA graphs), the documented recipe
                 runners[name] = _hf_runner(model, static=True, max_cache_len=max_cache_len)
             else:
-                precision = "fp8" if "fp8" in name else "bf16"
-                kv_cache = "fp8" if " kv8" in name else None
-                backend = ("compile+cuda_graphs" if name.endswith("compile+cg") else
-                           "cuda_graphs" if name.endswith("cudagraphs") else "eager")
+                chosen = variant_options(name)
+                backend = chosen["backend"]
                 if backend != "eager" and device == "cpu":
                     notes[name] = "skipped on CPU (CUDA graphs)"
                     continue
@@ -121,9 +159,8 @@ def build_variants(model, names, device: str, max_cache_len: int, notes: dict) -
                     base = torch.cuda.memory_allocated()
                 start = time.perf_counter()
                 example = torch.ones(8, max_cache_len - 1, dtype=torch.long, device=device)  # the workload
-                fast = rewriter.convert(model, {"input_ids": example},
-                                        precision=precision, generate=True, max_cache_len=max_cache_len,
-                                        kv_cache=kv_cache)
+                fast = rewriter.convert(model, {"input_ids": example}, generate=True, max_cache_len=max_cache_len,
+                                        **chosen["convert"])
                 seconds = time.perf_counter() - start
                 record = {"convert_s": round(seconds, 2), "converted_bytes": _bytes(fast)}
                 if device.startswith("cuda"):
@@ -133,6 +170,7 @@ def build_variants(model, names, device: str, max_cache_len: int, notes: dict) -
                 notes[name] = record
                 fast.set_decode_backend(backend)
                 runners[name] = _ours_runner(fast)
+                params[name] = _bytes(fast)
         except Exception as exc:  # a variant that cannot be built is reported, the others run
             notes[name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
             traceback.print_exc(file=sys.stderr)
@@ -147,7 +185,11 @@ def main(argv=None) -> int:
     p.add_argument("--new", type=int, default=None, help="new tokens (128; --small: 8)")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    p.add_argument("--budget-s", type=float, default=420.0,
+                   help="wall-clock budget: variants not built by 60%% of it or not warmed up (compiled) by 80%% "
+                        "are skipped, timing rounds stop at it (at least one round runs)")
     p.add_argument("--out", default=None, help="write the results as JSON")
     args = p.parse_args(argv)
     prompt = args.prompt or (16 if args.small else 512)
@@ -159,27 +201,48 @@ def main(argv=None) -> int:
         print(f"error: unknown variants {unknown}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
 
+    start = time.perf_counter()
     model = build_model(args.device, args.small)
     vocab = model.config.vocab_size
     results = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                "torch": torch.__version__, "prompt": prompt, "new_tokens": new, "model_bytes": _bytes(model),
-               "notes": {}, "runs": {}}
-    runners = build_variants(model, names, args.device, prompt + new, results["notes"])
+               "notes": {}, "runs": {}, "memory": {}}
+    params: dict = {}
+    runners = build_variants(model, names, args.device, prompt + new, results["notes"], params,
+                             deadline=start + 0.6 * args.budget_s)
+    cuda = args.device.startswith("cuda")
     g = torch.Generator().manual_seed(0)
     inputs = {b: torch.randint(1, vocab, (b, prompt), generator=g).to(args.device) for b in batches}
     times: dict = {(n, b): {"ttft": [], "total": []} for n in runners for b in batches}
     tokens: dict = {}
     for name, run in list(runners.items()):  # warm-up (compiles, captures) before any timing
+        memory = results["memory"][name] = {"param_bytes": params.get(name), "peak_bytes": None,
+                                            "peak_run_bytes": None}
+        if time.perf_counter() > start + 0.8 * args.budget_s:
+            results["notes"][name] = "skipped: time budget (--budget-s) spent before its warm-up (compile)"
+            del runners[name]
+            continue
         try:
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
             for b in batches:
                 ids = inputs[b]
                 run(ids, torch.ones_like(ids), 1)
                 tokens[(name, b)] = run(ids, torch.ones_like(ids), new)[:, prompt:].cpu()
+            if cuda:
+                torch.cuda.synchronize()
+                memory["peak_bytes"] = torch.cuda.max_memory_allocated()
+                memory["peak_run_bytes"] = memory["peak_bytes"] - before
         except Exception as exc:
             results["notes"][name] = f"failed in warm-up: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
             traceback.print_exc(file=sys.stderr)
             del runners[name]
-    for _ in range(args.repeats):
+    for round_ in range(args.repeats):
+        if round_ and time.perf_counter() > start + args.budget_s:
+            results["notes"]["repeats"] = f"stopped after {round_} of {args.repeats} rounds: time budget"
+            break
         for b in batches:
             ids = inputs[b]
             mask = torch.ones_like(ids)
@@ -192,22 +255,34 @@ def main(argv=None) -> int:
         if name not in runners:
             continue
         ttft, total = statistics.median(t["ttft"]), statistics.median(t["total"])
-        row = {"batch": b, "ttft_ms": round(1e3 * ttft, 2),
+        memory = results["memory"].get(name, {})
+        row = {"batch": b, "ttft_ms": round(1e3 * ttft, 2), "param_bytes": memory.get("param_bytes"),
+               "peak_bytes": memory.get("peak_bytes"),
                "decode_tokens_per_s": round((new - 1) * b / max(total - ttft, 1e-9), 1),
                "tokens_per_s": round(new * b / total, 1)}
         reference = tokens.get(("hf eager bf16", b))
         if reference is not None and (name, b) in tokens:
             row["same_tokens_as_hf_eager"] = float((tokens[(name, b)] == reference).float().mean())
         results["runs"][f"{name} b{b}"] = row
-    base = {b: results["runs"].get(f"ours bf16 b{b}") for b in batches}
-    for key, row in results["runs"].items():
-        ours = base[row["batch"]]
+    for key, row in results["runs"].items():  # against ours bf16 with the same decode backend
+        name = key.rsplit(" b", 1)[0]
+        suffix = next((s for s in (" compile+cg", " cudagraphs") if name.endswith(s)), "")
+        runs = results["runs"]
+        ours = runs.get(f"ours bf16{suffix} b{row['batch']}") or runs.get(f"ours bf16 b{row['batch']}")
         if ours:
             row["decode_vs_ours_bf16"] = round(row["decode_tokens_per_s"] / ours["decode_tokens_per_s"], 3)
-    print(f"{'variant':28s} {'TTFT ms':>9s} {'decode tok/s':>13s} {'tok/s':>9s} {'vs ours bf16':>13s}")
+
+    def mb(value) -> str:
+        return "-" if value is None else f"{value / 2 ** 20:.0f}"
+
+    print(f"{'variant':36s} {'TTFT ms':>9s} {'decode tok/s':>13s} {'tok/s':>9s} {'vs ours bf16':>13s} "
+          f"{'params MiB':>11s} {'peak MiB':>9s}")
     for key, row in results["runs"].items():
-        print(f"{key:28s} {row['ttft_ms']:>9.1f} {row['decode_tokens_per_s']:>13.1f} {row['tokens_per_s']:>9.1f} "
-              f"{row.get('decode_vs_ours_bf16', float('nan')):>13.3f}")
+        print(f"{key:36s} {row['ttft_ms']:>9.1f} {row['decode_tokens_per_s']:>13.1f} {row['tokens_per_s']:>9.1f} "
+              f"{row.get('decode_vs_ours_bf16', float('nan')):>13.3f} {mb(row['param_bytes']):>11s} "
+              f"{mb(row['peak_bytes']):>9s}")
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    print(f"total {results['seconds']} s")
     for name, note in results["notes"].items():
         print(f"{name}: {note}")
     if args.out:

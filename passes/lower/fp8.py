@@ -29,6 +29,11 @@ After:  x(bf16) -> fp8_linear_train(x, w_fp32, b, bf16) -> y(bf16)   w_fp32: the
 
 The weight's bf16 cast is erased when nothing else reads it; the parameter keeps its name and identity.
 
+A decode GEMM planned with {"kernel": "weight_only"} (plan/fp8_decode) becomes the weight-only op:
+
+Before: x(bf16) -> linear(x, cast(w_fp32 -> bf16), b) -> y(bf16)
+After:  x(bf16) -> fp8_weight_linear(x, w_fp8, w_scale[N], b, bf16) -> y(bf16)   w quantized per output channel
+
 Runs after insert_casts/fold_casts (it reads the bf16 decisions and the casts of the weights) and
 before cast_weights (which then stores the remaining weights, biases included, in bf16). A second run
 finds nothing left to rewrite and reports modified=False.
@@ -44,6 +49,7 @@ from rewriter.passes.graph_utils import attr_owner, free_attr_name
 from rewriter.passes.infra import Pass, PassResult
 from rewriter.runtime.fp8_ops import E4M3_MAX, FP8_DTYPE, emulation_reason, fp8_linear_op, quantize_weight
 from rewriter.runtime.fp8_train_ops import fp8_linear_train
+from rewriter.runtime.fp8_weight_ops import fp8_weight_linear_op
 from rewriter import meta
 from rewriter.config import ConvertConfig, Mode
 
@@ -59,7 +65,7 @@ def _planned(graph: fx.Graph, rewritten):
     `rewritten` (the op it becomes); a chosen GEMM no longer in a supported form is marked kept."""
     for node in list(graph.nodes):
         record = meta.get(node, meta.FP8)
-        if not record or not record.get("use") or node.target is rewritten:
+        if not record or not record.get("use") or node.target in rewritten:
             continue
         operands = gemm_operands(node)
         weight = stored_weight(operands[1]) if operands else None
@@ -93,32 +99,40 @@ class Fp8Rewrite(Pass):
             return self._rewrite_train(gm)
         graph = gm.graph
         emulated: str | None = None  # decided for the device the weights are on (the model's)
-        quantized: dict[tuple[str, bool], tuple[str, str, torch.Tensor, torch.Tensor]] = {}
+        kinds: list[str] = []  # per rewritten GEMM: weight-only GEMMs are never emulated
+        quantized: dict[tuple[str, bool, bool], tuple[str, str, torch.Tensor, torch.Tensor]] = {}
         getters: dict[str, fx.Node] = {}
         done, dropped = [], []
-        for node, record, operands, weight in _planned(graph, fp8_linear_op):
+        for node, record, operands, weight in _planned(graph, (fp8_linear_op, fp8_weight_linear_op)):
             x, w_value, bias, nk = operands
             target = str(weight.target)
-            per_channel = self.options.granularity == "row"
-            key = (target, nk)
+            weight_only = record.get("kernel") == "weight_only"  # a decode GEMM (plan/fp8_decode)
+            per_channel = weight_only or self.options.granularity == "row"
+            key = (target, nk, per_channel)
             if key not in quantized:
                 quantized[key] = self._quantize(gm, weight, nk, per_channel)
             w_target, s_target, w_fp8, w_scale = quantized[key]
-            if not done:
+            if not weight_only and "scaled_mm" not in kinds:  # the first _scaled_mm GEMM decides
                 emulated = emulation_reason(w_fp8.device)
+            kinds.append("weight-only" if weight_only else "scaled_mm")
             with graph.inserting_before(node):
                 w_node = self._getter(graph, getters, w_target, w_fp8, node)
                 s_node = self._getter(graph, getters, s_target, w_scale, node)
                 x_scale_node = None
-                if record.get("scaling") == "static":
+                if record.get("scaling") == "static" and not weight_only:
                     x_scale_node = self._static_scale(gm, graph, weight, record, node, w_fp8.device)
             out_dtype = meta.dtype_from_name((meta.get(node, meta.DECISION) or {}).get("dtype")) \
                 or torch.bfloat16
             op = (meta.get(node, meta.OP_CLASS) or {}).get("op", node.name)
-            node.target = fp8_linear_op
-            node.args = (x, w_node, s_node, bias, x_scale_node, out_dtype, bool(self.options.fast_accum))
             node.kwargs = {}
-            self._annotate(node, op, record, w_target, w_fp8, w_scale, emulated, per_channel)
+            if weight_only:
+                node.target = fp8_weight_linear_op
+                node.args = (x, w_node, s_node, bias, out_dtype)
+                self._annotate_weight_only(node, op, record, w_target, w_fp8, w_scale)
+            else:
+                node.target = fp8_linear_op
+                node.args = (x, w_node, s_node, bias, x_scale_node, out_dtype, bool(self.options.fast_accum))
+                self._annotate(node, op, record, w_target, w_fp8, w_scale, emulated, per_channel)
             done.append(node.name)
             for value in (w_value, weight):  # the bf16 cast and the fp32 original, when now unused
                 if isinstance(value, fx.Node) and value in graph.nodes and not value.users:
@@ -133,7 +147,7 @@ class Fp8Rewrite(Pass):
         graph = gm.graph
         transposed: dict[str, fx.Node] = {}  # weight target -> its aten.t node (tied [K, N] weights)
         done, emulated = [], None
-        for node, record, operands, weight in _planned(graph, fp8_linear_train):
+        for node, record, operands, weight in _planned(graph, (fp8_linear_train,)):
             x, w_value, bias, nk = operands
             target = str(weight.target)
             param = getattr(*attr_owner(gm, target))
@@ -268,6 +282,18 @@ class Fp8Rewrite(Pass):
         })
         self._record(node, new, emulated, reason, "fp8_linear", f"FP8 GEMM made by rewrite/fp8 from {op}")
 
+    def _annotate_weight_only(self, node, op, record, w_target, w_fp8, w_scale):
+        reason = (f"{op} -> rewriter::fp8_weight_linear: {w_target} stored float8_e4m3fn (per output channel "
+                  f"scales ({w_scale.numel()})), widened to {meta.dtype_name(meta.value_dtype(node.args[0])) or 'x'}"
+                  f"'s dtype inside the GEMM, activation not quantized, {meta.dtype_name(node.args[4])} output "
+                  f"({record.get('reason', '')})")
+        new = dict(record)
+        new.update({"use": True, "mode": "weight-only", "scale": None, "emulated": False, "weight_fp8": w_target,
+                    "weight_bytes": int(w_fp8.numel()), "scale_bytes": int(w_scale.numel() * 4),
+                    "granularity": "row", "from_op": op})
+        self._record(node, new, None, reason, "fp8_weight_linear",
+                     f"weight-only FP8 GEMM made by rewrite/fp8 from {op}")
+
     @staticmethod
     def _drop_unused(gm: fx.GraphModule, target: str) -> list[str]:
         """Delete the fp32 original of a quantized weight when no node reads it any more."""
@@ -284,7 +310,7 @@ class Fp8Rewrite(Pass):
 
     def _summarize(self, gm, done, dropped, emulated) -> None:
         summary = gm.meta.setdefault(meta.FP8, {})
-        converted = [n for n in gm.graph.nodes if n.target is fp8_linear_op]
+        converted = [n for n in gm.graph.nodes if n.target in (fp8_linear_op, fp8_weight_linear_op)]
         fp8_bytes = 0
         scale_bytes = 0
         seen = set()

@@ -1,4 +1,7 @@
-"""`rewrite diff BEFORE AFTER`: what a conversion changed, node by node, within the terminal's width."""
+"""`rewrite diff BEFORE AFTER`: what a conversion changed, node by node, within the terminal's width.
+
+AFTER may also be a factory spec returning a GenerativeLM (rewriter.convert(lm, ..., generate=True),
+which is not saved as a .pt2): then both its graphs are shown, decode and prefill."""
 from __future__ import annotations
 
 import sys
@@ -15,6 +18,7 @@ def run(args, ui: Ui) -> int:
     from rewriter.diff import diff
     from rewriter.errors import InputError
     from rewriter.files import writing
+    from rewriter.meta import is_generative
     from rewriter.pipeline import is_converted
 
     html_path = Path(args.html) if args.html else None
@@ -23,9 +27,10 @@ def run(args, ui: Ui) -> int:
     with ui.step(f"loading {args.before} and {args.after}"):
         before = load_model(args.before, trust_pickle=args.trust_pickle).model
         after = load_model(args.after, trust_pickle=args.trust_pickle).model
-        if not is_converted(after):
+        if not (is_converted(after) or is_generative(after)):  # a GenerativeLM comes from a factory spec
             raise InputError(f"AFTER {args.after!r} is not a converted model (it carries no rewriter "
-                             "annotations); give the .pt2 written by `rewrite convert` as the second file")
+                             "annotations); give the .pt2 written by `rewrite convert` as the second file, or "
+                             "a factory spec (package.module:function) returning rewriter.convert(...)")
     with ui.step("comparing (captures BEFORE to find removed casts)"):
         d = diff(before, after)
         html = d.to_html() if html_path else None

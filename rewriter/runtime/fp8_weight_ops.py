@@ -1,0 +1,69 @@
+"""Run-time piece of weight-only FP8 GEMMs: the `rewriter::fp8_weight_linear` custom op.
+
+    y = rewriter::fp8_weight_linear(x, w_fp8, w_scale, bias, out_dtype)
+
+computes `x @ W.T + bias` with W stored once in float8_e4m3fn (1 byte per weight) and the activation
+left as it is: the weight is widened to x's dtype inside the GEMM and each output column is multiplied
+by its weight scale afterwards (W ~= w_fp8 * w_scale, w_scale 0-dim or [N]: per output channel).
+
+    y = (linear(x, w_fp8.to(x.dtype)) * w_scale + bias).to(out_dtype)
+
+What it is for: a decode step multiplies a handful of rows (the batch) by every weight, so it is bound
+by the bytes of the weights it reads, not by FLOPs; FP8 weights halve them, and no activation is
+quantized (no scale computation per call, no FP8 tensor cores needed). The widening is exact (every
+e4m3 value is a bf16/fp16 value), so the only error is the weight's rounding to e4m3.
+
+The op is registered with a CompositeImplicitAutograd kernel: torch.export keeps it as one node, while
+torch.compile decomposes it into the aten ops above, so inductor can fuse the widening into the GEMM (or
+into the GEMV it generates for a few rows) and the scale and bias into its epilogue. Run eagerly, the
+widened weight is materialized on every call: correct, but it reads more bytes than a bf16 GEMM, so a
+weight-only FP8 model is meant to run its decode graph under torch.compile.
+
+Before: x(bf16) -> linear(x, w_bf16, b)                                    -> y(bf16)   2 bytes per weight
+After:  x(bf16) -> rewriter::fp8_weight_linear(x, w_fp8, w_scale, b, bf16) -> y(bf16)   1 byte per weight
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["fp8_weight_linear", "fp8_weight_linear_op"]
+
+_SCHEMA = "fp8_weight_linear(Tensor x, Tensor w_fp8, Tensor w_scale, Tensor? bias, ScalarType out_dtype) -> Tensor"
+
+
+def fp8_weight_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                      out_dtype: torch.dtype) -> torch.Tensor:
+    """Reference implementation of `rewriter::fp8_weight_linear` (see the module docstring).
+
+    Args:
+        x: activation [..., K] (bf16 or fp16 in a converted graph; fp32 works too).
+        w_fp8: weight [N, K], float8_e4m3fn.
+        w_scale: fp32 dequantization scale of the weight, 0-dim or [N] (per output channel).
+        bias: [N] or None.
+        out_dtype: dtype of the result.
+
+    Returns:
+        [..., N] in `out_dtype`.
+    """
+    y = torch.nn.functional.linear(x, w_fp8.to(x.dtype))
+    y = y * w_scale.to(torch.float32)  # [N] broadcasts over the output columns; fp32 before the bias
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(out_dtype)
+
+
+def _register():
+    lib = torch.library.Library("rewriter", "FRAGMENT")  # noqa: TOR901 - kept alive below
+    try:
+        lib.define(_SCHEMA)
+    except RuntimeError as exc:  # re-import of this module: already defined
+        if "already" not in str(exc) and "multiple times" not in str(exc):
+            raise
+        return lib
+    lib.impl("fp8_weight_linear", fp8_weight_linear, "CompositeImplicitAutograd")
+    return lib
+
+
+_LIB = _register()
+fp8_weight_linear_op = torch.ops.rewriter.fp8_weight_linear.default
+"""The OpOverload a converted graph calls: `torch.ops.rewriter.fp8_weight_linear.default`."""
