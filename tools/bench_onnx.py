@@ -51,9 +51,9 @@ __all__ = ["main", "build"]
 VARIANTS = ("fp32", "occ-fp16", "ortopt-fp16", "ortopt-fp32", "ours-fp16", "ours-fp16-nofuse", "ours-fp16-ln16",
             "ours-fp16-ln16-rpad", "ours-fp8-qdq", "ours-fp8-gemmfloat8", "ours-fp8-qdq-nofuse",
             "ours-fp8-gemmfloat8-nofuse")
-# ours-fp8-*: rewriter.convert(precision="fp8", calibration=one other batch) puts the GEMMs its cost model
-# chooses in FP8 (static per-tensor scales); export_onnx writes them as QuantizeLinear/DequantizeLinear around
-# fp32 Gemms ("qdq": every EP) or as com.microsoft.GemmFloat8 (cuBLASLt FP8 GEMM: CUDA EP on sm_89+ only); -nofuse:
+# ours-fp8-*: rewriter.convert(precision="fp8", calibration=one other batch,
+# fp8=Fp8Options(fused_quantization=True)) puts the GEMMs its cost model chooses in FP8 (static per-tensor
+# scales); export_onnx writes them as QuantizeLinear/DequantizeLinear around fp32 Gemms ("qdq": every EP) or as com.microsoft.GemmFloat8 (cuBLASLt FP8 GEMM: CUDA EP on sm_89+ only); -nofuse:
 # without ORT fusions (the bf16 fusions cannot be run on a CPU at export, only checked for precision).
 # ours-fp16-ln16: rewriter.convert(precision="fp16", overrides={"layer_norm": "fp16"}): LayerNorm reads and
 # writes fp16 (its kernels still compute the statistics in fp32), so the residual stream is fp16, as in the
@@ -183,7 +183,10 @@ def _make_variant(label, ctx, workdir):
         overrides, fp8 = _OVERRIDES.get(label), "fp8" in label
         key = "gm:fp8" if fp8 else f"gm:{sorted(overrides.items()) if overrides else ''}"
         if key not in ctx:
-            extra = dict(precision="fp8", calibration=[ctx["calib"]], fp8=Fp8Options(fused_quantization=False)) \
+            # fused_quantization=True: ONNX Runtime quantizes an activation in one QuantizeLinear kernel, as
+            # inductor does in the producer; the eager estimate (several kernels per quantization, ~130 us at
+            # BERT-large's 12288x1024) kept all 120 GEMMs bf16 on the H200.
+            extra = dict(precision="fp8", calibration=[ctx["calib"]], fp8=Fp8Options(fused_quantization=True)) \
                 if fp8 else dict(precision="fp16", overrides=overrides)
             ctx[key] = rewriter.convert(ctx["model"], (), dict(ctx["feeds"]), **extra)
         with _quiet():
