@@ -62,3 +62,20 @@ def test_write_json_records_the_run(tmp_path):
     assert run["command"] == "python -m tools.bench --device cpu --small"
     assert run["torch"] == torch.__version__ and run["device"].startswith("cpu") and run["date"].endswith("UTC")
     assert not (tmp_path / "sub" / "out.json.tmp").exists()
+
+
+def test_bench_zoo_jobs_merge_the_rows_of_their_processes(tmp_path):
+    """`python -m tools.bench_zoo --jobs 2`: two processes under one timing lock, one merged JSON."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "zoo.json"
+    done = subprocess.run([sys.executable, "-m", "tools.bench_zoo", "--device", "cpu", "--models", "tiny_mlp,tiny_mlp",
+                           "--dtypes", "bf16", "--repeats", "1", "--warmup", "1", "--jobs", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert [r["model"] for r in record["rows"]] == ["tiny_mlp", "tiny_mlp"] and record["failures"] == []
+    assert all(r["err"]["ours"] <= 1.5 * r["err"]["autocast"] + 1e-3 for r in record["rows"])
+    assert "--jobs 2" in record["command"]
