@@ -38,6 +38,7 @@ and the passes read its tensors as they are, and the only copies made are of ten
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any
 
 import torch
@@ -168,9 +169,20 @@ class _Step(nn.Module):
                 scales: list[torch.Tensor] | None = None):
         kv = _StaticKV(cache, cache_position, scales, self.calibrate)
         out = self.lm(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                      cache=kv, use_cache=True, logits_to_keep=1)
+                      use_cache=True, logits_to_keep=1, **{cache_argument(self.lm): kv})
         logits = out["logits"] if isinstance(out, dict) else out[0]
         return logits[:, -1]
+
+
+def cache_argument(lm: nn.Module) -> str:
+    """The keyword the model's forward takes its cache by: `cache` (transformers >= 5.2x) or
+    `past_key_values` (5.17 and before; an unknown keyword would be swallowed by **kwargs and the model
+    would build a cache of its own)."""
+    try:
+        params = inspect.signature(lm.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def cache_layout(config) -> tuple[int, int, int]:

@@ -249,3 +249,20 @@ def test_llama_family_generates(family):
     assert float((fast.prefill(ids[:1]) - ref).norm() / ref.norm()) < 2e-2
     updates = fast.record["generation"]["cache_updates_in_place"]
     assert updates["prefill"] == updates["decode"] == updates["expected"] == 4
+
+
+def test_the_cache_goes_in_by_the_keyword_the_model_takes():
+    """transformers renamed the cache keyword (`past_key_values` up to 5.17, `cache` in 5.2x); a keyword
+    the forward does not name would vanish into **kwargs and the model would build its own cache (on 5.17
+    the H200 run failed with 'expand: ... 640 -> s70')."""
+    from rewriter.generation import cache_argument
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=None, **kwargs):
+            return input_ids
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, cache=None, use_cache=None, **kwargs):
+            return input_ids
+
+    assert cache_argument(Old()) == "past_key_values" and cache_argument(New()) == "cache"
