@@ -33,7 +33,7 @@ from rewriter import meta
 from rewriter.errors import InputError
 
 __all__ = ["dynamic_shapes_for", "batch_dynamic_shapes", "InputCheck", "install", "input_shapes",
-           "describe_shapes", "bind_call", "rejects_ones"]
+           "describe_shapes", "bind_call", "rejects_ones", "reinstall"]
 
 
 # ---------------------------------------------------------------- dynamic_shapes for torch.export
@@ -329,6 +329,12 @@ def _arg(name: str) -> str:
 def install(gm: fx.GraphModule, range_constraints: dict, forward, args: tuple, kwargs: dict) -> list[dict]:
     """Replace torch.export's input guards and input-structure hook of `gm` by ours (see the module
     docstring). Returns the captured shapes (also in gm.meta[meta.INPUT_SHAPES])."""
+    return reinstall(gm, range_constraints, _signature_record(forward, args, kwargs))
+
+
+def reinstall(gm: fx.GraphModule, range_constraints: dict, signature: dict | None) -> list[dict]:
+    """`install` for a program loaded from a file (`ep.module()` of a saved converted model): its
+    shapes from the loaded program, the call signature from the record `install` made at convert."""
     shapes = input_shapes(gm, range_constraints)
     guards = getattr(gm, "_guards_fn", None)
     check = InputCheck(shapes, guards if isinstance(guards, nn.Module) else None)
@@ -342,7 +348,7 @@ def install(gm: fx.GraphModule, range_constraints: dict, forward, args: tuple, k
                 gm.graph.call_module("_guards_fn", tuple(placeholders))
             gm.recompile()
     gm.meta[meta.INPUT_SHAPES] = shapes
-    gm.meta[meta.CALL_SIGNATURE] = _signature_record(forward, args, kwargs)
+    gm.meta[meta.CALL_SIGNATURE] = signature
     hooks = gm._forward_pre_hooks
     for key, hook in list(hooks.items()):
         if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
