@@ -144,7 +144,8 @@ _TOP = {"format": str, "record": dict, "dynamic_batch": (bool, type(None)), "tor
 _RECORD = {"config": dict, "capture": str, "dynamic_batch": (bool, type(None)), "notes": list, "model": str,
            "warnings": list, "input_shapes": list}
 _CONFIG = {"precision": str, "overrides": list, "mode": str, "keep_io_types": bool, "dynamic_batch": bool,
-           "static": bool, "dynamic_shapes": (str, type(None)), "tolerance": (int, float, type(None)),
+           "static": bool, "dynamic_shapes": (str, type(None)),
+           "capture_time_limit": (int, float, type(None)), "tolerance": (int, float, type(None)),
            "backend": str, "backend_options": dict, "allow_bf16_fallback": bool}
 _BACKENDS = ("eager", "compile", "cuda_graphs")
 _COMPILERS = ("inductor", "aot_eager", "eager", "cudagraphs")
