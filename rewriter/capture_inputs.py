@@ -281,7 +281,8 @@ class InputCheck(nn.Module):
                     if size != want:
                         raise InputError(
                             f"input '{name}' dimension {i} is {size}, but it is static at {want} in the "
-                            f"converted model (captured shapes: {describe_shapes(self.shapes)}). What to "
+                            f"converted model (captured shapes: {describe_shapes(self.shapes)}; the "
+                            "capture notes in model.meta['rewriter']['notes'] say why). What to "
                             "do: convert without static=True, or pass dynamic_shapes= (torch.export's "
                             f"format, e.g. {{'{_arg(name)}': {{{i}: torch.export.Dim.DYNAMIC}}}}) to keep "
                             "it dynamic; if the model itself fixes this size, call it with "

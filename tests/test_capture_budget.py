@@ -60,8 +60,9 @@ def test_slow_dynamic_capture_falls_back_to_dynamic_batch():
     other = torch.randn(3, 3, 16, 16)  # another batch runs
     with torch.no_grad():
         assert _rel_l2(model(other), fast(other)) < BF16_TOL
-    with pytest.raises(InputError, match=r"input 'x' dimension 2 is 20, but it is static at 16"):
+    with pytest.raises(InputError, match=r"input 'x' dimension 2 is 20, but it is static at 16") as static:
         fast(torch.randn(2, 3, 20, 16))
+    assert "capture notes" in str(static.value) and "dynamic_shapes=" in str(static.value)
 
     # torch's state survived the interrupted export: the next dynamic capture works in full
     quick = _SlowWhenDynamic(delay=0.0).eval()
