@@ -7,7 +7,8 @@
 
 How the annotations survive:
   * `save` re-exports the converted GraphModule with torch.export, using the example inputs `convert`
-    recorded (dimension 0 dynamic when it was dynamic). Before exporting, every node's annotations
+    recorded and keeping dynamic exactly the dimensions convert captured dynamic (batch, sequence
+    length, image size: rewriter/reexport.py). Before exporting, every node's annotations
     are copied into `node.meta["custom"]` (`meta.to_custom`), which export carries onto the nodes it
     re-traces and `torch.export.save` serialises. Re-export renames nodes and re-traces
     `meta["val"]` (so it shows the new dtypes); the node's name and dtype before saving are kept in
@@ -19,7 +20,10 @@ How the annotations survive:
   * The conversion record (`gm.meta["rewriter"]`) is stored as JSON in the archive's extra file
     `rewriter.json` (`torch.export.save(..., extra_files=...)`), a documented part of the format.
   * `load` runs `torch.export.load(...).module()`, restores the annotations with `meta.from_custom`
-    and from the record, and restores the record and the example inputs (`ep.example_inputs`).
+    and from the record, and restores the record and the example inputs (`ep.example_inputs`). It
+    puts back the input checks of a converted model (capture_inputs.reinstall): a size outside the
+    captured range is the InputError a freshly converted model gives, and calls bind by the original
+    forward's signature.
 The input GraphModule is left as it was: the temporary `custom` entries are removed after saving.
 Files are written atomically (a temporary file in the same folder, then `os.replace`).
 
