@@ -27,7 +27,7 @@ __all__ = ["dynamic_shapes_of", "export_again", "batch_is_dynamic", "any_dynamic
 
 
 def _dims_by_tensor(shapes: list[dict], args: tuple, kwargs: dict, batch: bool,
-                    batch_dim=None) -> dict[int, dict] | None:
+                    batch_dim=None, other: bool = True) -> dict[int, dict] | None:
     """id(example tensor) -> {dim: Dim.AUTO} from the recorded shapes (placeholder order = leaf order)."""
     leaves = pytree.tree_leaves((args, kwargs))
     if len(leaves) != len(shapes):  # non-tensor leaves missing from one side: match the tensors only
@@ -44,7 +44,7 @@ def _dims_by_tensor(shapes: list[dict], args: tuple, kwargs: dict, batch: bool,
         if len(dims) != leaf.dim():
             return None
         table[id(leaf)] = {i: (batch_dim if i == 0 and batch_dim is not None else auto)
-                           for i, d in enumerate(dims) if not isinstance(d, int) and (batch or i > 0)}
+                           for i, d in enumerate(dims) if not isinstance(d, int) and (batch if i == 0 else other)}
     return table
 
 
@@ -59,10 +59,11 @@ def _spec(value, dims_of):
 
 
 def dynamic_shapes_of(gm: fx.GraphModule, args: tuple, kwargs: dict, *, batch: bool = True,
-                      batch_dim=None):
+                      batch_dim=None, other: bool = True):
     """torch.export's `dynamic_shapes` for re-exporting `gm` with the example inputs (args, kwargs):
     Dim.AUTO on every dimension recorded dynamic in gm.meta[meta.INPUT_SHAPES] (dimension 0 only when
-    `batch`; `batch_dim`, e.g. one named torch.export.Dim shared by every input, in place of AUTO there).
+    `batch`; `batch_dim`, e.g. one named torch.export.Dim shared by every input, in place of AUTO there;
+    the other dimensions only when `other`).
     None when nothing is dynamic or the record does not fit the inputs.
 
     Example:
@@ -71,7 +72,7 @@ def dynamic_shapes_of(gm: fx.GraphModule, args: tuple, kwargs: dict, *, batch: b
     shapes = gm.meta.get(meta.INPUT_SHAPES)
     if not shapes:
         return None
-    table = _dims_by_tensor(list(shapes), args, kwargs, batch, batch_dim)
+    table = _dims_by_tensor(list(shapes), args, kwargs, batch, batch_dim, other)
     if table is None or not any(table.values()):
         return None
 
@@ -119,7 +120,8 @@ def _first_line(exc: BaseException, limit: int = 160) -> str:
 
 
 def export_again(gm: fx.GraphModule, args: tuple, kwargs: dict, *, dynamic: bool = True,
-                 batch: bool = True, batch_dim=None, notes: list[str] | None = None) -> Any:
+                 batch: bool = True, batch_dim=None, other: bool = True,
+                 notes: list[str] | None = None) -> Any:
     """torch.export of converted `gm` keeping the dimensions convert found dynamic.
 
     Args:
@@ -128,6 +130,7 @@ def export_again(gm: fx.GraphModule, args: tuple, kwargs: dict, *, dynamic: bool
         args, kwargs: the example inputs convert recorded.
         dynamic: False exports every dimension static.
         batch: False keeps dimension 0 static (the other recorded dimensions stay dynamic).
+        other: False keeps every dimension but the batch static.
         batch_dim: the Dim for dimension 0 (default Dim.AUTO); ONNX passes one named "batch" Dim so
             every input shares one batch axis.
         notes: receives one line per fallback (recorded shapes -> batch only -> static).
@@ -138,7 +141,7 @@ def export_again(gm: fx.GraphModule, args: tuple, kwargs: dict, *, dynamic: bool
     notes = notes if notes is not None else []
     plans: list[tuple[str, Any]] = []
     if dynamic:
-        recorded = dynamic_shapes_of(gm, args, kwargs, batch=batch, batch_dim=batch_dim)
+        recorded = dynamic_shapes_of(gm, args, kwargs, batch=batch, batch_dim=batch_dim, other=other)
         if recorded is not None:
             plans.append(("the captured dynamic shapes", recorded))
         elif gm.meta.get(meta.INPUT_SHAPES) is None and batch:  # not made by convert: batch only

@@ -173,3 +173,11 @@ def test_onnx_export_keeps_sequence_axis_symbolic(tmp_path):
             ref = bert(**kwargs).last_hidden_state
         assert got.shape == tuple(ref.shape)
         assert _rel_l2(ref, torch.from_numpy(got).float()) < FP16_ONNX_TOL
+
+    # optimize=True: ONNX Runtime's fusions need the sequence length fixed; the report says so
+    fused = tmp_path / "bert-opt.onnx"
+    report = rewriter.export_onnx(fast, fused, target="ort-cpu", optimize=True)
+    assert any(n.startswith("optimize=True: only the batch dimension is symbolic") for n in report.notes)
+    dims = {i.name: i.type.tensor_type.shape.dim for i in onnx.load(str(fused)).graph.input}
+    assert {name: (d[0].dim_param, d[1].dim_value) for name, d in dims.items()} == {
+        "input_ids": ("batch", 16), "attention_mask": ("batch", 16)}

@@ -109,7 +109,8 @@ def export_onnx(converted: fx.GraphModule, path: str | os.PathLike, *, target: s
             converted model is on CUDA, else "ort-cpu" (`default_target`).
         opset: ONNX opset; default 18, 21 with FP8 GEMMs, 22 when the model holds bfloat16 tensors.
         dynamic_batch: dimension 0 of every input is symbolic ("batch") when the model allows it. The
-            other dimensions convert kept dynamic (sequence length, image size) stay symbolic too.
+            other dimensions convert kept dynamic (sequence length, image size) stay symbolic too,
+            except with optimize=True (ONNX Runtime's fusions need them fixed; the report notes it).
         optimize: apply ONNX Runtime fusions where they keep the precision decisions (fusion.py).
         fallback: "fp32" computes the nodes above in fp32 with Casts around them; "error" refuses the
             first with a BackendError naming it and the target that has the kernel.
@@ -155,7 +156,13 @@ def export_onnx(converted: fx.GraphModule, path: str | os.PathLike, *, target: s
     if dynamic_batch and not captured_dynamic:
         notes.append("the converted model has a static batch dimension (see its capture notes): "
                      "exported with the example batch size")
-    ep = reexport(converted, args, kwargs, dynamic_batch and captured_dynamic, notes)
+    if optimize and any(not isinstance(d, int) for entry in converted.meta.get(meta.INPUT_SHAPES) or ()
+                        for d in (entry.get("dims") or ())[1:]):
+        notes.append("optimize=True: only the batch dimension is symbolic, the sequence length and image "
+                     "size are the example's (ONNX Runtime's Attention and EmbedLayerNormalization fusions "
+                     "do not match the graph with a symbolic sequence length); export with optimize=False "
+                     "to keep them symbolic")
+    ep = reexport(converted, args, kwargs, dynamic_batch and captured_dynamic, notes, dynamic_sizes=not optimize)
     dynamic = batch_is_dynamic(ep)
     with quiet():
         n_out = len(ep.graph_signature.user_outputs)

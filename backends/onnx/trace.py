@@ -47,16 +47,17 @@ def precision_of(gm) -> str:
     return str(gm.meta.get(meta.INFO, {}).get("config", {}).get("precision", "fp16"))
 
 
-def reexport(gm, args, kwargs, dynamic_batch: bool, notes: list[str]):
+def reexport(gm, args, kwargs, dynamic_batch: bool, notes: list[str], dynamic_sizes: bool = True):
     """torch.export of the converted GraphModule with the dimensions convert found dynamic (batch,
-    sequence, image size: rewriter/reexport.py); dimension 0 static when not `dynamic_batch`.
+    sequence, image size: rewriter/reexport.py); dimension 0 static when not `dynamic_batch`, the others
+    when not `dynamic_sizes`.
     Falls back to batch-only, then static shapes, with a note."""
     from rewriter.reexport import export_again
 
     try:
         with quiet():
             return export_again(gm, args, kwargs, batch=dynamic_batch, batch_dim=torch.export.Dim("batch"),
-                                notes=notes)
+                                other=dynamic_sizes, notes=notes)
     except Exception as exc:
         raise BackendError(
             f"torch.export could not re-trace the converted model for ONNX: {type(exc).__name__}: "
