@@ -144,7 +144,8 @@ _TOP = {"format": str, "record": dict, "dynamic_batch": (bool, type(None)), "tor
 _RECORD = {"config": dict, "capture": str, "dynamic_batch": (bool, type(None)), "notes": list, "model": str,
            "warnings": list, "input_shapes": list}
 _CONFIG = {"precision": str, "overrides": list, "mode": str, "keep_io_types": bool, "dynamic_batch": bool,
-           "static": bool, "dynamic_shapes": (str, type(None)), "tolerance": (int, float, type(None)),
+           "static": bool, "dynamic_shapes": (str, type(None)),
+           "capture_time_limit": (int, float, type(None)), "tolerance": (int, float, type(None)),
            "backend": str, "backend_options": dict, "allow_bf16_fallback": bool}
 _BACKENDS = ("eager", "compile", "cuda_graphs")
 _COMPILERS = ("inductor", "aot_eager", "eager", "cudagraphs")
@@ -215,6 +216,22 @@ def _check_backend(path: Path, config: dict) -> None:
                        "booleans are allowed")
 
 
+def _check_signature(path: Path, record: Any) -> None:
+    """The call signature (capture_inputs): parameter names, kinds 0-4 and default flags, and the
+    names of the captured positional and keyword inputs; nothing else."""
+    if record is None:
+        return
+    ok = isinstance(record, dict) and set(record) == {"params", "args", "kwargs"} and isinstance(
+        record["params"], list) and all(
+        isinstance(p, list) and len(p) == 3 and isinstance(p[0], str) and p[0].isidentifier()
+        and type(p[1]) is int and 0 <= p[1] <= 4 and isinstance(p[2], bool) for p in record["params"])
+    ok = ok and all(isinstance(record[k], list) and all(isinstance(n, str) and n.isidentifier()
+                                                         for n in record[k]) for k in ("args", "kwargs"))
+    if not ok:
+        raise _bad(path, "has a call signature that is not a list of (name, kind, has_default) "
+                   "parameters with the captured input names")
+
+
 def check_record(path: Path, payload: Any) -> dict:
     """Validate a parsed side record against the schema; returns it. Raises InputError (exit 2)."""
     _check_keys(path, "the record", payload, _TOP)
@@ -232,8 +249,9 @@ def check_record(path: Path, payload: Any) -> dict:
     for where in ("getitems", "attrs", "inputs"):
         _check_annotations(path, where, payload.get(where) or {})
     for key in payload.get("graph_meta") or {}:
-        if key not in (meta.CALIBRATION,):
+        if key not in (meta.CALIBRATION, meta.CALL_SIGNATURE):
             raise _bad(path, f"has unknown graph_meta key {key!r}")
+    _check_signature(path, (payload.get("graph_meta") or {}).get(meta.CALL_SIGNATURE))
     sums = payload.get("weights_sha256") or {}
     if not all(isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for v in sums.values()):
         raise _bad(path, "has weights_sha256 entries that are not sha256 hex digests")

@@ -32,6 +32,8 @@ import torch.nn as nn
 
 from rewriter import autocast_regions, capture_inputs
 from rewriter.attention_swap import batch_first_copy, record_swaps
+from rewriter import capture_budget
+from rewriter.capture_budget import CaptureTimeout
 from rewriter.capture_fx import symbolic_trace
 from rewriter.capture_inputs import batch_dynamic_shapes, dynamic_shapes_for
 from rewriter.errors import CaptureError, InputError
@@ -200,7 +202,7 @@ def _shape_plans(model, args, kwargs, *, dynamic_batch: bool, dynamic_shapes, st
     if dynamic_shapes is not None:
         return [("dynamic_shapes as given", dynamic_shapes)]
     forward = model.forward
-    plans = [("automatic dynamic shapes",
+    plans = [(_AUTOMATIC,
               dynamic_shapes_for(forward, args, kwargs, batch=dynamic_batch, other=True))]
     if dynamic_batch:
         plans.append(("dynamic batch", dynamic_shapes_for(forward, args, kwargs, batch=True, other=False)))
@@ -246,23 +248,37 @@ def _size_oblivious():
         yield
 
 
-def _export_first(target, args, kwargs, plans, train: bool = False) -> tuple[Any, str | None, list[_Attempt]]:
+_AUTOMATIC = "automatic dynamic shapes"
+
+
+def _export_first(target, args, kwargs, plans, train: bool = False, time_limit_s: float | None = None,
+                  timed_out: list | None = None) -> tuple[Any, str | None, list[_Attempt]]:
     """Export `target` with the first shape plan that works: (program, plan name, failed attempts).
     A plan that fails for a reason other than shapes fails the same way statically, so after the
-    first failure only the static plan is tried; when that works, the batch-only plan too."""
+    first failure only the static plan is tried; when that works, the batch-only plan too.
+
+    The automatic plan runs under `time_limit_s` (capture_budget.py); when it runs out, the seconds
+    are appended to `timed_out` and the remaining plans are tried as if it had not been there."""
     failures: list[_Attempt] = []
 
-    def attempt(name, shapes):
+    def attempt(name, shapes, limit=None):
         with _track_modules(target) as tracker:
             try:
-                return _export(target, args, kwargs, shapes, train)
-            except Exception as exc:
+                with capture_budget.time_limit(limit):
+                    return _export(target, args, kwargs, shapes, train)
+            except Exception as exc:  # CaptureTimeout is a BaseException: it passes to the caller
                 cause = _root_cause(exc)
                 failures.append(_Attempt(name, cause, tracker.innermost(), _user_frame(cause)))
                 return None
 
     first_name, first_shapes = plans[0]
-    ep = attempt(first_name, first_shapes)
+    limit = time_limit_s if first_name == _AUTOMATIC and len(plans) > 1 else None
+    try:
+        ep = attempt(first_name, first_shapes, limit)
+    except CaptureTimeout as exc:
+        if timed_out is not None:
+            timed_out.append(exc.seconds)
+        return _export_first(target, args, kwargs, plans[1:], train)
     if ep is not None or len(plans) == 1:
         return ep, (first_name if ep is not None else None), failures
     static = attempt("static", None)
@@ -360,7 +376,8 @@ def _views_to_reshapes(gm: fx.GraphModule) -> None:
 
 
 def capture(model: nn.Module, args: tuple, kwargs: dict, *, dynamic_batch: bool = True,
-            dynamic_shapes: Any = None, static: bool = False, train: bool = False) -> Captured:
+            dynamic_shapes: Any = None, static: bool = False, train: bool = False,
+            time_limit: float | None = None) -> Captured:
     """Capture `model` as an aten-level GraphModule.
 
     Args:
@@ -370,6 +387,9 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, *, dynamic_batch: bool 
         dynamic_shapes: torch.export's `dynamic_shapes` for the inputs, used as given.
         static: capture every dimension static (for backends that want fixed shapes).
         train: capture in training mode (dropout, batch-norm statistics).
+        time_limit: seconds the automatic dynamic-shape export may take (None: no limit); past it,
+            only the batch stays dynamic and a note says why (capture_budget.py). Enforced with
+            SIGALRM, so only when called on the main thread; on other threads there is no limit.
 
     Returns:
         Captured, whose `method` says which path was taken and `notes` what to know about it.
@@ -391,15 +411,19 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, *, dynamic_batch: bool 
             run_reference(model, args, kwargs)
         # made under _mode, so the copy's modules carry the same train/eval flags
         swapped_model, swapped = batch_first_copy(model)
-        ep, plan, failures, swap_failures = None, None, [], []
+        ep, plan, failures, swap_failures, timed_out = None, None, [], [], []
         for target in ((swapped_model, model) if swapped else (model,)):
-            ep, plan, failures = _export_first(target, args, kwargs, plans, train)
+            if timed_out and plans[0][0] == _AUTOMATIC and len(plans) > 1:
+                plans = plans[1:]  # it ran out of time once: not again on the other copy
+            ep, plan, failures = _export_first(target, args, kwargs, plans, train, time_limit, timed_out)
             if ep is not None:
                 break
             if target is swapped_model:
                 swap_failures = failures
                 if not _may_be_the_swap(failures[0].where, swapped):
                     break  # it failed elsewhere: the model as it is would fail the same way
+        if timed_out:
+            notes.append(_timeout_note(timed_out[0], plan))
         if ep is not None:
             if swap_failures:
                 notes.append("export with batch-first nn.MultiheadAttention failed "
@@ -456,6 +480,15 @@ def _finish(ep, model, swapped_model, plan, wanted, failures, notes, args, kwarg
         notes.append("batch dimension is static (the model or an example batch of 1 fixed it); "
                      "use an example batch of 2 or more to keep it dynamic")
     return Captured(gm, "torch.export", dynamic, notes, args, kwargs, batch_first, shapes)
+
+
+def _timeout_note(seconds: float, plan: str | None) -> str:
+    kept = {"dynamic batch": "only the batch is dynamic", "static": "every dimension is static"}.get(
+        plan or "", f"captured with {plan}")
+    return (f"image height/width and sequence length kept static ({kept}): capture with every dimension "
+            f"dynamic exceeded {seconds:g} s (capture_time_limit; torch.export's symbolic shape "
+            "reasoning on this model is slow). Pass dynamic_shapes= to insist on dynamic sizes, or "
+            "capture_time_limit=None to wait for it")
 
 
 def _may_be_the_swap(where: str, swapped: list[str]) -> bool:

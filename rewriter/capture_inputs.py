@@ -33,7 +33,7 @@ from rewriter import meta
 from rewriter.errors import InputError
 
 __all__ = ["dynamic_shapes_for", "batch_dynamic_shapes", "InputCheck", "install", "input_shapes",
-           "describe_shapes", "bind_call", "rejects_ones"]
+           "describe_shapes", "bind_call", "rejects_ones", "reinstall"]
 
 
 # ---------------------------------------------------------------- dynamic_shapes for torch.export
@@ -281,7 +281,8 @@ class InputCheck(nn.Module):
                     if size != want:
                         raise InputError(
                             f"input '{name}' dimension {i} is {size}, but it is static at {want} in the "
-                            f"converted model (captured shapes: {describe_shapes(self.shapes)}). What to "
+                            f"converted model (captured shapes: {describe_shapes(self.shapes)}; the "
+                            "capture notes in model.meta['rewriter']['notes'] say why). What to "
                             "do: convert without static=True, or pass dynamic_shapes= (torch.export's "
                             f"format, e.g. {{'{_arg(name)}': {{{i}: torch.export.Dim.DYNAMIC}}}}) to keep "
                             "it dynamic; if the model itself fixes this size, call it with "
@@ -329,6 +330,12 @@ def _arg(name: str) -> str:
 def install(gm: fx.GraphModule, range_constraints: dict, forward, args: tuple, kwargs: dict) -> list[dict]:
     """Replace torch.export's input guards and input-structure hook of `gm` by ours (see the module
     docstring). Returns the captured shapes (also in gm.meta[meta.INPUT_SHAPES])."""
+    return reinstall(gm, range_constraints, _signature_record(forward, args, kwargs))
+
+
+def reinstall(gm: fx.GraphModule, range_constraints: dict, signature: dict | None) -> list[dict]:
+    """`install` for a program loaded from a file (`ep.module()` of a saved converted model): its
+    shapes from the loaded program, the call signature from the record `install` made at convert."""
     shapes = input_shapes(gm, range_constraints)
     guards = getattr(gm, "_guards_fn", None)
     check = InputCheck(shapes, guards if isinstance(guards, nn.Module) else None)
@@ -342,7 +349,7 @@ def install(gm: fx.GraphModule, range_constraints: dict, forward, args: tuple, k
                 gm.graph.call_module("_guards_fn", tuple(placeholders))
             gm.recompile()
     gm.meta[meta.INPUT_SHAPES] = shapes
-    gm.meta[meta.CALL_SIGNATURE] = _signature_record(forward, args, kwargs)
+    gm.meta[meta.CALL_SIGNATURE] = signature
     hooks = gm._forward_pre_hooks
     for key, hook in list(hooks.items()):
         if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":

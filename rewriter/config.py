@@ -170,6 +170,12 @@ class ConvertConfig:
             {"input_ids": {1: torch.export.Dim("seq", max=512)}}); by default every dimension the
             model allows stays dynamic (batch, sequence length, image height and width).
         static: capture every dimension static (backends that want fixed shapes).
+        capture_time_limit: seconds the automatic dynamic-shape capture may take (default 120; None
+            for no limit). Past it, capture keeps only the batch dynamic and says so in the notes:
+            torch.export's symbolic shape reasoning can take many minutes on some models (torchvision
+            swin_t: ~8 min on a 2-core CPU, its window padding with dynamic image height and width).
+            Pass dynamic_shapes= to insist on dynamic sizes. The limit uses SIGALRM, so it applies only
+            when convert runs on the main thread of a POSIX process; elsewhere there is no limit.
 
     Raises:
         ConfigError: a value that cannot work, saying what to write instead.
@@ -194,6 +200,7 @@ class ConvertConfig:
     fp8: Fp8Options = Fp8Options()
     dynamic_shapes: Any = None
     static: bool = False
+    capture_time_limit: float | None = 120.0
 
     def __post_init__(self):
         object.__setattr__(self, "precision", Precision.parse(self.precision))
@@ -225,6 +232,11 @@ class ConvertConfig:
         if self.dynamic_shapes is not None and not isinstance(self.dynamic_shapes, (dict, tuple, list)):
             raise ConfigError(f"dynamic_shapes={self.dynamic_shapes!r} must be torch.export's format: a "
                               "dict keyed by input name (or a tuple by position) of {dim: Dim} dicts")
+        limit = self.capture_time_limit
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float))
+                                  or not limit > 0):
+            raise ConfigError(f"capture_time_limit={limit!r} must be a positive number of seconds "
+                              "(e.g. 120), or None for no limit")
         if self.backend == "cuda_graphs" and self.mode is Mode.TRAIN:
             raise ConfigError("backend 'cuda_graphs' is inference only: use mode='eval', or "
                               "backend='compile' for training")
@@ -291,6 +303,7 @@ class ConvertConfig:
             "dynamic_batch": self.dynamic_batch,
             "static": self.static,
             "dynamic_shapes": None if self.dynamic_shapes is None else repr(self.dynamic_shapes),
+            "capture_time_limit": self.capture_time_limit,
             "tolerance": self.tolerance,
             "backend": self.backend,
             "backend_options": self.backend_options.to_dict(),

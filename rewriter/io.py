@@ -7,7 +7,8 @@
 
 How the annotations survive:
   * `save` re-exports the converted GraphModule with torch.export, using the example inputs `convert`
-    recorded (dimension 0 dynamic when it was dynamic). Before exporting, every node's annotations
+    recorded and keeping dynamic exactly the dimensions convert captured dynamic (batch, sequence
+    length, image size: rewriter/reexport.py). Before exporting, every node's annotations
     are copied into `node.meta["custom"]` (`meta.to_custom`), which export carries onto the nodes it
     re-traces and `torch.export.save` serialises. Re-export renames nodes and re-traces
     `meta["val"]` (so it shows the new dtypes); the node's name and dtype before saving are kept in
@@ -19,7 +20,10 @@ How the annotations survive:
   * The conversion record (`gm.meta["rewriter"]`) is stored as JSON in the archive's extra file
     `rewriter.json` (`torch.export.save(..., extra_files=...)`), a documented part of the format.
   * `load` runs `torch.export.load(...).module()`, restores the annotations with `meta.from_custom`
-    and from the record, and restores the record and the example inputs (`ep.example_inputs`).
+    and from the record, and restores the record and the example inputs (`ep.example_inputs`). It
+    puts back the input checks of a converted model (capture_inputs.reinstall): a size outside the
+    captured range is the InputError a freshly converted model gives, and calls bind by the original
+    forward's signature.
 The input GraphModule is left as it was: the temporary `custom` entries are removed after saving.
 Files are written atomically (a temporary file in the same folder, then `os.replace`).
 
@@ -43,9 +47,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from rewriter import archive, meta
+from rewriter import archive, capture_inputs, meta
 from rewriter.backends import fast_forward
-from rewriter.capture import CAPTURE_LOCK, batch_dynamic_shapes, normalize_inputs
+from rewriter.capture import CAPTURE_LOCK, normalize_inputs
+from rewriter.reexport import batch_is_dynamic, export_again
 from rewriter.errors import ConfigError, InputError
 from rewriter.files import WRITE_ERRNOS, atomic_write, check_writable, write_error  # noqa: F401 (re-exported)
 
@@ -55,7 +60,7 @@ __all__ = ["save", "load", "prepare", "Prepared", "atomic_write", "check_writabl
 RECORD_FILE = archive.RECORD_FILE        # extra file inside the .pt2 archive
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl")
 _FORMAT = archive.FORMAT
-_GRAPH_KEYS = tuple(k for k in (getattr(meta, "CALIBRATION", None),) if k)  # JSON-able GraphModule.meta
+_GRAPH_KEYS = (meta.CALIBRATION, meta.CALL_SIGNATURE)  # JSON-able GraphModule.meta kept in the record
 
 
 
@@ -76,6 +81,11 @@ def _example_inputs(gm: fx.GraphModule, example_inputs: Any) -> tuple[tuple, dic
 
 
 def _is_dynamic(gm: fx.GraphModule) -> bool:
+    """Whether some input dimension is dynamic: from the captured shapes when convert recorded them
+    (batch, sequence, image size), else from the record's dynamic_batch or the graph's inputs."""
+    shapes = gm.meta.get(meta.INPUT_SHAPES)
+    if shapes:
+        return any(not isinstance(d, int) for entry in shapes for d in (entry.get("dims") or ()))
     record = gm.meta.get(meta.INFO) or {}
     if "dynamic_batch" in record:
         return bool(record["dynamic_batch"])
@@ -117,14 +127,11 @@ def _first_line(exc: BaseException, limit: int = 300) -> str:
     return line if len(line) <= limit else line[:limit] + "..."
 
 
-def _export(gm: fx.GraphModule, args: tuple, kwargs: dict, dynamic: bool):
-    shapes = batch_dynamic_shapes(gm.forward, args, kwargs) if dynamic else None
-    try:
-        return torch.export.export(gm, args, kwargs, dynamic_shapes=shapes, strict=False), dynamic
-    except Exception:
-        if not dynamic:
-            raise
-    return torch.export.export(gm, args, kwargs, strict=False), False
+def _export(gm: fx.GraphModule, args: tuple, kwargs: dict, notes: list[str]):
+    """Re-export with the dimensions convert found dynamic (rewriter/reexport.py); (program, whether
+    its batch dimension is dynamic)."""
+    ep = export_again(gm, args, kwargs, dynamic=_is_dynamic(gm), notes=notes)
+    return ep, batch_is_dynamic(ep)
 
 
 def _is_getitem(node) -> bool:
@@ -206,7 +213,8 @@ def prepare(gm: fx.GraphModule, *, example_inputs: Any = None, where: str = "a .
     record = dict(gm.meta.get(meta.INFO) or {})
     with CAPTURE_LOCK, _annotations_in_custom(gm):
         try:
-            ep, dynamic = _export(gm, args, kwargs, _is_dynamic(gm))
+            export_notes: list[str] = []
+            ep, dynamic = _export(gm, args, kwargs, export_notes)
             getitems = _getitem_annotations(gm)
             attrs, inputs = _placeholder_annotations(gm)
         except Exception as exc:
@@ -216,7 +224,9 @@ def prepare(gm: fx.GraphModule, *, example_inputs: Any = None, where: str = "a .
                 f"{_first_line(exc)}. The model was captured with {capture_method}; models that "
                 "torch.export cannot trace cannot be saved as .pt2. Keep using the GraphModule in "
                 "Python, or export it to ONNX instead") from exc
-    graph_meta = {key: gm.meta[key] for key in _GRAPH_KEYS if key in gm.meta}
+    graph_meta = {key: gm.meta[key] for key in _GRAPH_KEYS if gm.meta.get(key) is not None}
+    if export_notes:
+        record["notes"] = list(record.get("notes") or []) + [f"saved: {n}" for n in export_notes]
     payload = {"format": _FORMAT, "record": record, "dynamic_batch": dynamic,
                "torch": torch.__version__, "getitems": getitems, "attrs": attrs, "inputs": inputs,
                "graph_meta": graph_meta, "weights_sha256": archive.weight_checksums(ep),
@@ -364,6 +374,8 @@ def _load_program(path: Path, trust_pickle: bool = False) -> fx.GraphModule:
         for key, value in (payload.get("graph_meta") or {}).items():
             if key in _GRAPH_KEYS:
                 gm.meta[key] = value
+    if text:  # the converted model's input checks: InputErrors naming input, dimension and range
+        capture_inputs.reinstall(gm, ep.range_constraints, gm.meta.get(meta.CALL_SIGNATURE))
     if ep.example_inputs is not None:  # the inputs the program was exported with
         args, kwargs = ep.example_inputs
         gm.meta[meta.EXAMPLE_INPUTS] = (tuple(args), dict(kwargs))

@@ -205,7 +205,8 @@ def _convert(model, example_inputs, example_kwargs, *, calibration, progress, co
     else:
         say("capture", f"tracing {type(model).__name__}")
         captured = capture(model, args, kwargs, dynamic_batch=config.dynamic_batch,
-                           dynamic_shapes=config.dynamic_shapes, static=config.static, train=False)
+                           dynamic_shapes=config.dynamic_shapes, static=config.static,
+                           time_limit=config.capture_time_limit, train=False)
         say("capture", f"{captured.method}, {len(captured.graph_module.graph.nodes)} nodes"
             + "".join(f"; {n}" for n in captured.notes))
         gm = captured.graph_module

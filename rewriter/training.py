@@ -238,6 +238,7 @@ def capture_train_eval(model: nn.Module, args: tuple, kwargs: dict, config: Conv
         try:
             captured[mode] = capture(model, args, kwargs, dynamic_batch=config.dynamic_batch,
                                      dynamic_shapes=config.dynamic_shapes, static=config.static,
+                                     time_limit=config.capture_time_limit,
                                      train=mode == "train")
         except RewriterError as exc:
             raise type(exc)(f"{exc} (while capturing the {mode}-mode graph for mode='train')") from exc

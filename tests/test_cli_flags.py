@@ -62,6 +62,21 @@ def test_shape_flags_reach_convert(flags, expected, tmp_path, monkeypatch, capsy
     assert calls == [expected]
 
 
+@pytest.mark.parametrize("flag, expected", [("30", 30.0), ("0", None)])
+def test_capture_time_limit_flag_reaches_convert(flag, expected, tmp_path, monkeypatch, capsys):
+    calls, real = [], rewriter.convert
+
+    def convert(model, args=None, kwargs=None, **options):
+        calls.append(options.get("capture_time_limit", "absent"))
+        return real(model, args, kwargs, **options)
+
+    monkeypatch.setattr(rewriter, "convert", convert)
+    out = tmp_path / "m.pt2"
+    assert main(["-q", "convert", MLP, "--input-shape", "4,16", "-o", str(out), "--capture-time-limit", flag]) == 0
+    assert calls == [expected]
+    assert rewriter.load(out).meta["rewriter"]["config"]["capture_time_limit"] == expected
+
+
 def test_shape_flag_refused_when_the_library_does_not_take_it(tmp_path, monkeypatch, capsys):
     real = rewriter.convert
 

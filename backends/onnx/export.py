@@ -1,7 +1,7 @@
 """export_onnx: the converted GraphModule as an ONNX file that runs on the chosen ONNX Runtime target.
 
     converted gm --OrtKernels(target): node.meta[TARGET] on ops the target EP cannot run in 16 bits
-                 --torch.export (batch dim dynamic)--> ExportedProgram
+                 --torch.export (the dims convert found dynamic: batch, sequence, image size)--> ExportedProgram
                  --torch.onnx.export(dynamo=True, optimize=False; FP8 GEMMs as Q/DQ or GemmFloat8)--> ONNX IR
                  --cleanup (folding.py), fp32 islands of the target decisions (kernels.py), CAST_RULES
                  --(optimize=True) ORT fusions, kept only when the precision check passes (fusion.py)--> .onnx
@@ -40,6 +40,7 @@ from rewriter.backends.onnx.trace import (check_converted, example_inputs_of, fe
 from rewriter.errors import BackendError, ConfigError, InputError
 from rewriter.passes.op_tables import EXPORT_TARGETS
 from rewriter.passes.target.ort_kernels import OrtKernels
+from rewriter.reexport import batch_is_dynamic
 
 __all__ = ["export_onnx", "default_target", "DEFAULT_OPSET", "TARGETS"]
 
@@ -107,7 +108,9 @@ def export_onnx(converted: fx.GraphModule, path: str | os.PathLike, *, target: s
             the reason on node.meta[TARGET] and in `report.fallbacks`. Default: "ort-cuda" when the
             converted model is on CUDA, else "ort-cpu" (`default_target`).
         opset: ONNX opset; default 18, 21 with FP8 GEMMs, 22 when the model holds bfloat16 tensors.
-        dynamic_batch: dimension 0 of every input is symbolic ("batch") when the model allows it.
+        dynamic_batch: dimension 0 of every input is symbolic ("batch") when the model allows it. The
+            other dimensions convert kept dynamic (sequence length, image size) stay symbolic too,
+            except with optimize=True (ONNX Runtime's fusions need them fixed; the report notes it).
         optimize: apply ONNX Runtime fusions where they keep the precision decisions (fusion.py).
         fallback: "fp32" computes the nodes above in fp32 with Casts around them; "error" refuses the
             first with a BackendError naming it and the target that has the kernel.
@@ -153,7 +156,14 @@ def export_onnx(converted: fx.GraphModule, path: str | os.PathLike, *, target: s
     if dynamic_batch and not captured_dynamic:
         notes.append("the converted model has a static batch dimension (see its capture notes): "
                      "exported with the example batch size")
-    ep, dynamic = reexport(converted, args, kwargs, dynamic_batch and captured_dynamic, notes)
+    if optimize and any(not isinstance(d, int) for entry in converted.meta.get(meta.INPUT_SHAPES) or ()
+                        for d in (entry.get("dims") or ())[1:]):
+        notes.append("optimize=True: only the batch dimension is symbolic, the sequence length and image "
+                     "size are the example's (ONNX Runtime's Attention and EmbedLayerNormalization fusions "
+                     "do not match the graph with a symbolic sequence length); export with optimize=False "
+                     "to keep them symbolic")
+    ep = reexport(converted, args, kwargs, dynamic_batch and captured_dynamic, notes, dynamic_sizes=not optimize)
+    dynamic = batch_is_dynamic(ep)
     with quiet():
         n_out = len(ep.graph_signature.user_outputs)
     program = to_onnx(ep, converted, opset, output_names(converted, n_out),

@@ -47,25 +47,17 @@ def precision_of(gm) -> str:
     return str(gm.meta.get(meta.INFO, {}).get("config", {}).get("precision", "fp16"))
 
 
-def _dynamic_shapes(gm, args, kwargs):
-    from rewriter.capture import batch_dynamic_shapes
+def reexport(gm, args, kwargs, dynamic_batch: bool, notes: list[str], dynamic_sizes: bool = True):
+    """torch.export of the converted GraphModule with the dimensions convert found dynamic (batch,
+    sequence, image size: rewriter/reexport.py); dimension 0 static when not `dynamic_batch`, the others
+    when not `dynamic_sizes`.
+    Falls back to batch-only, then static shapes, with a note."""
+    from rewriter.reexport import export_again
 
-    return batch_dynamic_shapes(gm.forward, args, kwargs, torch.export.Dim("batch"))
-
-
-def reexport(gm, args, kwargs, dynamic: bool, notes: list[str]):
-    """torch.export of the converted GraphModule; the batch dimension named 'batch' when dynamic."""
-    if dynamic:
-        try:
-            with quiet():
-                return torch.export.export(gm, args, kwargs, dynamic_shapes=_dynamic_shapes(gm, args, kwargs),
-                                           strict=False), True
-        except Exception as exc:  # a model that fixes its batch size: export it static, and say so
-            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-            notes.append(f"dynamic batch export failed ({first}); exported with the example batch size")
     try:
         with quiet():
-            return torch.export.export(gm, args, kwargs, strict=False), False
+            return export_again(gm, args, kwargs, batch=dynamic_batch, batch_dim=torch.export.Dim("batch"),
+                                other=dynamic_sizes, notes=notes)
     except Exception as exc:
         raise BackendError(
             f"torch.export could not re-trace the converted model for ONNX: {type(exc).__name__}: "

@@ -67,6 +67,8 @@ def run(args, ui: Ui) -> int:
     exporter = _onnx_exporter() if suffix == ".onnx" else None
     shape_options = pass_through(rewriter.convert, "rewriter.convert", {
         "dynamic_shapes": ("--dynamic", args.dynamic), "static": ("--static", args.static)})  # checked early
+    if args.capture_time_limit is not None:  # 0: no limit
+        shape_options["capture_time_limit"] = args.capture_time_limit or None
     export_options = pass_through(exporter, "rewriter.export_onnx", {"target": ("--target", args.target)}) \
         if exporter is not None else {}
     calibration = load_calibration(args.calibration) if args.calibration else None

@@ -197,6 +197,10 @@ def _add_convert(sub, common) -> None:
                              "INPUT:DIM (INPUT a position or keyword name), comma-separated, e.g. --dynamic "
                              "0,1 (batch and sequence) or --dynamic 0:0,attention_mask:1. Default: the "
                              "library's (the dimensions the model allows stay dynamic)")
+    p.add_argument("--capture-time-limit", type=float, default=None, metavar="SECONDS",
+                   help="seconds the capture with every dimension dynamic may take; past it only the "
+                        "batch stays dynamic and the capture notes say so (convert's capture_time_limit; "
+                        "default 120, 0 for no limit). --dynamic states the dynamic dimensions instead")
     shapes.add_argument("--static", action="store_true",
                         help="capture every input dimension as fixed to the example shapes (convert's "
                              "static=True): the converted model then accepts those shapes only")
