@@ -50,9 +50,9 @@ import torch.nn as nn
 from rewriter import archive, capture_inputs, meta
 from rewriter.backends import fast_forward
 from rewriter.capture import CAPTURE_LOCK, normalize_inputs
-from rewriter.reexport import batch_is_dynamic, export_again
 from rewriter.errors import ConfigError, InputError
 from rewriter.files import WRITE_ERRNOS, atomic_write, check_writable, write_error  # noqa: F401 (re-exported)
+from rewriter.reexport import batch_is_dynamic, export_again
 
 __all__ = ["save", "load", "prepare", "Prepared", "atomic_write", "check_writable", "write_error",
            "WRITE_ERRNOS", "PICKLE_SUFFIXES", "RECORD_FILE"]
