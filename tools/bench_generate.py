@@ -30,6 +30,8 @@ equal hf eager's on the first prompt.
     python -m tools.bench_generate --device cuda --out bench_generate.json
     python -m tools.bench_generate --variants "ours bf16 cudagraphs,ours fp8 weightonly compile+cg" --out g.json
     python -m tools.bench_generate --device cpu --small --out /tmp/g.json     # smoke run, tiny model
+    python -m tools.bench_generate --layers 4 --batches 1 --variants "ours bf16 cudagraphs,ours fp8 scaledmm cudagraphs"
+        # the 1B model's GEMM shapes in 4 layers: a quick decode ratio
 """
 from __future__ import annotations
 
@@ -67,14 +69,14 @@ def variant_options(name: str) -> dict:
     return {"convert": options, "backend": backend}
 
 
-def build_model(device: str, small: bool):
+def build_model(device: str, small: bool, layers: int | None = None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if small:
         config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     else:  # the shape of Llama 3.2 1B (untied head: 1.5B parameters with the separate LM head)
-        config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=layers or 16,
                              num_attention_heads=32, num_key_value_heads=8, head_dim=64,
                              max_position_embeddings=4096, rope_theta=500000.0, tie_word_embeddings=False)
     config.pad_token_id = 0
@@ -184,6 +186,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=None, help="prompt length (512; --small: 16)")
     p.add_argument("--new", type=int, default=None, help="new tokens (128; --small: 8)")
     p.add_argument("--batches", default="1,8")
+    p.add_argument("--layers", type=int, default=None,
+                   help="decoder layers of the 1B shape (16); fewer keep its GEMM shapes and convert faster")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help=f"comma-separated, of: {', '.join(VARIANTS)}")
@@ -202,10 +206,11 @@ def main(argv=None) -> int:
         return 2
 
     start = time.perf_counter()
-    model = build_model(args.device, args.small)
+    model = build_model(args.device, args.small, args.layers)
     vocab = model.config.vocab_size
     results = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                "torch": torch.__version__, "prompt": prompt, "new_tokens": new, "model_bytes": _bytes(model),
+               "layers": model.config.num_hidden_layers,
                "notes": {}, "runs": {}, "memory": {}}
     params: dict = {}
     runners = build_variants(model, names, args.device, prompt + new, results["notes"], params,
