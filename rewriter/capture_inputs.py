@@ -32,7 +32,7 @@ import torch.utils._pytree as pytree
 from rewriter import meta
 from rewriter.errors import InputError
 
-__all__ = ["dynamic_shapes_for", "batch_dynamic_shapes", "InputCheck", "install", "input_shapes",
+__all__ = ["dynamic_shapes_for", "shapes_by_signature", "batch_dynamic_shapes", "InputCheck", "install", "input_shapes",
            "describe_shapes", "bind_call", "rejects_ones", "reinstall"]
 
 
@@ -73,6 +73,13 @@ def dynamic_shapes_for(forward, args: tuple, kwargs: dict, *, batch: bool = True
     def dims_of(t: torch.Tensor) -> dict:
         return {i: dim for i in range(t.dim()) if (batch if i == 0 else other)}
 
+    return shapes_by_signature(forward, args, kwargs, dims_of)
+
+
+def shapes_by_signature(forward, args: tuple, kwargs: dict, dims_of):
+    """`dynamic_shapes` in torch.export's format, keyed by `forward`'s parameter names: `dims_of(tensor)`
+    ({dim: Dim}) for every tensor input, nested lists/tuples/dicts followed, other objects static. A
+    forward whose signature does not bind the inputs gets a tuple by position (None with kwargs)."""
     try:
         sig = inspect.signature(forward)
         bound = sig.bind(*args, **kwargs)

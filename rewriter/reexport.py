@@ -13,7 +13,6 @@ fell back.
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from rewriter import meta
-from rewriter.capture_inputs import batch_dynamic_shapes
+from rewriter.capture_inputs import batch_dynamic_shapes, shapes_by_signature
 
 __all__ = ["dynamic_shapes_of", "export_again", "batch_is_dynamic", "any_dynamic"]
 
@@ -48,16 +47,6 @@ def _dims_by_tensor(shapes: list[dict], args: tuple, kwargs: dict, batch: bool,
     return table
 
 
-def _spec(value, dims_of):
-    if isinstance(value, torch.Tensor):
-        return dims_of(value) or None
-    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
-        return type(value)(_spec(x, dims_of) for x in value)
-    if isinstance(value, dict) and type(value) is dict:
-        return {k: _spec(x, dims_of) for k, x in value.items()}
-    return None
-
-
 def dynamic_shapes_of(gm: fx.GraphModule, args: tuple, kwargs: dict, *, batch: bool = True,
                       batch_dim=None, other: bool = True):
     """torch.export's `dynamic_shapes` for re-exporting `gm` with the example inputs (args, kwargs):
@@ -79,21 +68,7 @@ def dynamic_shapes_of(gm: fx.GraphModule, args: tuple, kwargs: dict, *, batch: b
     def dims_of(t):
         return table.get(id(t), {})
 
-    try:
-        sig = inspect.signature(gm.forward)
-        bound = sig.bind(*args, **kwargs)
-    except (TypeError, ValueError):
-        return tuple(_spec(a, dims_of) for a in args) if not kwargs else None
-    result = {}
-    for name, value in bound.arguments.items():
-        kind = sig.parameters[name].kind
-        if kind is inspect.Parameter.VAR_POSITIONAL:
-            result[name] = tuple(_spec(v, dims_of) for v in value)
-        elif kind is inspect.Parameter.VAR_KEYWORD:
-            result[name] = {k: _spec(v, dims_of) for k, v in value.items()}
-        else:
-            result[name] = _spec(value, dims_of)
-    return result
+    return shapes_by_signature(gm.forward, args, kwargs, dims_of)
 
 
 def _placeholder_vals(ep) -> list:
