@@ -40,7 +40,7 @@ from torch._subclasses.fake_tensor import is_fake
 __all__ = ["E4M3_MAX", "FP8_DTYPE", "SCALE_EPS", "FP8_MIN_CAPABILITY", "FP8_DIM_MULTIPLE",
            "Fp8EmulationWarning", "fp8_linear_op", "fp8_linear",
            "quantize_weight", "activation_scale", "quantize_activation", "casts_saturate", "fp8_gemm_supported",
-           "emulation_reason", "reset_emulation_notice", "emulation_noticed"]
+           "emulation_reason", "reset_emulation_notice", "emulation_noticed", "register_composite"]
 
 FP8_DTYPE = torch.float8_e4m3fn
 E4M3_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448: largest finite float8_e4m3fn
@@ -325,18 +325,21 @@ def _emulated_mm(q, s_x, w_fp8, w_scale, bias, out_dtype):
     return y.to(out_dtype)
 
 
-def _register():
-    lib = torch.library.Library(_NAMESPACE, "FRAGMENT")  # noqa: TOR901 - kept alive below
+def register_composite(schema: str, name: str, fn) -> torch.library.Library:
+    """Define the op `rewriter::<schema>` and implement it by `fn` for every backend
+    (CompositeImplicitAutograd: autograd and fake tensors follow fn's own ops); the returned library must
+    stay referenced. A second import of the defining module (importlib.reload) keeps the first definition."""
+    lib = torch.library.Library(_NAMESPACE, "FRAGMENT")  # noqa: TOR901 - the caller keeps it alive
     try:
-        lib.define(_SCHEMA)
-    except RuntimeError as exc:  # re-import of this module (importlib.reload): already defined
+        lib.define(schema)
+    except RuntimeError as exc:  # re-import of the defining module: already defined
         if "already" not in str(exc) and "multiple times" not in str(exc):
             raise
         return lib
-    lib.impl("fp8_linear", fp8_linear, "CompositeImplicitAutograd")
+    lib.impl(name, fn, "CompositeImplicitAutograd")
     return lib
 
 
-_LIB = _register()
+_LIB = register_composite(_SCHEMA, "fp8_linear", fp8_linear)
 fp8_linear_op = torch.ops.rewriter.fp8_linear.default
 """The OpOverload a converted graph calls: `torch.ops.rewriter.fp8_linear.default`."""

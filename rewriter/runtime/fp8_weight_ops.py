@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from rewriter.runtime.fp8_ops import register_composite
+
 __all__ = ["fp8_weight_linear", "fp8_weight_linear_op"]
 
 _SCHEMA = "fp8_weight_linear(Tensor x, Tensor w_fp8, Tensor w_scale, Tensor? bias, ScalarType out_dtype) -> Tensor"
@@ -52,18 +54,6 @@ def fp8_weight_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tenso
     return y.to(out_dtype)
 
 
-def _register():
-    lib = torch.library.Library("rewriter", "FRAGMENT")  # noqa: TOR901 - kept alive below
-    try:
-        lib.define(_SCHEMA)
-    except RuntimeError as exc:  # re-import of this module: already defined
-        if "already" not in str(exc) and "multiple times" not in str(exc):
-            raise
-        return lib
-    lib.impl("fp8_weight_linear", fp8_weight_linear, "CompositeImplicitAutograd")
-    return lib
-
-
-_LIB = _register()
+_LIB = register_composite(_SCHEMA, "fp8_weight_linear", fp8_weight_linear)
 fp8_weight_linear_op = torch.ops.rewriter.fp8_weight_linear.default
 """The OpOverload a converted graph calls: `torch.ops.rewriter.fp8_weight_linear.default`."""
