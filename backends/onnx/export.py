@@ -97,7 +97,8 @@ def _check_options(fallback: str, target: str, fp8_gemm: str, converted, assume_
 
 
 def export_onnx(converted: fx.GraphModule, path: str | os.PathLike, *, target: str | None = None,
-                opset: int | None = None, dynamic_batch: bool = True, optimize: bool = False,
+                opset: int | None = None, dynamic_batch: bool = True, dynamic_sizes: bool = True,
+                optimize: bool = False,
                 fallback: str = "fp32", fp32_ops: Iterable[str] | None = None, example_inputs: Any = None,
                 assume_right_padding: bool = False, fp8_gemm: str = "qdq") -> ExportReport:
     """Export a converted model to ONNX with its precision decisions, made to run on `target`.
@@ -116,6 +117,8 @@ def export_onnx(converted: fx.GraphModule, path: str | os.PathLike, *, target: s
             optimize=True as well (the fusions match a symbolic sequence length). Only when an attention
             op fuses at the example's sizes and not at symbolic ones are those sizes fixed, which
             `report.notes` says (`report.symbolic_sizes` lists what stayed symbolic).
+        dynamic_sizes: False fixes every dimension but the batch at the example's size (for a runtime
+            that wants static shapes, or to compare).
         optimize: apply ONNX Runtime fusions where they keep the precision decisions (fusion.py).
         fallback: "fp32" computes the nodes above in fp32 with Casts around them; "error" refuses the
             first with a BackendError naming it and the target that has the kernel.
@@ -163,7 +166,7 @@ def export_onnx(converted: fx.GraphModule, path: str | os.PathLike, *, target: s
     options = dict(batch=dynamic_batch and captured_dynamic, opset=opset, fp8=fp8, fp8_gemm=fp8_gemm,
                    fp32_ops=frozenset(fp32_ops or ()), fallback=fallback, optimize=optimize,
                    assume_right_padding=assume_right_padding)
-    model, report = _build(converted, args, kwargs, header, list(notes), sizes=True, **options)
+    model, report = _build(converted, args, kwargs, header, list(notes), sizes=dynamic_sizes, **options)
     missing = unfused_attention(converted, report.fusions) if optimize else 0
     if missing and report.symbolic_sizes:
         # an attention the fusions matched at fixed sizes only: the file is then for the example's sizes

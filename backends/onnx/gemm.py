@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from rewriter.backends.onnx.common import const_ints, dim_key, new_initializer, shape_values, take_over
+from rewriter.backends.onnx.common import (const_ints, dim_key, new_initializer, remove_unread, shape_values,
+                                           take_over)
 
 __all__ = ["unflatten_gemms", "shapes_from_inputs"]
 
@@ -56,15 +57,14 @@ def _flattened_gemm(gemm):
 def _as_reshape_target(shape: list, dims: list | None) -> list[int] | None:
     """`shape` (ints, -1 and names of symbolic dims) as a constant Reshape target of x (dims `dims`): a
     symbolic dim equal to x's dim at the same position read as 0 (copy it; the Reshape is written with
-    allowzero=0), one other symbolic dim as -1 when no -1 is there yet. None when that cannot say it."""
+    allowzero=0). None when a symbolic dim is not x's there: a -1 in its place would also accept inputs
+    on which the exporter's Reshape fails, with another shape."""
     out = []
     for i, t in enumerate(shape):
         if isinstance(t, int):
             out.append(t)
         elif dims is not None and i < len(dims) and dims[i] == t:
             out.append(0)
-        elif -1 not in out and -1 not in shape:
-            out.append(-1)
         else:
             return None
     return out
@@ -108,9 +108,7 @@ def unflatten_gemms(model) -> int:
         value.dtype, value.shape = result.dtype, result.shape
         graph.insert_after(out_reshape, new_nodes)
         take_over(result, value)
-        for node in (out_reshape, gemm, flat_reshape):
-            if not any(o.uses() or o.is_graph_output() for o in node.outputs):
-                graph.remove(node, safe=True)
+        remove_unread(graph, [out_reshape])  # with the Gemm, the flattening and the target's Shape() ops
         count += 1
     return count
 
