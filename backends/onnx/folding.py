@@ -18,7 +18,8 @@ import onnx_ir as ir
 
 from rewriter.backends.onnx.common import cast_to, is_cast, module_path_of, quiet
 
-__all__ = ["simplify", "infer_types", "name_batch_dim", "symbolic_sizes", "fold_casts", "rename_nodes", "CAST_RULES", "CastRule"]
+__all__ = ["simplify", "infer_types", "name_batch_dim", "symbolic_sizes", "fold_casts", "rename_nodes", "CAST_RULES",
+           "CastRule"]
 
 
 def simplify(model) -> None:
