@@ -12,7 +12,8 @@ import torch
 from rewriter import meta
 
 __all__ = ["quiet", "dtype_str", "is_cast", "cast_to", "module_path_of", "const_ints", "same_dims", "take_over",
-           "new_initializer", "remove_unread", "constant", "product", "is_int", "FLOATS", "LOWP_NAMES", "COPYING_OPS",
+           "new_initializer", "remove_unread", "constant", "product", "is_int", "dim_key", "shape_values",
+           "FLOATS", "LOWP_NAMES", "COPYING_OPS",
            "SEARCH_DEPTH"]
 
 FLOATS = {"FLOAT": torch.float32, "FLOAT16": torch.float16, "BFLOAT16": torch.bfloat16}
@@ -166,3 +167,71 @@ def product(dims) -> int:
 def is_int(value) -> bool:
     return value is not None and value.dtype in (ir.DataType.INT64, ir.DataType.INT32)
 
+
+
+# ---------------------------------------------------------------------------------------- shape values
+
+# Ops that keep the row-major order of their input's elements (a 1-D shape tensor stays the same list).
+_ORDER_KEEPING_OPS = frozenset({"Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten"})
+
+
+def dim_key(d) -> int | str | None:
+    """A dimension of an ONNX IR shape as an int, the name of its symbol ('batch', 's53'), or None (unknown)."""
+    if isinstance(d, int):
+        return d
+    value = getattr(d, "value", None)
+    return value if isinstance(value, (int, str)) and value != "" else None
+
+
+def shape_values(value, depth: int = 0) -> list | None:
+    """The elements of a 1-D (or 0-D) int64 shape tensor, each an int or the name of a symbolic dimension,
+    when they follow from constants and Shape() of values whose dims are known: what the exporter builds a
+    Reshape target from with a symbolic sequence length (Concat(Reshape(Squeeze(Shape(mask, 1, 2))), [4],
+    [16])). None when some element is neither. The names are the exporter's symbols, which torch.export
+    proved equal wherever two values share one."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        try:
+            data = value.const_value.numpy()
+        except Exception:  # a tensor type numpy cannot read
+            return None
+        return [int(d) for d in data.reshape(-1)] if data.ndim <= 1 and data.dtype.kind in "iu" else None
+    node = value.producer()
+    if node is None or depth > SEARCH_DEPTH or node.domain not in ("", "ai.onnx") or not node.inputs:
+        return None
+    op = node.op_type
+    if op == "Shape":
+        source = node.inputs[0]
+        if source is None or source.shape is None:
+            return None
+        dims = [dim_key(d) for d in source.shape.dims]
+        rank = len(dims)
+        start = node.attributes["start"].as_int() if "start" in node.attributes else 0
+        end = node.attributes["end"].as_int() if "end" in node.attributes else rank
+        start, end = [max(0, min(rank, i + rank if i < 0 else i)) for i in (start, end)]
+        picked = dims[start:end]
+        return None if any(d is None for d in picked) else picked
+    if op in _ORDER_KEEPING_OPS or (op == "Cast" and is_int(node.outputs[0])):
+        return shape_values(node.inputs[0], depth + 1)
+    if op == "Concat":
+        parts = [shape_values(v, depth + 1) for v in node.inputs]
+        return None if any(p is None for p in parts) else [d for p in parts for d in p]
+    if op == "Gather" and node.attributes.get_int("axis", 0) == 0:
+        data, index = shape_values(node.inputs[0], depth + 1), node.inputs[1]
+        index = [int(i) for i in index.const_value.numpy().reshape(-1)] \
+            if index is not None and index.const_value is not None else None
+        if data is None or index is None or not all(-len(data) <= i < len(data) for i in index):
+            return None
+        return [data[i] for i in index]
+    if op == "Slice" and len(node.inputs) >= 3:
+        data = shape_values(node.inputs[0], depth + 1)
+        bounds = [const_ints(v) if v is not None else None for v in node.inputs[1:5]]
+        starts, ends = bounds[0], bounds[1]
+        axes = bounds[2] if len(bounds) > 2 and node.inputs[3] is not None else [0]
+        steps = bounds[3] if len(bounds) > 3 and node.inputs[4] is not None else [1]
+        if data is None or starts is None or ends is None or axes not in ([0], [-1]) or steps is None \
+                or len(starts) != 1 or len(ends) != 1 or steps[0] == 0:
+            return None
+        return data[slice(*slice(starts[0], ends[0], steps[0]).indices(len(data)))]
+    return None

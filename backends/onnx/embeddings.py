@@ -12,18 +12,58 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from rewriter.backends.onnx.common import (COPYING_OPS, SEARCH_DEPTH, constant, is_int, new_initializer,
-                                           remove_unread,
-                                           same_dims, take_over)
+from rewriter.backends.onnx.common import (COPYING_OPS, SEARCH_DEPTH, const_ints, constant, dim_key, is_int,
+                                           new_initializer, remove_unread, same_dims, shape_values, take_over)
 
 __all__ = ["fuse_embed_layer_norm"]
 
 
-def _is_arange(value, length: int) -> bool:
-    """`value` is proven to hold 0, 1, ..., length - 1 as [length] or [1, length]: position ids."""
+def _is_arange(value, length) -> bool:
+    """`value` is proven to hold 0, 1, ..., length - 1 as [length] or [1, length]: position ids. `length`
+    is an int, or the name of a symbolic dimension (see `_is_symbolic_arange`)."""
+    if not isinstance(length, int):
+        return _is_symbolic_arange(value, length)
     data = constant(value)
     return (data is not None and data.shape in ((length,), (1, length)) and np.issubdtype(data.dtype, np.integer)
             and np.array_equal(data.reshape(-1), np.arange(length)))
+
+
+def _is_symbolic_arange(value, length: str) -> bool:
+    """`value` [length] or [1, length] holds 0, 1, ..., length - 1 for every value of the symbolic `length`:
+    the first `length` elements of a constant arange (Slice(arange(N)[None], 0, Shape(mask)[1]), BERT's
+    position_ids buffer) or Range(0, length, 1) (GPT-2's arange), possibly viewed as [1, length]. The
+    end and the limit must be `length` itself (shape_values), not only have an output annotated so."""
+    dims = [dim_key(d) for d in value.shape.dims] if value is not None and value.shape is not None else None
+    if dims not in ([length], [1, length]):
+        return False
+    node = value.producer()
+    while node is not None and node.domain in ("", "ai.onnx") and node.op_type in ("Unsqueeze", "Reshape",
+                                                                                    "Identity", "Squeeze"):
+        node = node.inputs[0].producer() if node.inputs[0] is not None else None
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type == "Range":
+        return _scalar_int(node.inputs[0]) == 0 and _scalar_int(node.inputs[2]) == 1 \
+            and shape_values(node.inputs[1]) == [length]
+    if node.op_type != "Slice" or len(node.inputs) < 3:
+        return False
+    data = constant(node.inputs[0])
+    inputs = list(node.inputs) + [None] * (5 - len(node.inputs))
+    axes = const_ints(inputs[3]) if inputs[3] is not None else [0]
+    steps = const_ints(inputs[4]) if inputs[4] is not None else [1]
+    if data is None or data.ndim not in (1, 2) or (data.ndim == 2 and data.shape[0] != 1) \
+            or not np.issubdtype(data.dtype, np.integer) or axes not in ([data.ndim - 1], [-1]) or steps != [1]:
+        return False
+    return const_ints(inputs[1]) == [0] and shape_values(inputs[2]) == [length] \
+        and np.array_equal(data.reshape(-1), np.arange(data.size))
+
+
+def _scalar_int(value) -> int | None:
+    """The int a constant scalar or one-element int tensor holds, else None."""
+    data = constant(value)
+    if data is None or data.size != 1 or not np.issubdtype(data.dtype, np.integer):
+        return None
+    return int(data.reshape(-1)[0])
 
 
 def _single_value(value, depth: int = 0) -> int | None:
@@ -71,10 +111,12 @@ class _Embeddings:
     constant_type: tuple | None  # (table, c): token-type ids proven all c
 
 
-def _embedding_term(term, batch, length: int, hidden: int):
+def _embedding_term(term, batch, length, hidden: int):
     """(kind, ids, table) for one term of the embedding sum: a Gather of rows of a constant fp32 [rows,
     hidden] table read only by the sum. kind: "position" (ids arange(length)), "constant" (ids all one
-    value; ids is then that int), "lookup" (ids data of shape [batch, length]); None otherwise."""
+    value; ids is then that int), "lookup" (ids data of shape [batch, length]); None otherwise. `length`:
+    an int, or the name of the symbolic sequence dimension (then the table's rows bound the length the
+    graph accepts, as they bound the unfused graph's: ORT refuses a longer input)."""
     gather = term.producer()
     if gather is None or gather.op_type != "Gather" or gather.domain not in ("", "ai.onnx") \
             or len(term.uses()) != 1 or term.is_graph_output() or gather.attributes.get_int("axis", 0) != 0:
@@ -85,12 +127,12 @@ def _embedding_term(term, batch, length: int, hidden: int):
         return None
     rows = table.shape[0]
     if _is_arange(ids, length):
-        return ("position", ids, table) if rows >= length else None
+        return ("position", ids, table) if not isinstance(length, int) or rows >= length else None
     c = _single_value(ids)
     if c is not None:
         return ("constant", c, table) if 0 <= c < rows else None
     if ids.shape is not None and ids.shape.rank() == 2 and same_dims(ids.shape[0], batch) \
-            and same_dims(ids.shape[1], length):
+            and dim_key(ids.shape[1]) == length:
         return "lookup", ids, table
     return None
 
@@ -98,7 +140,8 @@ def _embedding_term(term, batch, length: int, hidden: int):
 def _embeddings(ln) -> _Embeddings | None:
     """The BERT embeddings under LayerNormalization `ln`, else None: LN(Gather(W_word, ids) + Gather(W_pos,
     arange(S)) [+ Gather(W_type, T)]), optionally with one Cast of the sum to fp16/bf16 before the LN
-    (LayerNorm kept 16-bit), the tables constant fp32, S static, T data [B, S] or proven one value,
+    (LayerNorm kept 16-bit), the tables constant fp32, S static or symbolic (named), T data [B, S] or
+    proven one value,
     the sum and its terms read by nothing else, axis -1, statistics in fp32 (stash_type 1)."""
     if ln.domain not in ("", "ai.onnx") or len(ln.inputs) < 2 or ln.inputs[1] is None \
             or ln.attributes.get_int("axis", -1) not in (-1, 2) or ln.attributes.get_int("stash_type", 1) != 1 \
@@ -117,9 +160,9 @@ def _embeddings(ln) -> _Embeddings | None:
     if total is None or total.dtype != ir.DataType.FLOAT or len(total.uses()) != 1 or total.is_graph_output():
         return None
     shape = total.shape
-    if shape is None or shape.rank() != 3 or not isinstance(shape[1], int) or not isinstance(shape[2], int):
+    if shape is None or shape.rank() != 3 or dim_key(shape[1]) is None or not isinstance(shape[2], int):
         return None
-    batch, length, hidden = shape.dims
+    batch, length, hidden = shape[0], dim_key(shape[1]), shape[2]
     if any(v is not None and (v.shape is None or list(v.shape.dims) != [hidden]) for v in (gamma, beta)):
         return None
     terms = _sum_terms(total)

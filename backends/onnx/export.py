@@ -5,6 +5,8 @@
                  --torch.onnx.export(dynamo=True, optimize=False; FP8 GEMMs as Q/DQ or GemmFloat8)--> ONNX IR
                  --cleanup (folding.py), fp32 islands of the target decisions (kernels.py), CAST_RULES
                  --(optimize=True) ORT fusions, kept only when the precision check passes (fusion.py)--> .onnx
+                 (optimize=True and an attention op unfused at symbolic sizes: once more at the example's
+                 sizes, kept when that fuses more attention ops, with a note)
 
 Before: x(fp32) -> _to_copy(fp16) -> linear(fp16) -> _to_copy(fp32) -> layer_norm(fp32)
 After:  x(fp32) -> Cast(to=FLOAT16) -> MatMul/Add(fp16, fp16 initializers) -> Cast(to=FLOAT)
@@ -28,10 +30,11 @@ import torch.fx as fx
 
 from rewriter import meta
 from rewriter.backends.onnx.common import quiet
-from rewriter.backends.onnx.folding import fold_casts, infer_types, name_batch_dim, rename_nodes, simplify
+from rewriter.backends.onnx.folding import (fold_casts, infer_types, name_batch_dim, rename_nodes, simplify,
+                                            symbolic_sizes)
 from rewriter.backends.onnx.fp8 import (FP8_GEMMS, MIN_OPSET, check_gemm_float8, fp8_nodes, translation_table,
                                         type_gemm_float8)
-from rewriter.backends.onnx.fusion import fuse
+from rewriter.backends.onnx.fusion import fuse, unfused_attention
 from rewriter.backends.onnx.kernels import check_decisions, fp32_fallbacks
 from rewriter.backends.onnx.padding import is_right_padded, use_mask_index
 from rewriter.backends.onnx.report import ExportReport, summarize
@@ -94,7 +97,8 @@ def _check_options(fallback: str, target: str, fp8_gemm: str, converted, assume_
 
 
 def export_onnx(converted: fx.GraphModule, path: str | os.PathLike, *, target: str | None = None,
-                opset: int | None = None, dynamic_batch: bool = True, optimize: bool = False,
+                opset: int | None = None, dynamic_batch: bool = True, dynamic_sizes: bool = True,
+                optimize: bool = False,
                 fallback: str = "fp32", fp32_ops: Iterable[str] | None = None, example_inputs: Any = None,
                 assume_right_padding: bool = False, fp8_gemm: str = "qdq") -> ExportReport:
     """Export a converted model to ONNX with its precision decisions, made to run on `target`.
@@ -109,8 +113,12 @@ def export_onnx(converted: fx.GraphModule, path: str | os.PathLike, *, target: s
             converted model is on CUDA, else "ort-cpu" (`default_target`).
         opset: ONNX opset; default 18, 21 with FP8 GEMMs, 22 when the model holds bfloat16 tensors.
         dynamic_batch: dimension 0 of every input is symbolic ("batch") when the model allows it. The
-            other dimensions convert kept dynamic (sequence length, image size) stay symbolic too,
-            except with optimize=True (ONNX Runtime's fusions need them fixed; the report notes it).
+            other dimensions convert kept dynamic (sequence length, image size) stay symbolic too, with
+            optimize=True as well (the fusions match a symbolic sequence length). Only when an attention
+            op fuses at the example's sizes and not at symbolic ones are those sizes fixed, which
+            `report.notes` says (`report.symbolic_sizes` lists what stayed symbolic).
+        dynamic_sizes: False fixes every dimension but the batch at the example's size (for a runtime
+            that wants static shapes, or to compare).
         optimize: apply ONNX Runtime fusions where they keep the precision decisions (fusion.py).
         fallback: "fp32" computes the nodes above in fp32 with Casts around them; "error" refuses the
             first with a BackendError naming it and the target that has the kernel.
@@ -137,8 +145,6 @@ def export_onnx(converted: fx.GraphModule, path: str | os.PathLike, *, target: s
         >>> report.cast_chains
         0
     """
-    import onnx_ir.passes.common as ir_passes
-
     check_converted(converted)
     target, target_why = (target, "asked for") if target is not None else default_target(converted)
     _check_options(fallback, target, fp8_gemm, converted, assume_right_padding, optimize)
@@ -156,13 +162,45 @@ def export_onnx(converted: fx.GraphModule, path: str | os.PathLike, *, target: s
     if dynamic_batch and not captured_dynamic:
         notes.append("the converted model has a static batch dimension (see its capture notes): "
                      "exported with the example batch size")
-    if optimize and any(not isinstance(d, int) for entry in converted.meta.get(meta.INPUT_SHAPES) or ()
-                        for d in (entry.get("dims") or ())[1:]):
-        notes.append("optimize=True: only the batch dimension is symbolic, the sequence length and image "
-                     "size are the example's (ONNX Runtime's Attention and EmbedLayerNormalization fusions "
-                     "do not match the graph with a symbolic sequence length); export with optimize=False "
-                     "to keep them symbolic")
-    ep = reexport(converted, args, kwargs, dynamic_batch and captured_dynamic, notes, dynamic_sizes=not optimize)
+    header = dict(path=path, opset=opset, precision=precision_of(converted), target=f"{target} ({target_why})")
+    options = dict(batch=dynamic_batch and captured_dynamic, opset=opset, fp8=fp8, fp8_gemm=fp8_gemm,
+                   fp32_ops=frozenset(fp32_ops or ()), fallback=fallback, optimize=optimize,
+                   assume_right_padding=assume_right_padding)
+    model, report = _build(converted, args, kwargs, header, list(notes), sizes=dynamic_sizes, **options)
+    missing = unfused_attention(converted, report.fusions) if optimize else 0
+    if missing and report.symbolic_sizes:
+        # an attention the fusions matched at fixed sizes only: the file is then for the example's sizes
+        fixed_model, fixed = _build(converted, args, kwargs, header, list(notes), sizes=False, **options)
+        fixed_missing = unfused_attention(converted, fixed.fusions)
+        if fixed_missing < missing:
+            fixed.notes.append(
+                f"optimize=True: the sizes other than the batch ({', '.join(report.symbolic_sizes)}) are fixed "
+                f"at the example's: with them symbolic, ONNX Runtime's attention fusion left {missing} of the "
+                f"model's attention ops unfused, with them fixed {fixed_missing}; export with optimize=False "
+                "to keep them symbolic")
+            model, report = fixed_model, fixed
+        else:
+            report.notes.append(f"optimize=True: {missing} attention op(s) stay unfused at symbolic and at "
+                                "fixed sizes alike; the sizes stay symbolic")
+    _warn(report, target)
+    summarize(model, report)
+    _save(model, path)
+    try:
+        onnx.checker.check_model(path, full_check=True)
+    except Exception as exc:
+        raise BackendError(f"the exported model {path} fails onnx.checker ({str(exc).strip()[:300]}); this "
+                           "is a bug in the ONNX backend, please report it with the model") from exc
+    return report
+
+
+def _build(converted, args, kwargs, header: dict, notes: list[str], *, sizes: bool, batch: bool, opset: int, fp8,
+           fp8_gemm: str, fp32_ops: frozenset, fallback: str, optimize: bool, assume_right_padding: bool):
+    """(ONNX IR model, its report): torch.export with the batch symbolic when `batch` and the other
+    dimensions convert found dynamic symbolic when `sizes`, translation, cleanup, target fallbacks and,
+    with `optimize`, the fusions."""
+    import onnx_ir.passes.common as ir_passes
+
+    ep = reexport(converted, args, kwargs, batch, notes, dynamic_sizes=sizes)
     dynamic = batch_is_dynamic(ep)
     with quiet():
         n_out = len(ep.graph_signature.user_outputs)
@@ -178,30 +216,21 @@ def export_onnx(converted: fx.GraphModule, path: str | os.PathLike, *, target: s
     names = rename_nodes(model, origin)
     if dynamic:
         name_batch_dim(model)
-    report = ExportReport(path=path, opset=opset, precision=precision_of(converted), dynamic_batch=dynamic,
-                          target=f"{target} ({target_why})", notes=notes)
+    report = ExportReport(dynamic_batch=dynamic, notes=notes, symbolic_sizes=symbolic_sizes(model), **header)
     report.precision_mismatches = check_decisions(model, origin)
-    report.fallbacks = fp32_fallbacks(model, origin, opset, frozenset(fp32_ops or ()), fallback, names)
+    report.fallbacks = fp32_fallbacks(model, origin, opset, fp32_ops, fallback, names)
     report.cast_rules = dict(fold_casts(model, fp8=bool(fp8)))
     report.casts_removed = sum(report.cast_rules.values())
     with quiet():
         ir_passes.RemoveUnusedNodesPass()(model)
     if fp8:
         report.fp8_gemms = {"count": len(fp8), "form": fp8_gemm}
-    _warn(report, target)
     if optimize:
         feeds = feeds_of(model, args, kwargs, dynamic)
         model = fuse(model, converted, report, feeds)
         if assume_right_padding:
             report.fusion_notes.append(_right_padding(model, feeds))
-    summarize(model, report)
-    _save(model, path)
-    try:
-        onnx.checker.check_model(path, full_check=True)
-    except Exception as exc:
-        raise BackendError(f"the exported model {path} fails onnx.checker ({str(exc).strip()[:300]}); this "
-                           "is a bug in the ONNX backend, please report it with the model") from exc
-    return report
+    return model, report
 
 
 def _warn(report: ExportReport, target: str) -> None:

@@ -18,7 +18,8 @@ import onnx_ir as ir
 
 from rewriter.backends.onnx.common import cast_to, is_cast, module_path_of, quiet
 
-__all__ = ["simplify", "infer_types", "name_batch_dim", "fold_casts", "rename_nodes", "CAST_RULES", "CastRule"]
+__all__ = ["simplify", "infer_types", "name_batch_dim", "symbolic_sizes", "fold_casts", "rename_nodes", "CAST_RULES",
+           "CastRule"]
 
 
 def simplify(model) -> None:
@@ -75,6 +76,13 @@ def name_batch_dim(model) -> None:
                                 else d for d in value.shape])
 
 
+
+
+def symbolic_sizes(model) -> list[str]:
+    """The symbolic dimensions of the graph inputs other than dimension 0, as 'input[axis]' (e.g.
+    'input_ids[1]' for a symbolic sequence length)."""
+    return [f"{value.name}[{axis}]" for value in model.graph.inputs if value.shape is not None
+            for axis, d in enumerate(value.shape.dims) if axis > 0 and not isinstance(d, int)]
 
 
 def _width():

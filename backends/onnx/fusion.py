@@ -6,13 +6,17 @@ reading activations of mixed float dtypes) and `_runs_like` (loads and runs on t
 `_FUSION_TOLERANCE` of the unfused graph) accept it. The report says what each step fused, or why not.
 
     onnxscript step:   Reshape -> Gemm -> Reshape as MatMul + Add (gemm.py), Shape(intermediate)
-                       as Shape(graph input) (gemm.py), onnxscript's `optimize_for_ort`, then
-                       MatMul + Split + MultiHeadAttention as one packed-QKV Attention (attention.py)
-                       and the BERT embeddings as one EmbedLayerNormalization (embeddings.py)
+                       as Shape(graph input) (gemm.py), onnxscript's `optimize_for_ort`, Shape(q) of
+                       its attention masks from the inputs again, then MatMul + Split + MultiHeadAttention
+                       as one packed-QKV Attention (attention.py) and the BERT embeddings as one
+                       EmbedLayerNormalization (embeddings.py)
     optimizer step:    onnxruntime.transformers' optimize_model (BiasGelu, FastGelu, ...)
 
 The rewrites before `optimize_for_ort` change no float value: they bring the exporter's graph into the form
-ONNX Runtime's own exports have, which is the form the fusions read. Fused nodes are named
+ONNX Runtime's own exports have, which is the form the fusions read. Every step matches a symbolic sequence
+length too: where the exporter computes a size from Shape() instead of writing a constant (the Reshape
+targets of a Gemm, the end of the position ids' Slice), the rewrites read the size as the named dimension
+of an input (common.shape_values) and check it against the tensors' symbolic shapes. Fused nodes are named
 "<module path>/<OpType>" after the node whose output they compute, like the rest of the export.
 
 The onnxruntime.transformers recipe (`model_type`) is chosen from the graph's structure (`fusion_recipe`):
@@ -36,7 +40,7 @@ from rewriter.backends.onnx.gemm import shapes_from_inputs, unflatten_gemms
 from rewriter.backends.onnx.report import ExportReport
 from rewriter.passes.op_tables import op_name
 
-__all__ = ["fuse", "fusion_recipe", "precision_kept", "runs_like"]
+__all__ = ["fuse", "fusion_recipe", "unfused_attention", "precision_kept", "runs_like"]
 
 _ATTENTION_OPS = frozenset({"scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
                             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"})
@@ -55,6 +59,17 @@ def fusion_recipe(gm: fx.GraphModule) -> tuple[str, str]:
         if name in ("tril", "triu"):
             return "gpt2", f"{node.name} builds a triangular (causal) mask: the decoder recipe"
     return "bert", "no attention of the graph is causal: the encoder recipe"
+
+
+_FUSED_ATTENTION_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
+                        "PackedMultiHeadAttention")
+
+
+def unfused_attention(gm: fx.GraphModule, fusions: dict) -> int:
+    """How many attention ops (scaled_dot_product_attention) of the converted graph the fusions `fusions`
+    ({fused op: count}, as ExportReport.fusions) did not turn into an ONNX Runtime attention node."""
+    attention = sum(1 for n in gm.graph.nodes if n.op == "call_function" and op_name(n) in _ATTENTION_OPS)
+    return max(0, attention - sum(fusions.get(op, 0) for op in _FUSED_ATTENTION_OPS))
 
 
 def _float_value_dtypes(proto) -> dict[str, int]:
@@ -211,6 +226,9 @@ def fuse(model, gm, report: ExportReport, feeds: dict):
         stats = {k: v for k, v in stats.items() if v}
         if rewritten:
             stats["gemm_as_matmul"] = rewritten
+        # the fusions' own mask code reads Shape(q) when the sequence length is symbolic: from the inputs
+        # again, so that the Split's outputs feed only the attention and it can be packed
+        shapes_from_inputs(m)
         stats["packed_attention"] = pack_attention(m)
         raised: list[str] = []
         stats["embed_layer_norm"] = fuse_embed_layer_norm(m, raised)

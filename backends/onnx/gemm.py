@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from rewriter.backends.onnx.common import const_ints, new_initializer, same_dims, take_over
+from rewriter.backends.onnx.common import (const_ints, dim_key, new_initializer, remove_unread, shape_values,
+                                           take_over)
 
 __all__ = ["unflatten_gemms", "shapes_from_inputs"]
 
@@ -36,17 +37,37 @@ def _flattened_gemm(gemm):
     if len(uses) != 1 or uses[0].node.op_type != "Reshape" or uses[0].idx != 0:
         return None
     out_reshape = uses[0].node
-    target = const_ints(out_reshape.inputs[1])
+    # a constant target, or one the exporter computes from Shape() with a symbolic sequence length
+    # ([batch, s53, N]: names of symbolic dims in place of ints)
+    target = const_ints(out_reshape.inputs[1]) or shape_values(out_reshape.inputs[1])
     # the output Reshape splits the flattened rows again: a -1 (or ints) before the last dim, which is N
     if target is None or len(target) < 3 or target[-1] != w.shape[1] or 0 in target \
             or target.count(-1) > 1 or -1 in target[-1:]:
         return None
     x = reshape.inputs[0]
     shape = target[:-1] + [w.shape[0]]
-    if x is not None and x.shape is not None and x.shape.rank() == len(shape) and all(
-            t == -1 or same_dims(t, d) for t, d in zip(shape, x.shape.dims)) and same_dims(x.shape[-1], shape[-1]):
-        shape = None  # x is already (rows..., K): no Reshape needed
-    return x, w, bias, out_reshape, shape
+    dims = [dim_key(d) for d in x.shape.dims] if x is not None and x.shape is not None else None
+    if dims is not None and len(dims) == len(shape) and all(t == -1 or t == d for t, d in zip(shape, dims)) \
+            and shape[-1] == dims[-1]:
+        return x, w, bias, out_reshape, None  # x is already (rows..., K): no Reshape needed
+    shape = _as_reshape_target(shape, dims)
+    return None if shape is None else (x, w, bias, out_reshape, shape)
+
+
+def _as_reshape_target(shape: list, dims: list | None) -> list[int] | None:
+    """`shape` (ints, -1 and names of symbolic dims) as a constant Reshape target of x (dims `dims`): a
+    symbolic dim equal to x's dim at the same position read as 0 (copy it; the Reshape is written with
+    allowzero=0). None when a symbolic dim is not x's there: a -1 in its place would also accept inputs
+    on which the exporter's Reshape fails, with another shape."""
+    out = []
+    for i, t in enumerate(shape):
+        if isinstance(t, int):
+            out.append(t)
+        elif dims is not None and i < len(dims) and dims[i] == t:
+            out.append(0)
+        else:
+            return None
+    return out
 
 
 
@@ -87,9 +108,7 @@ def unflatten_gemms(model) -> int:
         value.dtype, value.shape = result.dtype, result.shape
         graph.insert_after(out_reshape, new_nodes)
         take_over(result, value)
-        for node in (out_reshape, gemm, flat_reshape):
-            if not any(o.uses() or o.is_graph_output() for o in node.outputs):
-                graph.remove(node, safe=True)
+        remove_unread(graph, [out_reshape])  # with the Gemm, the flattening and the target's Shape() ops
         count += 1
     return count
 

@@ -23,6 +23,8 @@ class ExportReport:
         opset: ONNX opset of the default domain.
         precision: the converted model's precision ("fp16", "bf16").
         dynamic_batch: dimension 0 of the inputs is symbolic ("batch") in the file.
+        symbolic_sizes: the inputs' other symbolic dimensions, as 'input[axis]' ('input_ids[1]': the file
+            accepts any sequence length).
         inputs, outputs: (name, dtype, shape) of the graph inputs and outputs.
         ops_by_dtype: {dtype of the node's first floating output: {op_type: count}}; "none" for nodes
             without a floating output (shapes, indices, masks).
@@ -46,6 +48,7 @@ class ExportReport:
     precision: str
     dynamic_batch: bool
     target: str = ""
+    symbolic_sizes: list = dataclasses.field(default_factory=list)
     inputs: list = dataclasses.field(default_factory=list)
     outputs: list = dataclasses.field(default_factory=list)
     ops_by_dtype: dict = dataclasses.field(default_factory=dict)
@@ -68,6 +71,8 @@ class ExportReport:
     def __str__(self) -> str:
         lines = [f"ONNX export -> {self.path} (opset {self.opset}, {self.precision}, "
                  f"batch {'dynamic' if self.dynamic_batch else 'static'}, target {self.target})"]
+        if self.symbolic_sizes:
+            lines.append(f"  symbolic sizes: {', '.join(self.symbolic_sizes)}")
         for kind, items in (("input", self.inputs), ("output", self.outputs)):
             for name, dtype, shape in items:
                 lines.append(f"  {kind} {name}: {dtype} {shape}")
