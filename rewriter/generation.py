@@ -45,7 +45,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from rewriter import meta
+from rewriter import autocast_regions, meta
 from rewriter.config import ConvertConfig
 from rewriter.errors import ConfigError, InputError
 
@@ -232,8 +232,13 @@ class StepGraphs:
 
 
 def _export(step: _Step, args: tuple, dynamic_shapes) -> fx.GraphModule:
-    ep = torch.export.export(step, args, dynamic_shapes=dynamic_shapes, strict=False)
-    gm = ep.run_decompositions({}).module()
+    # The model's own autocast regions are kept as capture keeps them for the forward graph: a rotary
+    # embedding computed under `maybe_autocast(enabled=False)` (transformers <= 5.17's Llama family:
+    # `freqs = inv_freq @ position_ids`) stays fp32 here too; plain run_decompositions would inline the
+    # region without a trace and its matmul would turn 16-bit in the prefill and decode graphs only.
+    with autocast_regions.visible():
+        ep = torch.export.export(step, args, dynamic_shapes=dynamic_shapes, strict=False)
+    gm = autocast_regions.decompose(ep).module()
     from rewriter.capture import _views_to_reshapes
 
     _views_to_reshapes(gm)
