@@ -99,3 +99,19 @@ def test_cli_diff_takes_a_factory_returning_a_generative_lm(tmp_path, monkeypatc
     assert "== decode graph" in out and "fp8_weight_line" in out
     data = json.loads(js.read_text())
     assert data["graphs"]["decode"]["summary"]["fp8_gemms"] == 9
+
+
+def test_step_graphs_name_modules_as_in_the_users_model(lm):
+    """An override written for the user's model reaches the step graphs (their capture wraps the model in
+    a step module; its attribute is not part of the module paths), and the diff names the same paths."""
+    fast = rewriter.convert(lm, {"input_ids": _ids()}, precision="bf16", generate=True, max_cache_len=40,
+                            overrides={"model.layers.0.mlp.down_proj": "fp32"})
+    for gm in (fast.prefill_graph, fast.decode_graph):
+        down = {meta.module_path(n): meta.get(n, meta.DECISION) for n in gm.graph.nodes
+                if n.target is torch.ops.aten.linear.default and "down_proj" in str(meta.module_path(n))}
+        assert set(down) == {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
+        assert down["model.layers.0.mlp.down_proj"]["dtype"] == "float32"
+        assert down["model.layers.1.mlp.down_proj"]["dtype"] == "bfloat16"
+        paths = {meta.module_path(n) for n in gm.graph.nodes if n.op == "call_function"} - {None}
+        assert "lm_head" in paths and not any(p == "lm" or p.startswith("lm.") for p in paths)
+    assert "model.layers.0.mlp.down_proj" in rewriter.diff(lm, fast).to_text(max_rows=None)
