@@ -45,7 +45,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from rewriter import meta
+from rewriter import autocast_regions, meta
 from rewriter.config import ConvertConfig
 from rewriter.errors import ConfigError, InputError
 
@@ -157,6 +157,9 @@ class _StaticKV:
         return 0
 
 
+_STEP_ATTR = "lm"  # the attribute of _Step that holds the user's model
+
+
 class _Step(nn.Module):
     """One generation step of `lm` over the cache: logits of the last position only (the prefill of a
     512-token prompt does not compute 512 x vocabulary logits)."""
@@ -232,12 +235,37 @@ class StepGraphs:
 
 
 def _export(step: _Step, args: tuple, dynamic_shapes) -> fx.GraphModule:
-    ep = torch.export.export(step, args, dynamic_shapes=dynamic_shapes, strict=False)
-    gm = ep.run_decompositions({}).module()
+    # The model's own autocast regions are kept as capture keeps them for the forward graph: a rotary
+    # embedding computed under `maybe_autocast(enabled=False)` (transformers <= 5.17's Llama family:
+    # `freqs = inv_freq @ position_ids`) stays fp32 here too; plain run_decompositions would inline the
+    # region without a trace and its matmul would turn 16-bit in the prefill and decode graphs only.
+    with autocast_regions.visible():
+        ep = torch.export.export(step, args, dynamic_shapes=dynamic_shapes, strict=False)
+    gm = autocast_regions.decompose(ep).module()
+    _user_module_paths(gm)
     from rewriter.capture import _views_to_reshapes
 
     _views_to_reshapes(gm)
     return gm
+
+
+def _user_module_paths(gm: fx.GraphModule) -> None:
+    """Module paths as in the user's model: drop the _Step wrapper and its `lm` attribute from every
+    node's nn_module_stack ("lm.model.layers.0.mlp" -> "model.layers.0.mlp"), so overrides, region
+    records and `rewrite diff` name the modules as they are named in the model that was converted."""
+    def user(path: str) -> str | None:
+        if path in ("", _STEP_ATTR):
+            return None
+        return path[len(_STEP_ATTR) + 1:] if path.startswith(_STEP_ATTR + ".") else path
+
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {key: (user(entry[0]), *entry[1:]) for key, entry in stack.items()
+                                            if user(entry[0]) is not None}
+        record = meta.get(node, meta.AUTOCAST)
+        if record and record.get("module") is not None:
+            meta.put(node, meta.AUTOCAST, {**record, "module": user(record["module"])})
 
 
 def capture_steps(lm: nn.Module, max_cache_len: int, cache_dtype: torch.dtype,

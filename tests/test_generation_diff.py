@@ -9,6 +9,7 @@ import torch
 pytest.importorskip("transformers")
 
 import rewriter  # noqa: E402
+from rewriter import meta  # noqa: E402
 from rewriter.cli import main  # noqa: E402
 from rewriter.diff_generation import StepsDiff  # noqa: E402
 from rewriter.errors import ConfigError, InputError  # noqa: E402
@@ -41,7 +42,13 @@ def test_diff_shows_decode_and_prefill_decisions(lm, fast):
     assert d["prefill"].summary.fp8_kept["size"] >= 8  # prefill: the FLOP rules kept its GEMMs bf16
     text = d.to_text(max_rows=None)
     assert "== decode graph" in text and "== prefill graph" in text
-    assert "FP8 decode: 9 GEMMs (9 fp8_weight_linear), 2 kept" in text
+    # kept: the two attention ops, and on transformers <= 5.17 the rotary embedding's frequency matmul
+    # (5.2x computes them elementwise), which its maybe_autocast(enabled=False) region keeps in fp32.
+    # The model's structure comes from the installed transformers, not from us.
+    rotary = [n for n in fast.decode_graph.graph.nodes if n.target is torch.ops.aten.matmul.default
+              and "rotary_emb" in str(meta.module_path(n))]
+    assert all(meta.get(n, meta.DECISION)["rule"] == "autocast-region" for n in rotary)
+    assert f"FP8 decode: 9 GEMMs (9 fp8_weight_linear), {2 + len(rotary)} kept" in text
     assert "fp8: decode GEMM is weight-bandwidth bound: 2x fewer weight bytes" in text
     data = json.loads(d.to_json())
     assert data["format"] == "rewriter.diff.generation/1" and set(data["graphs"]) == {"decode", "prefill"}
@@ -92,3 +99,19 @@ def test_cli_diff_takes_a_factory_returning_a_generative_lm(tmp_path, monkeypatc
     assert "== decode graph" in out and "fp8_weight_line" in out
     data = json.loads(js.read_text())
     assert data["graphs"]["decode"]["summary"]["fp8_gemms"] == 9
+
+
+def test_step_graphs_name_modules_as_in_the_users_model(lm):
+    """An override written for the user's model reaches the step graphs (their capture wraps the model in
+    a step module; its attribute is not part of the module paths), and the diff names the same paths."""
+    fast = rewriter.convert(lm, {"input_ids": _ids()}, precision="bf16", generate=True, max_cache_len=40,
+                            overrides={"model.layers.0.mlp.down_proj": "fp32"})
+    for gm in (fast.prefill_graph, fast.decode_graph):
+        down = {meta.module_path(n): meta.get(n, meta.DECISION) for n in gm.graph.nodes
+                if n.target is torch.ops.aten.linear.default and "down_proj" in str(meta.module_path(n))}
+        assert set(down) == {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
+        assert down["model.layers.0.mlp.down_proj"]["dtype"] == "float32"
+        assert down["model.layers.1.mlp.down_proj"]["dtype"] == "bfloat16"
+        paths = {meta.module_path(n) for n in gm.graph.nodes if n.op == "call_function"} - {None}
+        assert "lm_head" in paths and not any(p == "lm" or p.startswith("lm.") for p in paths)
+    assert "model.layers.0.mlp.down_proj" in rewriter.diff(lm, fast).to_text(max_rows=None)
