@@ -43,8 +43,8 @@ def _version(path: str) -> str:
 
 def run_file(test_file: str, path: str, timeout: float) -> dict:
     """pytest on one file with `path` first on PYTHONPATH: counts, failing ids, seconds."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([path, str(ROOT)]), "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}  # not an xdist worker's
+    env.update({"PYTHONPATH": os.pathsep.join([path, str(ROOT)]), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     start = time.perf_counter()
     try:
         out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider",
@@ -53,8 +53,9 @@ def run_file(test_file: str, path: str, timeout: float) -> dict:
     except subprocess.TimeoutExpired:
         return {"file": test_file, "status": f"timeout after {timeout:g}s", "seconds": round(timeout)}
     text = out.stdout + out.stderr
-    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|error|skipped)", text.splitlines()[-1]
-                                                  if text.strip() else "")}
+    summaries = [line for line in out.stdout.splitlines() if re.search(r"\d+ (passed|failed|error)", line)]
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|error|skipped)", summaries[-1]
+                                                  if summaries else "")}  # not stderr's last line: warnings
     return {"file": test_file, "status": "ok" if out.returncode == 0 else "fails", **counts,
             "failed_tests": re.findall(r"^(?:FAILED|ERROR) (\S+)", text, flags=re.M),
             "seconds": round(time.perf_counter() - start, 1)}
