@@ -60,7 +60,7 @@ from torch.utils import _pytree as pytree
 from rewriter import meta
 from rewriter.backend_options import BACKENDS, BackendOptions, backend_name
 from rewriter.backends import fast_forward
-from rewriter.errors import BackendError, InputError, describe_node
+from rewriter.errors import BackendError, InputError, describe_node, first_line
 
 __all__ = [
     "MODES",
@@ -294,7 +294,7 @@ class CompiledModule(TorchBackendModule):
             if _is_dynamo_failure(exc):
                 raise BackendError(
                     f"torch.compile failed on the converted {self.meta.get('rewriter', {}).get('model', '')} "
-                    f"graph: {type(exc).__name__}: {_first_line(exc)}. Use backend='eager' or "
+                    f"graph: {type(exc).__name__}: {first_line(exc, 400)}. Use backend='eager' or "
                     "backend='cuda_graphs', or pass compile options (e.g. compiler='aot_eager' to "
                     "find out whether the compiler or the tracer fails)") from exc
             raise
@@ -342,12 +342,6 @@ def _pre_hooks(gm: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 def _is_dynamo_failure(exc: BaseException) -> bool:
     exc_mod = sys.modules.get("torch._dynamo.exc")
     return exc_mod is not None and isinstance(exc, exc_mod.TorchDynamoException)
-
-
-def _first_line(exc: BaseException, limit: int = 400) -> str:
-    lines = [t for t in str(exc).strip().splitlines() if t.strip()]
-    line = lines[0] if lines else type(exc).__name__
-    return line[:limit] + ("..." if len(line) > limit else "")
 
 
 # ----------------------------------------------------------------------------- CUDA graphs
@@ -471,7 +465,7 @@ def _capture_reason(exc: BaseException) -> str:
     texts, seen, current = [], set(), exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        texts.append(f"{type(current).__name__}: {_first_line(current, 300)}")
+        texts.append(f"{type(current).__name__}: {first_line(current)}")
         current = current.__cause__ or current.__context__
     joined = " | ".join(texts)
     for needles, hint in _CAPTURE_HINTS:

@@ -30,13 +30,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from rewriter import autocast_regions, capture_inputs
+from rewriter import autocast_regions, capture_budget, capture_inputs
 from rewriter.attention_swap import batch_first_copy, record_swaps
-from rewriter import capture_budget
 from rewriter.capture_budget import CaptureTimeout
 from rewriter.capture_fx import symbolic_trace
 from rewriter.capture_inputs import batch_dynamic_shapes, dynamic_shapes_for
-from rewriter.errors import CaptureError, InputError
+from rewriter.errors import CaptureError, InputError, first_line
 from rewriter.grad_regions import cut_no_grad, flag_no_grad_regions
 
 __all__ = ["Captured", "capture", "normalize_inputs", "batch_dynamic_shapes", "dynamic_shapes_for",
@@ -154,12 +153,6 @@ def _user_frame(exc: BaseException) -> str:
     return ""
 
 
-def _first_line(exc: BaseException, limit: int = 300) -> str:
-    text = str(exc).strip().splitlines()
-    line = next((t for t in text if t.strip()), type(exc).__name__)
-    return (line[:limit] + "...") if len(line) > limit else line
-
-
 def _describe_inputs(args, kwargs) -> str:
     def one(v):
         if isinstance(v, torch.Tensor):
@@ -180,7 +173,7 @@ def run_reference(model: nn.Module, args: tuple, kwargs: dict):
             raise InputError(
                 f"the model {type(model).__name__} failed on the example inputs "
                 f"({_describe_inputs(args, kwargs)}) in module '{where}'"
-                f"{' at ' + frame if frame else ''}: {_first_line(exc)}. "
+                f"{' at ' + frame if frame else ''}: {first_line(exc)}. "
                 "Check that the example inputs have the shapes and dtypes the model's forward expects."
             ) from exc
 
@@ -427,7 +420,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, *, dynamic_batch: bool 
         if ep is not None:
             if swap_failures:
                 notes.append("export with batch-first nn.MultiheadAttention failed "
-                             f"({_first_line(swap_failures[0].exc, 120)}); exported the attention as it is")
+                             f"({first_line(swap_failures[0].exc, 120)}); exported the attention as it is")
             return _finish(ep, model, swapped_model if target is swapped_model else None,
                            plan, plans[0][0], failures, notes, args, kwargs, train)
         first = failures[0]  # the first plan on the last model tried: the first real cause
@@ -440,7 +433,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, *, dynamic_batch: bool 
         except Exception as exc:
             raise _capture_error(model, first, exc) from exc
     notes.append(f"torch.export failed in module '{first.where}'"
-                 f"{' at ' + first.frame if first.frame else ''} ({_first_line(first.exc, 160)}); "
+                 f"{' at ' + first.frame if first.frame else ''} ({first_line(first.exc, 160)}); "
                  "captured with torch.fx.symbolic_trace")
     return Captured(gm, "torch.fx.symbolic_trace", True, notes, args, kwargs)
 
@@ -452,9 +445,9 @@ def _private_copy(model: nn.Module, export_error: BaseException) -> nn.Module:
         return copy.deepcopy(model)
     except Exception as exc:
         raise CaptureError(
-            f"could not capture {type(model).__name__}: torch.export failed ({_first_line(export_error)}) "
+            f"could not capture {type(model).__name__}: torch.export failed ({first_line(export_error)}) "
             f"and the torch.fx.symbolic_trace fallback works on a copy of the model, which copy.deepcopy "
-            f"could not make ({_first_line(exc)}). Make the model exportable, or deep-copyable") from exc
+            f"could not make ({first_line(exc)}). Make the model exportable, or deep-copyable") from exc
 
 
 def _finish(ep, model, swapped_model, plan, wanted, failures, notes, args, kwargs, train: bool = False) -> Captured:
@@ -467,7 +460,7 @@ def _finish(ep, model, swapped_model, plan, wanted, failures, notes, args, kwarg
     shapes = capture_inputs.install(gm, ep.range_constraints, model.forward, args, kwargs)
     if plan != wanted and failures:
         notes.append(f"export with {wanted} failed in module '{failures[0].where}' "
-                     f"({_first_line(failures[0].exc, 120)}); captured with {plan}")
+                     f"({first_line(failures[0].exc, 120)}); captured with {plan}")
     batch_first = record_swaps(gm, swapped_model) if swapped_model is not None else []
     if batch_first:
         notes.append("nn.MultiheadAttention run batch-first (no transposes, same weights) at "
@@ -503,7 +496,7 @@ def _shapes_error(model, first: _Attempt) -> CaptureError:
     return CaptureError(
         f"could not capture {type(model).__name__} with the dynamic_shapes given: torch.export failed "
         f"in module '{first.where}'{' at ' + first.frame if first.frame else ''}: "
-        f"{_first_line(first.exc, 600)}. What to do: follow torch.export's suggestion above, or leave "
+        f"{first_line(first.exc, 600)}. What to do: follow torch.export's suggestion above, or leave "
         "dynamic_shapes out to let export find the dynamic dimensions itself (static=True fixes all).")
 
 
@@ -513,8 +506,8 @@ def _capture_error(model, first: _Attempt, trace_exc) -> CaptureError:
     return CaptureError(
         f"could not capture {type(model).__name__}. torch.export failed in module '{first.where}'"
         f"{' at ' + first.frame if first.frame else ''}: {type(first.exc).__name__}: "
-        f"{_first_line(first.exc)}. torch.fx.symbolic_trace failed in module '{t_where}'"
-        f"{' at ' + t_frame if t_frame else ''}: {_first_line(trace_exc)}. "
+        f"{first_line(first.exc)}. torch.fx.symbolic_trace failed in module '{t_where}'"
+        f"{' at ' + t_frame if t_frame else ''}: {first_line(trace_exc)}. "
         "What to do: replace Python control flow that depends on tensor values with torch.where or "
         "torch.cond, move non-tensor side effects (printing, numpy, .item()) out of forward, or convert "
         "the traceable submodules separately."

@@ -16,6 +16,7 @@ __all__ = [
     "PassError",
     "BackendError",
     "describe_node",
+    "first_line",
 ]
 
 
@@ -52,3 +53,11 @@ def describe_node(node) -> str:
     except Exception:  # format_node can fail on half-built graphs; the name is enough then
         text = node.name
     return f"node {text!s} (module '{path}')"
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message (its class name when it has none), cut at
+    `limit` characters with "..." after the cut: the cause quoted inside a one-paragraph error."""
+    lines = [t for t in str(exc).strip().splitlines() if t.strip()]
+    line = lines[0] if lines else type(exc).__name__
+    return line if len(line) <= limit else line[:limit] + "..."

@@ -50,7 +50,7 @@ import torch.nn as nn
 from rewriter import archive, capture_inputs, meta
 from rewriter.backends import fast_forward
 from rewriter.capture import CAPTURE_LOCK, normalize_inputs
-from rewriter.errors import ConfigError, InputError
+from rewriter.errors import ConfigError, InputError, first_line
 from rewriter.files import WRITE_ERRNOS, atomic_write, check_writable, write_error  # noqa: F401 (re-exported)
 from rewriter.reexport import batch_is_dynamic, export_again
 
@@ -119,12 +119,6 @@ def _annotations_in_custom(gm: fx.GraphModule) -> Iterator[None]:
                 node.meta.pop("custom", None)
             if not had_origin:
                 node.meta.pop(meta.ORIGIN, None)
-
-
-def _first_line(exc: BaseException, limit: int = 300) -> str:
-    lines = [t for t in str(exc).strip().splitlines() if t.strip()]
-    line = lines[0] if lines else type(exc).__name__
-    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def _export(gm: fx.GraphModule, args: tuple, kwargs: dict, notes: list[str]):
@@ -221,7 +215,7 @@ def prepare(gm: fx.GraphModule, *, example_inputs: Any = None, where: str = "a .
             capture_method = record.get("capture", "unknown")
             raise InputError(
                 f"could not re-export the converted model to save it as {where}: "
-                f"{_first_line(exc)}. The model was captured with {capture_method}; models that "
+                f"{first_line(exc)}. The model was captured with {capture_method}; models that "
                 "torch.export cannot trace cannot be saved as .pt2. Keep using the GraphModule in "
                 "Python, or export it to ONNX instead") from exc
     graph_meta = {key: gm.meta[key] for key in _GRAPH_KEYS if gm.meta.get(key) is not None}
@@ -351,7 +345,7 @@ def _load_program(path: Path, trust_pickle: bool = False) -> fx.GraphModule:
                 f"{', '.join(archive.IMPORT_ALLOWED)}: import them first (import {skipped[0]}) and load again."
                 if skipped else "")
         raise InputError(
-            f"could not read {str(path)!r} as a torch.export program (.pt2): {_first_line(exc)}.{hint} "
+            f"could not read {str(path)!r} as a torch.export program (.pt2): {first_line(exc)}.{hint} "
             "The file may be truncated or not written by torch.export.save; export the model again "
             "with torch.export.save(torch.export.export(model, (x,)), 'model.pt2')") from exc
     if payload.get("weights_sha256"):
@@ -360,7 +354,7 @@ def _load_program(path: Path, trust_pickle: bool = False) -> fx.GraphModule:
         gm = ep.module()
     except Exception as exc:
         raise InputError(f"{str(path)!r} holds a program that cannot be turned into a module: "
-                         f"{_first_line(exc)}; export the model again with this version of torch "
+                         f"{first_line(exc)}; export the model again with this version of torch "
                          f"({torch.__version__})") from exc
     _allow_eval(gm, path)
     for node in gm.graph.nodes:
@@ -394,7 +388,7 @@ def _load_pickle(path: Path, trust_pickle: bool) -> nn.Module:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise InputError(f"could not unpickle {str(path)!r}: {_first_line(exc)}. The file may be "
+        raise InputError(f"could not unpickle {str(path)!r}: {first_line(exc)}. The file may be "
                          "damaged, or need classes that are not importable here") from exc
     if isinstance(obj, nn.Module):
         return obj

@@ -21,6 +21,7 @@ import torch.utils._pytree as pytree
 
 from rewriter import meta
 from rewriter.capture_inputs import batch_dynamic_shapes, shapes_by_signature
+from rewriter.errors import first_line
 
 __all__ = ["dynamic_shapes_of", "export_again", "batch_is_dynamic", "any_dynamic"]
 
@@ -88,12 +89,6 @@ def any_dynamic(ep) -> bool:
                for v in _placeholder_vals(ep))
 
 
-def _first_line(exc: BaseException, limit: int = 160) -> str:
-    lines = [t for t in str(exc).strip().splitlines() if t.strip()]
-    line = lines[0] if lines else type(exc).__name__
-    return line if len(line) <= limit else line[:limit] + "..."
-
-
 def export_again(gm: fx.GraphModule, args: tuple, kwargs: dict, *, dynamic: bool = True,
                  batch: bool = True, batch_dim=None, other: bool = True,
                  notes: list[str] | None = None) -> Any:
@@ -131,7 +126,7 @@ def export_again(gm: fx.GraphModule, args: tuple, kwargs: dict, *, dynamic: bool
         except Exception as exc:
             if i == len(plans) - 1:
                 raise
-            failed.append(f"export with {name} failed ({_first_line(exc)})")
+            failed.append(f"export with {name} failed ({first_line(exc, 160)})")
             continue
         if failed:
             notes.append("; ".join(failed) + f"; exported with {name}")
