@@ -77,15 +77,15 @@ def judge_decode(shape, dims: dict, opts: Fp8Options, cap, where: str, keep, pro
     fused = bool(opts.fused_quantization)
     name, own = producer
     kernel, other = opts.decode_gemms, None
+    fits = not (k % FP8_DIM_MULTIPLE or n % FP8_DIM_MULTIPLE)  # torch._scaled_mm takes K and N
     if kernel == "auto":  # the kernel with the larger estimate; scaled_mm only where _scaled_mm takes K and N
         wo = estimate_decode_speedup(shape, "weight_only", fused=fused, own_kernel=own)[0]
-        fits = not (k % FP8_DIM_MULTIPLE or n % FP8_DIM_MULTIPLE)
         sm = estimate_decode_speedup(shape, "scaled_mm", fused=fused, own_kernel=own)[0] if fits else 0.0
         kernel = "scaled_mm" if sm > wo else "weight_only"
         other = (f"chosen by decode_gemms='auto' over {'weight_only' if kernel == 'scaled_mm' else 'scaled_mm'} "
                  f"(estimated {min(sm, wo):.2f}x{'' if fits else ': K or N not a multiple of 16'})")
     dims = {**dims, "kernel": kernel}
-    if kernel == "scaled_mm" and (k % FP8_DIM_MULTIPLE or n % FP8_DIM_MULTIPLE):
+    if kernel == "scaled_mm" and not fits:
         bad = " and ".join(f"{d}={v}" for d, v in (("K", k), ("N", n)) if v % FP8_DIM_MULTIPLE)
         return keep("dims", f"{bad} not a multiple of {FP8_DIM_MULTIPLE} (torch._scaled_mm needs K and N "
                     f"divisible by {FP8_DIM_MULTIPLE}; Fp8Options(decode_gemms='weight_only') has no such rule)",
