@@ -12,12 +12,15 @@ Modes:
                backends/fast_forward.py: the same graph and kernels without the per-op Python
                overhead of the standard fx forward (which still runs under tracing). Takes no options.
   compile      `torch.compile` of the converted graph (fullgraph by default: a graph break is an error,
-               never a silent partial fallback). When the conversion kept the batch dimension dynamic,
-               dimension 0 of every tensor input is marked dynamic, so a new batch size does not
-               recompile (the first call with batch 1 specialises; the next size compiles once more,
-               dynamically). Options: `compile_mode` ("default", "reduce-overhead", "max-autotune",
-               "max-autotune-no-cudagraphs"...), `dynamic` (None: as just described; True/False are
-               passed to torch.compile), `fullgraph` (True), `compiler` (torch.compile's `backend`,
+               never a silent partial fallback). Shapes follow torch.compile's automatic dynamic
+               shapes: the first call compiles for its shapes (static sizes: the fastest kernels, as
+               `torch.compile(model)` gets), and a new batch size compiles once more with the batch
+               dynamic. `dynamic="batch"` marks dimension 0 of every tensor input dynamic from the first
+               compile instead (when the conversion kept the batch dynamic): one compile for every batch
+               size, paid for with symbolic sizes in every kernel (up to 30% on small conv nets).
+               Options: `compile_mode` ("default", "reduce-overhead", "max-autotune",
+               "max-autotune-no-cudagraphs"...), `dynamic` (None: automatic; "batch": as just
+               described; True/False are passed to torch.compile), `fullgraph` (True), `compiler` (torch.compile's `backend`,
                "inductor"), `options` (inductor options; not together with `compile_mode`),
                `clone_outputs` (with compile_mode="reduce-overhead": outputs are cloned out of the
                CUDA-graph pool so they survive the next call; default True).
@@ -247,7 +250,7 @@ class CompiledModule(TorchBackendModule):
 
     backend_mode = "compile"
 
-    def __init__(self, gm: fx.GraphModule, *, compile_mode: str | None = None, dynamic: bool | None = None,
+    def __init__(self, gm: fx.GraphModule, *, compile_mode: str | None = None, dynamic: "bool | str | None" = None,
                  fullgraph: bool = True, compiler: Any = "inductor", options: dict | None = None,
                  clone_outputs: bool = True):
         given = {k: v for k, v in dict(compile_mode=compile_mode, dynamic=dynamic, fullgraph=fullgraph,
@@ -255,11 +258,11 @@ class CompiledModule(TorchBackendModule):
                  if v != {"fullgraph": True, "compiler": "inductor", "clone_outputs": True}.get(k)}
         check_options("compile", given)
         super().__init__(gm, given)
-        self._mark_batch = dynamic is None and _dynamic_batch(gm)
+        self._mark_batch = dynamic == "batch" and _dynamic_batch(gm)
         self._overwrites = compile_mode == "reduce-overhead"
         self._clone = clone_outputs and self._overwrites
         kwargs: dict[str, Any] = {"fullgraph": fullgraph, "backend": compiler}
-        if dynamic is not None:
+        if isinstance(dynamic, bool):
             kwargs["dynamic"] = dynamic
         if compile_mode is not None:
             kwargs["mode"] = compile_mode

@@ -151,7 +151,7 @@ _BACKENDS = ("eager", "compile", "cuda_graphs")
 _COMPILERS = ("inductor", "aot_eager", "eager", "cudagraphs")
 _SCALAR = (bool, int, float, type(None))
 # backend options a record may carry: name -> allowed value types; everything else is refused
-_BACKEND_OPTIONS = {"compile_mode": (str, type(None)), "dynamic": (bool, type(None)), "fullgraph": (bool,),
+_BACKEND_OPTIONS = {"compile_mode": (str, type(None)), "dynamic": (bool, str, type(None)), "fullgraph": (bool,),
                     "compiler": (str,), "options": (dict,), "clone_outputs": (bool,), "warmup": (int,),
                     "max_graphs": (int, type(None)), "share_pool": (bool,)}
 # inductor options a record may carry (tuning switches only: no compiler, path, command or hook)

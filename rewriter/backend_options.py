@@ -31,7 +31,8 @@ _OPTIONS: dict[str, dict[str, str]] = {
     "compile": {
         "compile_mode": "torch.compile mode: default, reduce-overhead, max-autotune, "
                         "max-autotune-no-cudagraphs",
-        "dynamic": "None (batch dimension dynamic when the conversion kept it so), True or False",
+        "dynamic": "None (torch.compile's automatic dynamic shapes), \"batch\" (dimension 0 dynamic from the "
+                   "first compile when the conversion kept it so), True or False",
         "fullgraph": "True (default): a graph break is an error",
         "compiler": "torch.compile backend, 'inductor' by default",
         "options": "dict of inductor options (not together with compile_mode)",
@@ -79,7 +80,10 @@ class BackendOptions:
     Args:
         compile_mode: (compile) torch.compile's mode: "default", "reduce-overhead", "max-autotune",
             "max-autotune-no-cudagraphs".
-        dynamic: (compile) None: dimension 0 is dynamic when the conversion kept the batch dynamic;
+        dynamic: (compile) None: torch.compile's automatic dynamic shapes (the first call compiles
+            for its shapes, a new batch size compiles once more with the batch dynamic); "batch":
+            dimension 0 dynamic from the first compile when the conversion kept the batch dynamic
+            (one compile for every batch size, at some speed: symbolic sizes in every kernel);
             True / False are passed to torch.compile.
         fullgraph: (compile) True (default): a graph break is an error, never a silent fallback.
         compiler: (compile) torch.compile's `backend`, "inductor" by default (e.g. "aot_eager").
@@ -96,7 +100,7 @@ class BackendOptions:
     """
 
     compile_mode: str | None = None
-    dynamic: bool | None = None
+    dynamic: "bool | str | None" = None
     fullgraph: bool | None = None
     compiler: "str | Callable | None" = None
     options: "tuple[tuple[str, Any], ...] | None" = None
@@ -114,7 +118,9 @@ class BackendOptions:
             object.__setattr__(self, "options", tuple(sorted((str(k), v) for k, v in pairs)))
         if self.compile_mode is not None and not isinstance(self.compile_mode, str):
             raise ConfigError(f"compile_mode={self.compile_mode!r} must be a string such as 'max-autotune'")
-        for name in ("dynamic", "fullgraph", "clone_outputs", "share_pool"):
+        if self.dynamic not in (None, True, False, "batch"):
+            raise ConfigError(f"dynamic={self.dynamic!r} must be None, 'batch', True or False")
+        for name in ("fullgraph", "clone_outputs", "share_pool"):
             value = getattr(self, name)
             if value not in (None, True, False):
                 raise ConfigError(f"{name}={value!r} must be None, True or False")

@@ -68,9 +68,15 @@ class GenerativeLM(nn.Module, GenerationMixin):
             fast_forward.install(gm)
         self.set_decode_backend("eager")
 
-    def set_decode_backend(self, backend: str = "eager", compile_mode: str = "max-autotune-no-cudagraphs"):
+    def set_decode_backend(self, backend: str = "eager", compile_mode: str = "max-autotune-no-cudagraphs",
+                           inductor_options: dict | None = None):
         """How the decode graph runs: "eager", "compile" (torch.compile, static shapes), "cuda_graphs"
         (captured once per batch size and replayed; CUDA only) or "compile+cuda_graphs".
+
+        `inductor_options` (compile only) replace `compile_mode` by inductor options, e.g.
+        {"max_autotune": True, "coordinate_descent_tuning": True}: with coordinate-descent tuning
+        inductor turns a one-row GEMM into a fused multiply-reduce, so a weight-only FP8 GEMM reads
+        each weight byte once (widened in registers) instead of materialising the widened weight.
 
         The decode step's shapes never change for a batch size and the cache tensors keep their
         addresses, so one CUDA graph per batch size replays every step. Returns self.
@@ -82,7 +88,8 @@ class GenerativeLM(nn.Module, GenerationMixin):
             raise ConfigError(f"decode backend {backend!r}: write one of {', '.join(map(repr, choices))}")
         self._decode_fn = self.decode_graph
         if backend.startswith("compile"):
-            self._decode_fn = torch.compile(self.decode_graph, mode=compile_mode, dynamic=False, fullgraph=True)
+            how = {"options": dict(inductor_options)} if inductor_options else {"mode": compile_mode}
+            self._decode_fn = torch.compile(self.decode_graph, dynamic=False, fullgraph=True, **how)
         self._cuda_graphs = backend.endswith("cuda_graphs")
         self._graphs: dict = {}
         self.decode_backend = backend

@@ -323,3 +323,22 @@ def test_bench_train_times_several_observe_intervals_and_reports_the_overhead(tm
     assert "overhead_vs_static_fp8" not in rows["rewriter fp8"]
     with pytest.raises(SystemExit, match="whole numbers"):
         bench_train.main(["--device", "cpu", "--small", "--adaptive", "--observe-every", "0"])
+
+
+def test_the_statistics_reduction_compiles_to_the_same_numbers():
+    """On CUDA the statistics run as one compiled `_reduce`; it must give what the eager one gives
+    (amax ignoring non-finite values, underflow share, overflow against the previous amax, non-finite)."""
+    from rewriter.runtime import adaptive_ops
+
+    torch.manual_seed(0)
+    t = torch.randn(64, 48) * torch.logspace(-8, 2, 48)  # columns down to values that flush in e4m3
+    t[3, 5], t[7, 1], t[9, 9] = float("inf"), float("nan"), 0.0
+    info = torch.finfo(torch.float8_e4m3fn)
+    consts = (float(info.max), float(info.smallest_normal * info.eps))
+    compiled = torch.compile(adaptive_ops._reduce, dynamic=True, fullgraph=True)
+    for prev in (torch.tensor(0.0), torch.tensor(1.5)):
+        eager = adaptive_ops._reduce(t.bfloat16(), prev, *consts)
+        assert eager[0] == t[torch.isfinite(t)].abs().max().bfloat16().float()
+        assert eager[3] == pytest.approx(2 / t.numel())
+        assert 0 < eager[1] < 1 and 0 < eager[2] < 1
+        torch.testing.assert_close(compiled(t.bfloat16(), prev, *consts), eager, rtol=1e-6, atol=0)

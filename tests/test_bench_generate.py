@@ -41,6 +41,10 @@ def test_bench_generate_variant_options():
     assert bench_generate.variant_options("ours fp8 cudagraphs")["convert"]["fp8"].decode_gemms == "auto"
     assert "fp8" not in bench_generate.variant_options("ours bf16 kv8 cudagraphs")["convert"]
     assert set(bench_generate.DEFAULT_VARIANTS) <= set(bench_generate.VARIANTS)
+    assert fp8["inductor_options"] is None
+    tuned = bench_generate.variant_options("ours fp8 weightonly cdt compile+cg")
+    assert tuned["convert"]["fp8"].decode_gemms == "weight_only" and tuned["backend"] == "compile+cuda_graphs"
+    assert tuned["inductor_options"]["coordinate_descent_tuning"] is True
 
 
 def test_bench_generate_rejects_unknown_variant(capsys):

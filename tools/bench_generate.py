@@ -15,6 +15,8 @@ Variants, all in one process, timed round-robin (each variant once per round, --
     ours fp8 weightonly compile+cg  every decode GEMM rewriter::fp8_weight_linear (FP8 weights widened inside
                             the compiled GEMM): decode_gemms="weight_only", min_speedup=0
     ours bf16 kv8 cudagraphs  bf16 with kv_cache="fp8" (e4m3 cache, per-head scales), CUDA graphs
+    ... cdt compile+cg      the compile+cg variant with inductor's coordinate_descent_tuning (and max_autotune,
+                            no inductor CUDA graphs): a one-row GEMM becomes a fused multiply-reduce
 Per variant and batch: time to first token (prefill + first token, median), decode tokens/s (all
 sequences of the batch, tokens after the first / time after the first), end-to-end tokens/s, and
 decode_vs_ours_bf16: the decode rate over ours bf16 with the same decode backend (ours bf16 eager if absent). Greedy
@@ -48,7 +50,8 @@ __all__ = ["main", "build_model", "VARIANTS", "DEFAULT_VARIANTS", "variant_optio
 
 VARIANTS = ("hf eager bf16", "hf static compile", "ours bf16", "ours bf16 cudagraphs", "ours bf16 compile+cg",
             "ours fp8", "ours fp8 cudagraphs", "ours fp8 compile+cg", "ours fp8 scaledmm cudagraphs",
-            "ours fp8 scaledmm compile+cg", "ours fp8 weightonly compile+cg", "ours bf16 kv8 cudagraphs")
+            "ours fp8 scaledmm compile+cg", "ours fp8 weightonly compile+cg", "ours bf16 kv8 cudagraphs",
+            "ours bf16 cdt compile+cg", "ours fp8 weightonly cdt compile+cg")
 DEFAULT_VARIANTS = ("hf eager bf16", "hf static compile", "ours bf16 cudagraphs", "ours bf16 compile+cg",
                     "ours fp8 cudagraphs", "ours fp8 scaledmm cudagraphs", "ours fp8 weightonly compile+cg")
 """What runs without --variants: the baselines, ours bf16 and the FP8 decode kernels (the other variants by name)."""
@@ -66,7 +69,8 @@ def variant_options(name: str) -> dict:
         if " scaledmm" in name or " weightonly" in name:
             fp8.update(decode_gemms="scaled_mm" if " scaledmm" in name else "weight_only", min_speedup=0.0)
         options["fp8"] = rewriter.Fp8Options(**fp8)
-    return {"convert": options, "backend": backend}
+    tuned = {"max_autotune": True, "triton.cudagraphs": False, "coordinate_descent_tuning": True}
+    return {"convert": options, "backend": backend, "inductor_options": tuned if " cdt " in name else None}
 
 
 def build_model(device: str, small: bool, layers: int | None = None):
@@ -170,7 +174,7 @@ def build_variants(model, names, device: str, max_cache_len: int, notes: dict, p
                     record["peak_over_converted"] = round(record["peak_extra_bytes"] / record["converted_bytes"], 3)
                 record["generation"] = fast.record.get("generation")
                 notes[name] = record
-                fast.set_decode_backend(backend)
+                fast.set_decode_backend(backend, inductor_options=chosen["inductor_options"])
                 runners[name] = _ours_runner(fast)
                 params[name] = _bytes(fast)
         except Exception as exc:  # a variant that cannot be built is reported, the others run

@@ -150,7 +150,7 @@ def _exclusive(lock: str | None):
 
 def run_model(name: str, device: torch.device, dtypes: list[str], modes: list[str], repeats: int,
               warmup: int, static: bool = False, lock: str | None = None,
-              compile_dtypes: list[str] | None = None) -> list[dict]:
+              compile_dtypes: list[str] | None = None, dynamic_batch_variant: bool = False) -> list[dict]:
     """Rows (one per dtype and mode) for one zoo entry."""
     model, args, kwargs = build(name)
     model = model.to(device)
@@ -180,6 +180,10 @@ def run_model(name: str, device: torch.device, dtypes: list[str], modes: list[st
             low_args, low_kwargs = _cast_floats((args, kwargs), dtype)  # a blanket cast takes 16-bit inputs
             variants["compile(model.to)"] = lambda g=blanket: g(*low_args, **low_kwargs)
             variants["ours+compile"] = lambda g=ours_c: g(*args, **kwargs)
+            if dynamic_batch_variant:  # the batch symbolic from the first compile (backend_options dynamic="batch")
+                ours_b = rewriter.convert(model, args, kwargs, precision=dname, backend="compile", static=static,
+                                          backend_options={"dynamic": "batch"})
+                variants["ours+compile batch-dynamic"] = lambda g=ours_b: g(*args, **kwargs)
         errors = {}
         with torch.no_grad():
             for key, fn in variants.items():
@@ -197,6 +201,8 @@ def run_model(name: str, device: torch.device, dtypes: list[str], modes: list[st
                    "err_ratio": round(err_o / err_a, 3) if err_a > 0 else None}
             if mode == "compile":
                 row["x_compile_blanket"] = round(times["compile(model.to)"].median_ms / mine, 3)
+                if "ours+compile batch-dynamic" in times:  # > 1: the static first compile is faster
+                    row["x_batch_dynamic"] = round(times["ours+compile batch-dynamic"].median_ms / mine, 3)
             rows.append(row)
             print(f"{name:22s} {dname} {mode:7s} x_autocast={row['x_autocast']:.2f} "
                   f"err ours/autocast={err_o:.2e}/{err_a:.2e}", flush=True)
@@ -218,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-dtypes", default=None,
                         help="dtypes the compile mode runs (default: every --dtypes), e.g. bf16")
     parser.add_argument("--static", action="store_true", help="convert with static=True (fixed input shapes)")
+    parser.add_argument("--dynamic-batch-variant", action="store_true",
+                        help="also time ours compiled with backend_options dynamic='batch' (column x_batch_dynamic)")
     parser.add_argument("--lock", default=None, help="a file held while timing (several processes, one GPU)")
     parser.add_argument("--out", help="JSON file for every row (rewritten after each model)")
     parser.add_argument("--jobs", type=int, default=1,
@@ -240,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         try:
             rows += run_model(name, device, args.dtypes.split(","), args.modes.split(","), args.repeats,
-                              args.warmup, static=args.static, lock=args.lock, compile_dtypes=compile_dtypes)
+                              args.warmup, static=args.static, lock=args.lock, compile_dtypes=compile_dtypes,
+                              dynamic_batch_variant=args.dynamic_batch_variant)
         except Exception as exc:  # one architecture's failure is a row, not the end of the run
             failures.append({"model": name, "error": f"{type(exc).__name__}: {exc}"[:2000],
                              "trace": traceback.format_exc()[-3000:]})

@@ -64,25 +64,49 @@ def new_buffers(device=None) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor([FP8, 0, 1], dtype=torch.int64), stats
 
 
-def _observe(t: torch.Tensor, fmt: torch.dtype, stats: torch.Tensor, prefix: str, sample: bool) -> None:
-    """Write the statistics of `t` quantized to `fmt` into `stats` (max with what is there)."""
-    t = t.detach().float()
+def _reduce(t: torch.Tensor, prev_amax: torch.Tensor, fmt_max: float, tiny: float) -> torch.Tensor:
+    """[amax, underflow, overflow, nonfinite] of `t` scaled to a format of largest value `fmt_max` and
+    smallest subnormal `tiny` (`prev_amax` <= 0: no previous amax, overflow counts non-finite values only).
+    Pure: on CUDA it runs compiled (`_reducer`), one or two fused passes over `t` instead of ten."""
+    t = t.float()
     finite = torch.isfinite(t)
     a = t.abs()
     amax = torch.where(finite, a, torch.zeros_like(a)).amax()
-    tiny = torch.finfo(fmt).smallest_normal * torch.finfo(fmt).eps  # smallest subnormal
-    scale = amax / torch.finfo(fmt).max
+    scale = amax / fmt_max
     nonzero = (a > 0).sum().clamp_min(1)
     under = ((a > 0) & (a < scale * tiny / 2)).sum() / nonzero
+    nonfinite = (~finite).float().mean()
+    over = torch.where(prev_amax > 0, ((a > prev_amax) | ~finite).float().mean(), nonfinite)
+    return torch.stack([amax, under.float(), over, nonfinite])
+
+
+_COMPILED: dict = {}
+
+
+def _reducer(t: torch.Tensor):
+    """`_reduce`, compiled once per device type (dynamic shapes) on CUDA; eager elsewhere (a CPU compile
+    costs seconds and the statistics are cheap there relative to the CPU GEMMs)."""
+    if t.device.type != "cuda":
+        return _reduce
+    if "cuda" not in _COMPILED:
+        _COMPILED["cuda"] = torch.compile(_reduce, dynamic=True, fullgraph=True)
+    return _COMPILED["cuda"]
+
+
+def _observe(t: torch.Tensor, fmt: torch.dtype, stats: torch.Tensor, prefix: str, sample: bool) -> None:
+    """Write the statistics of `t` quantized to `fmt` into `stats` (max with what is there)."""
+    t = t.detach()
+    info = torch.finfo(fmt)
+    prev = stats[_I[prefix + "_prev_amax"]] if prefix in ("x", "g") else stats.new_zeros(())
+    r = _reducer(t)(t, prev, float(info.max), float(info.smallest_normal * info.eps))
     s = stats
-    s[_I["nonfinite"]] = torch.maximum(s[_I["nonfinite"]], (~finite).float().mean())
-    s[_I[prefix + "_amax"]] = torch.maximum(s[_I[prefix + "_amax"]], amax)
-    s[_I[prefix + "_underflow"]] = torch.maximum(s[_I[prefix + "_underflow"]], under)
+    s[_I["nonfinite"]] = torch.maximum(s[_I["nonfinite"]], r[3])
+    s[_I[prefix + "_amax"]] = torch.maximum(s[_I[prefix + "_amax"]], r[0])
+    s[_I[prefix + "_underflow"]] = torch.maximum(s[_I[prefix + "_underflow"]], r[1])
     if prefix in ("x", "g"):
-        prev = s[_I[prefix + "_prev_amax"]]
-        over = torch.where(prev > 0, ((a > prev) | ~finite).float().mean(), (~finite).float().mean())
-        s[_I[prefix + "_overflow"]] = torch.maximum(s[_I[prefix + "_overflow"]], over)
+        s[_I[prefix + "_overflow"]] = torch.maximum(s[_I[prefix + "_overflow"]], r[2])
         if sample:
+            t = t.float()
             q, sc = quantize_tensorwise(t.reshape(-1, t.shape[-1]), fmt)
             err = (q.float() * sc - t.reshape(q.shape)).pow(2).sum()
             neg = -10 * torch.log10(t.pow(2).sum().clamp_min(1e-30) / err.clamp_min(1e-30))

@@ -67,7 +67,7 @@ def test_eager_is_the_graph_module_itself(mlp):
     ("compile", {"warmup": 3}, "unknown option 'warmup' for backend 'compile'"),
     ("compile", {"compile_mode": "fastest"}, "unknown compile_mode 'fastest'"),
     ("compile", {"compile_mode": "max-autotune", "options": {"epilogue_fusion": True}}, "not both"),
-    ("compile", {"dynamic": "yes"}, "must be None, True or False"),
+    ("compile", {"dynamic": "yes"}, "must be None, 'batch', True or False"),
     ("cuda_graphs", {"max_graphs": 0}, "max_graphs=0"),
     ("cuda_graphs", {"warmup": -1}, "warmup=-1"),
 ])
@@ -132,11 +132,24 @@ def test_compile_wrapper_keeps_graph_and_meta(mlp):
         pickle.dumps(fast)
 
 
-def test_compile_keeps_the_batch_dynamic(mlp):
+def test_compile_is_static_first_then_batch_dynamic(mlp):
+    _, x, gm = mlp
+    calls = []
+    fast = optimize(copy.deepcopy(gm), mode="compile", compiler=_counting_compiler(calls))
+    with torch.no_grad():
+        for batch in (4, 7, 3, 9):
+            xb = torch.randn(batch, MLP_SHAPE[1])
+            torch.testing.assert_close(fast(xb), gm(xb), rtol=0, atol=0)
+    assert len(calls) == 2, f"a static compile, then one with the batch dynamic; got {calls}"
+    assert all(isinstance(c, tuple) for c in calls[0])  # fixed sizes: tensors only
+    assert any(not isinstance(c, tuple) for c in calls[1])  # the symbolic batch comes in as a size
+
+
+def test_compile_keeps_the_batch_dynamic_from_the_start_on_request(mlp):
     _, x, gm = mlp
     assert gm.meta["rewriter"]["dynamic_batch"]
     calls = []
-    fast = optimize(copy.deepcopy(gm), mode="compile", compiler=_counting_compiler(calls))
+    fast = optimize(copy.deepcopy(gm), mode="compile", dynamic="batch", compiler=_counting_compiler(calls))
     with torch.no_grad():
         for batch in (4, 7, 3):
             xb = torch.randn(batch, MLP_SHAPE[1])
