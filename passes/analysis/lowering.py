@@ -24,7 +24,9 @@ trial runs, estimate and bisection are `sensitivity`'s, with "kept" meaning "lef
   3. otherwise `sensitivity._search` over the candidates, least harmful first: bisection for the longest
      prefix that can be lowered, then the next node that cannot by galloping.
   Forward runs <= 1 + run_bound(n, k) = 7 + 2 k ceil(log2 n) for k nodes found harmful, capped by
-  default at 1 + run_bound(n, 2); what the cap leaves untested stays fp32. Every state the search moves
+  default at 1 + run_bound(n, 2); the search also stops after ceil(log2 n) + 2 trials in a row over
+  the aim (the budget left is smaller than what the next candidates cost: a tight budget costs about
+  5 + 2 ceil(log2 n) runs, not the cap). What is left untested stays fp32. Every state the search moves
   to was measured within B, so lowering can only spend budget, never break it.
 
 Lowering one residual add makes the next ones low by promotion (their inputs are then all low), so the
@@ -43,6 +45,7 @@ Example:
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -144,6 +147,9 @@ class BudgetLowering(Sensitivity):
         n_cand = len(candidates)
         cap = self.max_runs if self.max_runs is not None else 1 + run_bound(n_cand, 2)
 
+        failed = [0]  # trials over the aim in a row
+        stall = math.ceil(math.log2(max(2, n_cand))) + 2
+
         def trial(kept: frozenset, what: str) -> float:
             nonlocal runs
             if kept in tried:
@@ -151,6 +157,7 @@ class BudgetLowering(Sensitivity):
             err = self._error(gm, refs, self._run(gm, flats, self._state(gm, candidates, kept)))
             runs += 1
             tried[kept] = err
+            failed[0] = failed[0] + 1 if err > target else 0
             self.progress("budget_lowering", f"run {runs}: {what}: {n_cand - len(kept)} of {n_cand} "
                           f"lowered, error {err:.2e} (aim {target:.2e}, budget {budget:.2e})")
             return err
@@ -176,7 +183,7 @@ class BudgetLowering(Sensitivity):
                 order = sorted(candidates, key=lambda n: (estimates.get(n, 0.0), topo[n]))
                 tried[frozenset(order)] = start_err
                 stayed, rest, final_err, _ = _search(
-                    order, trial, target, all_lowered, lambda: runs >= cap,
+                    order, trial, target, all_lowered, lambda: runs >= cap or failed[0] >= stall,
                     estimates if self.config.metric is None else None)
                 kept = frozenset(stayed) | frozenset(rest)
         lowered = [n for n in candidates if n not in kept]
@@ -220,7 +227,8 @@ class BudgetLowering(Sensitivity):
                      f"'{meta.module_path(node) or '<top level>'}'")
             if node not in kept:
                 est = estimates.get(node)
-                adds = f": adds about {est:.1e} to the output error ({metric}, estimate)" if est else ""
+                adds = ("" if est is None else f": adds about {est:.1e} to the output error ({metric}, "
+                        "first-order estimate)")
                 record.update(lower=low, reason=f"budget allows: {where} runs in {low}{adds}; measured "
                                                 f"error with every lowering {final_err:.2e} <= aim "
                                                 f"{target:.2e} (tolerance x margin)")

@@ -198,6 +198,11 @@ class _Estimator(torch.fx.Interpreter):
         if n.op in _COMPUTE and n.target in _SKIP:
             return None
         out = super().run_node(n)
+        if n.op == "get_attr" and self.need_grad and isinstance(out, torch.Tensor) \
+                and out.is_floating_point() and not out.requires_grad:
+            # buffers (rotary inv_freq) feed values the output depends on: track them too, or the
+            # nodes computed from them alone (cos, sin) would get no estimate
+            out = out.detach().requires_grad_(True)
         if n in self.candidates and isinstance(out, torch.Tensor) and out.is_floating_point() \
                 and (out.requires_grad or not self.need_grad):
             d = self.dtypes[n]
