@@ -30,7 +30,8 @@ After:  add_37 kept fp32 ("adds 4.1e-01 to the output error"), 299 in fp16, erro
 Writes node.meta[SENSITIVITY] = {"error", "kept_fp32", ...} on every candidate, with "keep": "float32"
 and "reason" (module path, op, measured error contribution) on the nodes kept, and a summary with the
 number of forward runs in gm.meta[CALIBRATION]["sensitivity"]. DECISION annotations written by the
-trial assignments are removed again: `assign`, which runs next, decides from SENSITIVITY.
+trial assignments are removed again: `assign` decides from SENSITIVITY (after budget_lowering,
+passes/analysis/lowering.py, has spent what is left of the budget on the policy's fp32 nodes).
 
 Example:
     >>> Sensitivity(as_batches(batches), ConvertConfig(precision="fp16", tolerance=1e-2))(gm)
