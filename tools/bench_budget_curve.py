@@ -10,7 +10,7 @@ compiled (backend="compile"). Errors are measured on held-out batches the search
 timed round-robin in one process (rewriter.measure.round_robin) on the zoo's example input. Every model
 and budget is compiled once. Models come from tools/bench_zoo.py (`llama6`: hidden 1024, GQA 16/4,
 b8 s512; `bert`: BERT-base, b32 s128), built with use_cache=False; `--tiny` builds tiny configs of the
-same architectures for CPU smoke runs.
+same architectures for CPU smoke runs. Ours is converted with static=True unless --dynamic.
 
     python -m tools.bench_budget_curve --device cuda --models llama6,bert --budgets none,1x,2x,4x \\
         --out tools/results/budget_curve_h200.json
@@ -171,7 +171,8 @@ def run_model(name: str, device: torch.device, budgets: list[tuple[str, float | 
     rows = []
     for label, _ in budgets:
         key = f"ours@{label}"
-        rows.append({"model": name, "budget": label, **info[label], "ms": ms[key], "err": errors[key],
+        rows.append({"model": name, "budget": label, "static": static, **info[label], "ms": ms[key],
+                     "err": errors[key],
                      "autocast_calib_err": ac_calib,
                      "x_autocast_compile": round(ms["autocast+compile"] / ms[key], 3),
                      "x_compile_blanket": round(ms["compile(model.to)"] / ms[key], 3),
@@ -211,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--iters", type=int, default=5, help="calls per timed block")
-    parser.add_argument("--static", action="store_true", help="convert with static=True")
+    parser.add_argument("--dynamic", action="store_true",
+                        help="convert with dynamic shapes (default static=True: every variant is specialised "
+                             "on the example shapes, as torch.compile(model) is on its first call)")
     parser.add_argument("--out", help="JSON file (rewritten after each model)")
     args = parser.parse_args(argv)
     names = [m for m in args.models.split(",") if m]
@@ -229,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             got, ref = run_model(name, device, budgets, dtype=args.dtype, tiny=args.tiny, compiler=args.compiler,
                                  calibration=args.calibration, held_out=args.held_out, warmup=args.warmup,
-                                 repeats=args.repeats, iters=args.iters, static=args.static)
+                                 repeats=args.repeats, iters=args.iters, static=not args.dynamic)
             rows += got
             refs += ref
         except Exception as exc:  # one model's failure is a record, not the end of the run

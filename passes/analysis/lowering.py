@@ -23,11 +23,13 @@ trial runs, estimate and bisection are `sensitivity`'s, with "kept" meaning "lef
      lowered is within B, everything is lowered.                                              2 runs
   3. otherwise `sensitivity._search` over the candidates, least harmful first: bisection for the longest
      prefix that can be lowered, then the next node that cannot by galloping.
-  Forward runs <= 1 + run_bound(n, k) = 7 + 2 k ceil(log2 n) for k nodes found harmful, capped by
-  default at 1 + run_bound(n, 2); the search also stops after ceil(log2 n) + 2 trials in a row over
+  Forward runs <= 2 + run_bound(n, k) = 8 + 2 k ceil(log2 n) for k nodes found harmful, capped by
+  default at 1 + run_bound(n, 2) (+1 for step 4); the search also stops after ceil(log2 n) + 2 trials in a row over
   the aim (the budget left is smaller than what the next candidates cost: a tight budget costs about
   5 + 2 ceil(log2 n) runs, not the cap). What is left untested stays fp32. Every state the search moves
   to was measured within B, so lowering can only spend budget, never break it.
+  4. after a partial search, lowered nodes left between fp32 values only (a cast in, a cast out, no
+     bytes saved) are given back to the policy, kept if that state measures within B.         1 run
 
 Lowering one residual add makes the next ones low by promotion (their inputs are then all low), so the
 residual stream becomes low precision from there; insert_casts and fold_casts then drop the casts
@@ -127,6 +129,25 @@ class BudgetLowering(Sensitivity):
                 return False
         return True
 
+    def _prune(self, gm: fx.GraphModule, candidates: list, kept: frozenset) -> frozenset:
+        """`kept` plus the lowered nodes that sit between fp32 values only (every float input that is
+        not a weight and every consumer fp32): lowering them costs a cast in and a cast out and saves
+        no bytes. Repeated until none is left, since undoing one can isolate its neighbour."""
+        kept = frozenset(kept)
+        for _ in range(len(candidates)):
+            dtypes = self._state(gm, candidates, kept)
+
+            def fp32(node) -> bool:
+                return node.op == "output" or dtypes.get(node, meta.value_dtype(node)) == _F32
+
+            isolated = {n for n in candidates if n not in kept
+                        and all(fp32(i) for i in float_inputs(n) if i.op != "get_attr")
+                        and all(fp32(u) for u in n.users)}
+            if not isolated:
+                return kept
+            kept |= isolated
+        return kept
+
     # ------------------------------------------------------------------ the pass
     def call(self, gm: fx.GraphModule) -> PassResult:
         start = time.perf_counter()
@@ -166,6 +187,7 @@ class BudgetLowering(Sensitivity):
         start_err = trial(everything, "nothing lowered") if candidates else None
         all_lowered = None
         stayed: dict[fx.Node, float] = {}  # measured too costly: node -> its error step
+        isolated: frozenset = frozenset()  # lowered by the search, given back (step 4)
         estimates: dict[fx.Node, float] = {}
         kept = everything
         final_err = start_err
@@ -186,6 +208,11 @@ class BudgetLowering(Sensitivity):
                     order, trial, target, all_lowered, lambda: runs >= cap or failed[0] >= stall,
                     estimates if self.config.metric is None else None)
                 kept = frozenset(stayed) | frozenset(rest)
+                pruned = self._prune(gm, candidates, kept)
+                if pruned != kept:
+                    err = trial(pruned, "isolated lowerings undone")
+                    if err <= target:
+                        isolated, kept, final_err = pruned - kept, pruned, err
         lowered = [n for n in candidates if n not in kept]
 
         held_err = None
@@ -196,10 +223,10 @@ class BudgetLowering(Sensitivity):
                                    self._run(gm, hflats, self._state(gm, candidates, kept)))
             self.progress("budget_lowering", f"held-out: error {held_err:.2e} (budget {budget:.2e})"
                           + ("" if held_err <= budget else " -- OVER BUDGET"))
-        self._record(gm, candidates, kept, stayed, estimates, final_err, target)
+        self._record(gm, candidates, kept, stayed, isolated, estimates, final_err, target)
         seconds = time.perf_counter() - start
         self.summary = {
-            "runs": runs, "bound": 1 + run_bound(n_cand, max(1, len(stayed))), "cap": cap,
+            "runs": runs, "bound": 2 + run_bound(n_cand, max(1, len(stayed))), "cap": cap,
             "batches": len(flats), "candidates": n_cand, "lowered": [n.name for n in lowered],
             "lowered_paths": {n.name: meta.module_path(n) for n in lowered},
             "stayed_fp32": [n.name for n in stayed], "start_error": start_err,
@@ -213,7 +240,7 @@ class BudgetLowering(Sensitivity):
                       f"{final_err if final_err is not None else 0.0:.2e} (budget {budget:.2e})")
         return PassResult(gm, False)
 
-    def _record(self, gm, candidates, kept, stayed, estimates, final_err, target) -> None:
+    def _record(self, gm, candidates, kept, stayed, isolated, estimates, final_err, target) -> None:
         """Final SENSITIVITY records of the candidates; DECISION is removed again (assign's to write)."""
         low = meta.dtype_name(self.config.island_dtype)
         metric = "metric" if self.config.metric is not None else "relative L2"
@@ -236,6 +263,10 @@ class BudgetLowering(Sensitivity):
                 record.update(lower_tried=True,
                               reason=f"{where} stays fp32: in {low} it adds {stayed[node]:.2e} to the "
                                      f"output error ({metric}), more than the budget has left")
+            elif node in isolated:
+                record.update(lower_tried=True,
+                              reason=f"{where} stays fp32: the budget allowed {low}, but between fp32 "
+                                     "values it would only add a cast in and a cast out")
             if record:
                 meta.put(node, meta.SENSITIVITY, record)
             else:
