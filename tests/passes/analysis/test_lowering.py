@@ -170,3 +170,25 @@ def test_budget_lowering_runs_after_sensitivity_and_only_with_a_tolerance():
                                                                   calibration=batches)]
     off = ConvertConfig(precision="bf16", tolerance=1e-2, budget_lowering=False)
     assert "budget_lowering" not in [p.name for p in build_passes(off, calibration=batches)]
+
+
+def test_the_pass_annotates_only_and_leaves_decisions_to_assign():
+    from rewriter.capture import capture
+    from rewriter.config import ConvertConfig
+    from rewriter.passes.analysis import BudgetLowering, Classify, Sensitivity
+    from rewriter.passes.analysis._calibration import as_batches
+    from rewriter.passes.infra import PassManager, graph_signature
+
+    torch.manual_seed(0)
+    model = _Protected().eval()
+    batches = as_batches([(torch.randn(4, 32),) for _ in range(3)])
+    config = ConvertConfig(precision="bf16", tolerance=0.5)
+    gm = capture(model, batches.batches[0][0], {}).graph_module
+    PassManager([Classify(), Sensitivity(batches, config)])(gm)
+    before = graph_signature(gm)
+    lowering = BudgetLowering(batches, config)
+    result = lowering(gm)
+    assert not result.modified and graph_signature(gm) == before
+    assert not any(meta.DECISION in n.meta for n in gm.graph.nodes)
+    marked = [n.name for n in gm.graph.nodes if (meta.get(n, meta.SENSITIVITY) or {}).get("lower")]
+    assert marked == lowering.summary["lowered"] and marked
