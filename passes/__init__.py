@@ -12,7 +12,7 @@ Every pass follows one contract (`infra.Pass`): `call(gm) -> PassResult(gm, modi
 """
 from rewriter.passes.infra import AnalysisPass, Pass, PassManager, PassResult
 from rewriter.passes.canonicalize import CausalAttention, FoldBatchNorm, FuseGelu, PaddingMask
-from rewriter.passes.analysis import Assign, Classify, Ranges, Sensitivity, TransferMeasurements
+from rewriter.passes.analysis import Assign, BudgetLowering, Classify, Ranges, Sensitivity, TransferMeasurements
 from rewriter.passes.fuse import FuseLinears
 from rewriter.passes.plan import Fp8Cost, Fp8Options
 from rewriter.passes.lower import CastWeights, FoldCasts, Fp8Rewrite, InsertCasts, SaturateConstants, TrainBatchNorm
@@ -20,6 +20,6 @@ from rewriter.passes.target import ChannelsLast, OrtKernels, SigmoidGelu
 
 __all__ = ["Pass", "AnalysisPass", "PassResult", "PassManager",
            "CausalAttention", "PaddingMask", "FuseGelu", "FoldBatchNorm", "TrainBatchNorm",
-           "Classify", "Ranges", "Sensitivity", "Assign", "TransferMeasurements", "FuseLinears",
+           "Classify", "Ranges", "Sensitivity", "BudgetLowering", "Assign", "TransferMeasurements", "FuseLinears",
            "Fp8Cost", "Fp8Options", "InsertCasts", "FoldCasts", "SaturateConstants", "Fp8Rewrite", "CastWeights",
            "ChannelsLast", "OrtKernels", "SigmoidGelu"]

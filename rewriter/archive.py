@@ -146,7 +146,8 @@ _RECORD = {"config": dict, "capture": str, "dynamic_batch": (bool, type(None)), 
 _CONFIG = {"precision": str, "overrides": list, "mode": str, "keep_io_types": bool, "dynamic_batch": bool,
            "static": bool, "dynamic_shapes": (str, type(None)),
            "capture_time_limit": (int, float, type(None)), "tolerance": (int, float, type(None)),
-           "backend": str, "backend_options": dict, "allow_bf16_fallback": bool}
+           "backend": str, "backend_options": dict, "allow_bf16_fallback": bool,
+           "budget_lowering": bool}
 _BACKENDS = ("eager", "compile", "cuda_graphs")
 _COMPILERS = ("inductor", "aot_eager", "eager", "cudagraphs")
 _SCALAR = (bool, int, float, type(None))

@@ -158,6 +158,11 @@ class ConvertConfig:
         tolerance: output error budget (relative L2) for measured decisions; needs calibration data
             (`convert(..., calibration=...)`).
         metric: optional `metric(reference, candidate) -> float` used instead of relative L2.
+        budget_lowering: with a tolerance, also run in low precision the nodes the default policy keeps
+            fp32 (norms, residual adds, softmax) where the measured error stays within the budget
+            (passes/analysis/lowering.py; default True: the budget buys speed as well as accuracy).
+            False: the budget only keeps nodes fp32, so the result is never less accurate than the
+            default policy.
         allow_bf16_fallback: with fp16, nodes whose range only overflows fp16 may run in bf16
             instead of fp32.
         backend: how the converted graph runs (backends/torch_backend.py): "eager" (default; the
@@ -194,6 +199,7 @@ class ConvertConfig:
     dynamic_batch: bool = True
     tolerance: float | None = None
     metric: Callable[[Any, Any], float] | None = None
+    budget_lowering: bool = True
     allow_bf16_fallback: bool = False
     backend: str = "eager"
     backend_options: BackendOptions = BackendOptions()
@@ -219,7 +225,7 @@ class ConvertConfig:
                                   "(an output error budget such as 1e-2)")
         if self.metric is not None and not callable(self.metric):
             raise ConfigError("metric must be a function metric(reference, candidate) -> float")
-        for name in ("keep_io_types", "dynamic_batch", "allow_bf16_fallback"):
+        for name in ("keep_io_types", "dynamic_batch", "allow_bf16_fallback", "budget_lowering"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False")
         object.__setattr__(self, "backend_options", BackendOptions.of(self.backend_options))
@@ -305,6 +311,7 @@ class ConvertConfig:
             "dynamic_shapes": None if self.dynamic_shapes is None else repr(self.dynamic_shapes),
             "capture_time_limit": self.capture_time_limit,
             "tolerance": self.tolerance,
+            "budget_lowering": self.budget_lowering,
             "backend": self.backend,
             "backend_options": self.backend_options.to_dict(),
         }

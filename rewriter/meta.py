@@ -9,7 +9,9 @@ Keys:
     RANGE      analysis/ranges:   {"amax", "min_nonzero", "nonfinite", "batches", ...}; with
                "keep": dtype name and "reason" on nodes whose range does not fit the target format
     SENSITIVITY analysis/sensitivity: {"error": float, "kept_fp32": bool, ...}; with "keep" and
-               "reason" on the nodes the accuracy-budget search keeps in fp32
+               "reason" on the nodes the accuracy-budget search keeps in fp32; analysis/lowering adds
+               "lower": dtype name and "reason" on policy-fp32 nodes the budget affords in low precision
+               (assign's rule "budget-lowered"), "lower_tried": True on those measured too costly
     DTYPE      rewrite passes:    dtype name of the node's tensor output after the rewrite
     CREATED    rewrite passes:    {"pass": "...", "reason": "..."} on nodes a pass created
     FP8        analysis/fp8_cost: {"use": bool, "rule", "reason", "m", "n", "k", "est_speedup", ...} on
@@ -28,7 +30,8 @@ Keys:
 Graph-level key (GraphModule.meta, not node.meta):
     FP8        analysis/fp8_cost + rewrite/fp8: {"target", "options", "planned", "kept": {node: reason},
                "converted", "weight_bytes_fp8", "scale_bytes", "emulated", "emulation"} (same key string)
-    CALIBRATION analysis/ranges + sensitivity: {"ranges": {...}, "sensitivity": {...}} summaries
+    CALIBRATION analysis/ranges + sensitivity + lowering: {"ranges": {...}, "sensitivity": {...},
+               "lowering": {...}} summaries
                (batches, seconds, forward runs, kept nodes, error on search and held-out batches)
     INFO       pipeline.convert: the conversion record {"config", "capture", "dynamic_batch", "notes", "model"}
     EXAMPLE_INPUTS pipeline.convert / io.load: (args, kwargs) the model was captured with

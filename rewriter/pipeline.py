@@ -14,7 +14,7 @@ from rewriter.capture import CAPTURE_LOCK, capture, normalize_inputs
 from rewriter.config import ConvertConfig, Mode, Precision
 from rewriter.errors import ConfigError
 from rewriter.fp8_options import Fp8Options, resolve_options
-from rewriter.passes import (Assign, CastWeights, CausalAttention, ChannelsLast, Classify, FoldBatchNorm,
+from rewriter.passes import (Assign, BudgetLowering, CastWeights, CausalAttention, ChannelsLast, Classify, FoldBatchNorm,
                              FoldCasts, Fp8Cost, Fp8Rewrite, FuseGelu, FuseLinears, InsertCasts, PaddingMask,
                              Ranges, SaturateConstants, Sensitivity, SigmoidGelu, TrainBatchNorm,
                              TransferMeasurements)
@@ -98,6 +98,9 @@ PASS_TABLE: tuple[Step, ...] = (
     Step("analysis", lambda c: Sensitivity(c.calibration, c.config, held_out=c.held_out, progress=c.progress),
          lambda c: c.calibration is not None and c.config.tolerance is not None,
          "with calibration and a tolerance"),
+    Step("analysis", lambda c: BudgetLowering(c.calibration, c.config, held_out=c.held_out, progress=c.progress),
+         lambda c: c.calibration is not None and c.config.tolerance is not None and c.config.budget_lowering,
+         "with calibration and a tolerance, unless budget_lowering=False"),
     Step("analysis", lambda c: Assign(c.config), _always, "always"),
     Step("fuse", lambda c: FuseLinears(c.config), lambda c: c.eval_mode, 'mode="eval"'),
     Step("plan", lambda c: Fp8Cost(c.config, c.fp8), lambda c: c.is_fp8, 'precision="fp8"'),

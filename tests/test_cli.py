@@ -163,6 +163,21 @@ def test_calibration_is_passed_through_and_measurements_survive(tmp_path, capsys
     assert any("range" in n for n in every)
 
 
+def test_no_budget_lowering_flag_keeps_the_policy_fp32_nodes(tmp_path, capsys):
+    calib = tmp_path / "calib.pt"
+    torch.save([(torch.randn(*fm.MLP_SHAPE),) for _ in range(3)], calib)
+    lowered = {}
+    for flag in ([], ["--no-budget-lowering"]):
+        out = tmp_path / f"out{len(flag)}.pt2"
+        assert main(["convert", MLP, "--input-shape", "4,16", "--precision", "bf16", "--calibration",
+                     str(calib), "--tolerance", "0.05", "-o", str(out), *flag]) == 0
+        gm = rewriter.load(out)
+        assert gm.meta[meta.INFO]["config"]["budget_lowering"] is not bool(flag)
+        lowered[bool(flag)] = [n.name for n in gm.graph.nodes
+                               if (meta.get(n, meta.DECISION) or {}).get("rule") == "budget-lowered"]
+    assert lowered[False] and lowered[True] == []  # the layer norm / softmax of the MLP: lowered by default
+
+
 def test_input_shape_overrides_recorded_shape(tmp_path, fp32_pt2, capsys):
     out = tmp_path / "out.pt2"
     assert main(["convert", str(fp32_pt2), "--input-shape", "6,16", "-o", str(out)]) == 0

@@ -19,6 +19,10 @@ The model's own autocast regions (meta.AUTOCAST, recorded at capture by rewriter
 rank above measurements and below user overrides: with autocast off, a node keeps its traced dtype;
 with autocast on, a tensor-core op runs in the region's dtype (rule "autocast-region").
 
+With a tolerance, analysis/lowering may mark nodes the policy keeps fp32 (norms, residual adds) to run in
+low precision where the measured error budget affords it (SENSITIVITY "lower"; rule "budget-lowered",
+ranked with the other measurements, below regions and overrides).
+
 Writes node.meta[DECISION] = {"dtype", "rule", "reason"} on every node that computes in floating point.
 """
 from __future__ import annotations
@@ -114,6 +118,10 @@ class Assign(AnalysisPass):
             record = meta.get(node, key) or {}
             if record.get("keep"):
                 return meta.dtype_from_name(record["keep"]), rule, record.get("reason", rule)
+        lowered = (meta.get(node, meta.SENSITIVITY) or {}).get("lower")
+        if lowered:  # analysis/lowering: the error budget affords this policy-fp32 node in low precision
+            record = meta.get(node, meta.SENSITIVITY)
+            return meta.dtype_from_name(lowered), "budget-lowered", record.get("reason", "budget-lowered")
         return None
 
     # ------------------------------------------------------------------ main

@@ -30,7 +30,8 @@ After:  add_37 kept fp32 ("adds 4.1e-01 to the output error"), 299 in fp16, erro
 Writes node.meta[SENSITIVITY] = {"error", "kept_fp32", ...} on every candidate, with "keep": "float32"
 and "reason" (module path, op, measured error contribution) on the nodes kept, and a summary with the
 number of forward runs in gm.meta[CALIBRATION]["sensitivity"]. DECISION annotations written by the
-trial assignments are removed again: `assign`, which runs next, decides from SENSITIVITY.
+trial assignments are removed again: `assign` decides from SENSITIVITY (after budget_lowering,
+passes/analysis/lowering.py, has spent what is left of the budget on the policy's fp32 nodes).
 
 Example:
     >>> Sensitivity(as_batches(batches), ConvertConfig(precision="fp16", tolerance=1e-2))(gm)
@@ -198,6 +199,11 @@ class _Estimator(torch.fx.Interpreter):
         if n.op in _COMPUTE and n.target in _SKIP:
             return None
         out = super().run_node(n)
+        if n.op == "get_attr" and self.need_grad and isinstance(out, torch.Tensor) \
+                and out.is_floating_point() and not out.requires_grad:
+            # buffers (rotary inv_freq) feed values the output depends on: track them too, or the
+            # nodes computed from them alone (cos, sin) would get no estimate
+            out = out.detach().requires_grad_(True)
         if n in self.candidates and isinstance(out, torch.Tensor) and out.is_floating_point() \
                 and (out.requires_grad or not self.need_grad):
             d = self.dtypes[n]

@@ -88,7 +88,8 @@ def run(args, ui: Ui) -> int:
             gm = rewriter.convert(loaded.model, ex_args, ex_kwargs, precision=args.precision,
                                   overrides=args.override or None, calibration=calibration,
                                   tolerance=args.tolerance, progress=True, backend=backend or "eager",
-                                  backend_options=backend_opts or None, **shape_options)
+                                  backend_options=backend_opts or None, **shape_options,
+                                  **({"budget_lowering": False} if args.no_budget_lowering else {}))
     if backend not in (None, "eager"):
         from rewriter.backends.torch_backend import graph_module_of
 

@@ -188,6 +188,9 @@ def _add_convert(sub, common) -> None:
     p.add_argument("--calibration", metavar="FILE",
                    help="torch.save'd list of input tuples for measured decisions")
     p.add_argument("--tolerance", type=float, metavar="T", help="output error budget (needs --calibration)")
+    p.add_argument("--no-budget-lowering", action="store_true",
+                   help="with --tolerance, only keep nodes fp32; never run the policy's fp32 norms and "
+                        "residual adds in 16-bit (convert's budget_lowering=False)")
     p.add_argument("--force", action="store_true", help="replace OUT and REPORT if they exist (the input "
                                                         "model is never replaced)")
     shapes = p.add_mutually_exclusive_group()
