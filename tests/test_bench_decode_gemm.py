@@ -1,0 +1,28 @@
+"""tools/bench_decode_gemm: the CPU smoke run writes one row per shape and batch with every variant's time,
+bandwidth and error, and the kernel summary reads inductor's generated code."""
+import json
+
+from tools import bench_decode_gemm
+
+
+def test_smoke_run_writes_rows_with_times_and_errors(tmp_path):
+    out = tmp_path / "g.json"
+    assert bench_decode_gemm.main(["--device", "cpu", "--small", "--rows", "1,2", "--shapes", "o",
+                                   "--variants", "bf16 eager,fp8w eager", "--iters", "2", "--rounds", "1",
+                                   "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["shape"], r["rows"]) for r in rows] == [("o", 1), ("o", 2)]
+    for r in rows:
+        bf16, fp8 = r["variants"]["bf16 eager"], r["variants"]["fp8w eager"]
+        assert fp8["weight_bytes"] * 2 == bf16["weight_bytes"] == r["k"] * r["n"] * 2
+        assert bf16["rel_err"] < 1e-2 and 0 < fp8["rel_err"] < 0.1  # e4m3 weights: a few percent
+        assert bf16["us"] > 0 and fp8["x_bf16_eager"] > 0
+
+
+def test_kernel_summary_names_the_gemm_form():
+    extern = "buf1 = empty(...)\nextern_kernels.mm(arg0_1, buf0, out=buf1)\ndef triton_poi_fused_0(in_ptr0):"
+    assert bench_decode_gemm.kernel_summary(extern) == {"extern_mm": True, "template": False,
+                                                        "reduction": False, "triton_kernels": 1}
+    fused = "def triton_red_fused_mul_sum_0(in_ptr0, in_ptr1):\n    pass\n"
+    assert bench_decode_gemm.kernel_summary(fused)["reduction"] is True
+    assert bench_decode_gemm.kernel_summary("def triton_tem_fused_mm_0(a):")["template"] is True
