@@ -55,7 +55,7 @@ import torch.fx as fx
 
 from rewriter.passes.analysis._calibration import as_batches, flat_inputs, graph_device
 from rewriter.passes.analysis.assign import Assign
-from rewriter.passes.analysis.sensitivity import Sensitivity, _search, run_bound
+from rewriter.passes.analysis.sensitivity import Sensitivity, _search, decided_dtypes, run_bound
 from rewriter.passes.graph_utils import explicit_dtype, float_inputs
 from rewriter.passes.infra import PassResult
 from rewriter import meta
@@ -103,9 +103,7 @@ class BudgetLowering(Sensitivity):
                 meta.put(node, meta.SENSITIVITY, record)
             else:
                 node.meta.pop(meta.SENSITIVITY, None)
-        Assign(self.config).call(gm)
-        return {n: meta.dtype_from_name(n.meta[meta.DECISION]["dtype"])
-                for n in gm.graph.nodes if meta.DECISION in n.meta}
+        return decided_dtypes(gm, self.config)
 
     def _lowerable(self, node: fx.Node) -> bool:
         decision = node.meta.get(meta.DECISION) or {}

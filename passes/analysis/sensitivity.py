@@ -56,7 +56,7 @@ from rewriter import meta
 from rewriter.config import ConvertConfig
 from rewriter.errors import ConfigError, InputError
 
-__all__ = ["Sensitivity", "run_bound"]
+__all__ = ["Sensitivity", "run_bound", "decided_dtypes"]
 
 _F32 = torch.float32
 _COMPUTE = ("call_function", "call_method", "call_module")
@@ -67,6 +67,12 @@ _SKIP = {getattr(op, "default", op) for op in _SKIP}
 def run_bound(candidates: int, culprits: int = 1) -> int:
     """Forward runs the search needs at most: 6 + 2 k ceil(log2 n) for n candidates, k culprits."""
     return 6 + 2 * max(1, culprits) * math.ceil(math.log2(max(2, candidates)))
+
+
+def decided_dtypes(gm: fx.GraphModule, config: ConvertConfig) -> dict[fx.Node, torch.dtype]:
+    """Run `assign` with the SENSITIVITY marks as they stand and return the dtype it decides per node."""
+    Assign(config).call(gm)
+    return {n: meta.dtype_from_name(n.meta[meta.DECISION]["dtype"]) for n in gm.graph.nodes if meta.DECISION in n.meta}
 
 
 def _search(order: list, trial: Callable[[frozenset, str], float], target: float, all_low: float,
@@ -310,9 +316,7 @@ class Sensitivity(AnalysisPass):
                 meta.put(node, meta.SENSITIVITY, {"keep": "float32", "reason": "trial"})
             else:
                 node.meta.pop(meta.SENSITIVITY, None)
-        Assign(self.config).call(gm)
-        return {n: meta.dtype_from_name(n.meta[meta.DECISION]["dtype"])
-                for n in gm.graph.nodes if meta.DECISION in n.meta}
+        return decided_dtypes(gm, self.config)
 
     # ------------------------------------------------------------------ the pass
     def call(self, gm: fx.GraphModule) -> PassResult:
