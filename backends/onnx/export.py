@@ -128,8 +128,11 @@ def export_onnx(converted: fx.GraphModule, path: str | os.PathLike, *, target: s
             length per row) instead of the exact key padding mask: correct only for right-padded rows
             (padding.py). Off by default.
         fp8_gemm: how FP8 GEMMs (precision="fp8") are written: "qdq" (QuantizeLinear/DequantizeLinear in
-            float8e4m3fn around a Gemm, every EP) or "com.microsoft" (com.microsoft.GemmFloat8, cuBLASLt's
-            FP8 GEMM: CUDA EP on sm_89+, per-tensor scales). See fp8.py.
+            float8e4m3fn around a Gemm, every EP; for "ort-cuda" the DequantizeLinear outputs and the Gemm
+            are float16 when the scales allow, `report.notes` says which) or "com.microsoft"
+            (com.microsoft.GemmFloat8, cuBLASLt's FP8 GEMM: CUDA EP on sm_89+, per-tensor scales). ONNX
+            Runtime runs no FP8 GEMM for "qdq" (no fusion of float8 Q/DQ + Gemm): on the CUDA EP it is
+            the 16-bit GEMM plus the Q/DQ passes. See fp8.py.
 
     Returns:
         ExportReport: target, inputs/outputs, ops per dtype, Cast counts, fallbacks, FP8 GEMMs, fusions.
