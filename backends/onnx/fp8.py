@@ -26,7 +26,7 @@ quantization); FP8 GEMMs in ORT are "com.microsoft".
 s_x is the stored static scale, or ReduceMax(Abs(x)) / 448 per call (per tensor, or per row with axis=0
 when the weight has per-output-channel scales): the quantized values the torch op computes (both round
 x / s_x to e4m3 with saturation to +-448). Dtypes: x is quantized from float with the float scale (the torch op's
-grid: a float16 scale would move it, measured 2.2% relative L2 off the torch op on a 2-GEMM model);
+grid, which a float16 scale would shift);
 ONNX Runtime's CUDA QuantizeLinear/DequantizeLinear take float or float16, not bfloat16; GemmFloat8 takes
 float scales); the weights stay float8e4m3fn initializers, stored once, 1 byte each.
 
