@@ -35,6 +35,14 @@ Which runtimes execute what:
   * ORT CUDA EP: float8 Q/DQ kernels, Gemm in the compute dtype for "qdq"; "com.microsoft" runs cuBLASLt's FP8
     GEMM (GemmFloat8, sm_89+). ORT has no fusion turning float8 Q/DQ + Gemm into GemmFloat8.
   * TensorRT reads float8 Q/DQ around GEMMs as explicit FP8 quantization (FP8 kernels on sm_89+).
+
+GemmFloat8's cost per call, from its source (onnxruntime contrib_ops/cuda/math/gemm_float8.cu,
+GemmFloat8::ComputeGemm, as stored at commit e02d3fec): cudaStreamSynchronize on the compute stream,
+cublasLtCreate, cublasLtMatmulAlgoGetHeuristic, cudaMalloc of a 32 MiB workspace, the cuBLASLt FP8 GEMM,
+cudaFree, cublasLtDestroy. Every FP8 GEMM therefore waits for the GPU to drain and pays a handle, a
+heuristic query and an allocation on the host before its kernel is queued; its C input is a full M x N
+matrix (beta * C), not a bias vector, hence the separate Add. tools/bench_ort_gemm.py times a chain of
+each form on one GPU (per-GEMM microseconds).
 """
 from __future__ import annotations
 
