@@ -21,6 +21,10 @@ A variant whose package is missing (onnxconverter-common, onnxruntime.transforme
         # BERT-large b32 s384, GPT-2 medium b8 s1024: our FP8 (Q/DQ, GemmFloat8) vs our fp16 vs the ORT optimizer
     python -m tools.bench_onnx --device cuda --profile --out bench_onnx.json  # + where the time goes
 
+Progress: a line per variant as soon as it is ready ("ready after N s (convert, export_onnx, session,
+warm-up)") and the model's shared phases (build, reference, fp32 export: only when a baseline variant needs
+it, traced at batch 1); the JSON keeps them under "phases". --shape B,S replaces the default shape.
+
 --profile: each variant also runs in a separate ONNX Runtime session with profiling on (a fresh process,
 python -m tools.profile_onnx, with CUDA_LAUNCH_BLOCKING=1 on CUDA so node time includes the kernels): time per
 op type and output dtype, and the 15 slowest nodes, printed and stored in the results under "profile".
