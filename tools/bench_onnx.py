@@ -21,6 +21,10 @@ A variant whose package is missing (onnxconverter-common, onnxruntime.transforme
         # BERT-large b32 s384, GPT-2 medium b8 s1024: our FP8 (Q/DQ, GemmFloat8) vs our fp16 vs the ORT optimizer
     python -m tools.bench_onnx --device cuda --profile --out bench_onnx.json  # + where the time goes
 
+Progress: a line per variant as soon as it is ready ("ready after N s (convert, export_onnx, session,
+warm-up)") and the model's shared phases (build, reference, fp32 export: only when a baseline variant needs
+it, traced at batch 1); the JSON keeps them under "phases". --shape B,S replaces the default shape.
+
 --profile: each variant also runs in a separate ONNX Runtime session with profiling on (a fresh process,
 python -m tools.profile_onnx, with CUDA_LAUNCH_BLOCKING=1 on CUDA so node time includes the kernels): time per
 op type and output dtype, and the 15 slowest nodes, printed and stored in the results under "profile".
@@ -37,6 +41,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 import warnings
 
@@ -91,8 +96,9 @@ def _checkpoint_like(model: nn.Module) -> None:
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
 
 
-def build(name: str, small: bool, random_bias: bool = False, large: bool = False):
-    """(sdpa model, eager-attention twin with the same weights, inputs dict, shape text, optimizer args)."""
+def build(name: str, small: bool, random_bias: bool = False, large: bool = False, shape=None):
+    """(sdpa model, eager-attention twin with the same weights, inputs dict, shape text, optimizer args).
+    `shape`: (batch, sequence length) in place of the default one."""
     from transformers import BertModel, GPT2Model
 
     torch.manual_seed(0)
@@ -104,6 +110,8 @@ def build(name: str, small: bool, random_bias: bool = False, large: bool = False
     b, s = harness.default_shape(zoo, small)
     if name == "gpt2" and small:
         b, s = 2, 64  # the smoke shape tests/backends/ were written against
+    if shape:
+        b, s = shape
     heads = cfg.num_attention_heads
     hidden = cfg.hidden_size
     model = _Hidden(make(cfg).eval()).eval()
@@ -133,9 +141,16 @@ def _quiet():
     return stack
 
 
+_BASELINES = ("fp32", "occ-fp16", "ortopt-fp16", "ortopt-fp32")  # the variants made from the fp32 export
+
+
 def _export_fp32(eager, feeds, path) -> str:
-    """fp32 ONNX for the baselines: TorchScript exporter first, dynamo exporter if that fails."""
-    args = (feeds["input_ids"], feeds["attention_mask"])
+    """fp32 ONNX for the baselines: TorchScript exporter first, dynamo exporter if that fails.
+
+    Traced on the first row only (the batch axis is dynamic, the sequence length stays the benchmark's):
+    the TorchScript trace keeps every intermediate of the eager model, which at GPT-2 medium b8 s1024
+    (8 x 16 heads x 1024 x 1024 fp32 attention scores per layer) went over 24 GiB and was killed."""
+    args = (feeds["input_ids"][:1], feeds["attention_mask"][:1])
     axes = {"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}, "last_hidden_state": {0: "batch"}}
     with _quiet():
         try:
@@ -157,7 +172,7 @@ def _make_variant(label, ctx, workdir):
     """Write the variant's .onnx; returns (path, note)."""
     import onnx
 
-    fp32_path = ctx["fp32_path"]
+    fp32_path = ctx.get("fp32_path")
     out = os.path.join(workdir, f"{ctx['name']}-{label}.onnx")
     if label == "fp32":
         return fp32_path, f"export: {ctx['exporter']}"
@@ -191,8 +206,9 @@ def _make_variant(label, ctx, workdir):
             # BERT-large's 12288x1024) kept all 120 GEMMs bf16 on the H200.
             extra = dict(precision="fp8", calibration=[ctx["calib"]], fp8=Fp8Options(fused_quantization=True)) \
                 if fp8 else dict(precision="fp16", overrides=overrides)
-            ctx[key] = rewriter.convert(ctx["model"], (), dict(ctx["feeds"]), **extra)
-        with _quiet():
+            with _timed(ctx["phases"], f"{label}: convert"):
+                ctx[key] = rewriter.convert(ctx["model"], (), dict(ctx["feeds"]), **extra)
+        with _quiet(), _timed(ctx["phases"], f"{label}: export_onnx"):
             report = export_onnx(ctx[key], out, target="ort-cuda" if ctx["device"] == "cuda" else "ort-cpu",
                                  optimize=not label.endswith("nofuse"), assume_right_padding=label.endswith("rpad"),
                                  dynamic_sizes=not label.endswith("fixed"),
@@ -210,6 +226,16 @@ def _make_variant(label, ctx, workdir):
             note += f"; {len(report.fallbacks)} fp32 fallbacks"
         return out, note
     raise ValueError(label)
+
+
+@contextlib.contextmanager
+def _timed(phases: dict, name: str):
+    """Add the seconds the block takes to phases[name] (where a benchmark's minutes go, printed with it)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        phases[name] = round(phases.get(name, 0.0) + time.perf_counter() - start, 2)
 
 
 def _warm(session, feeds, warmup) -> list:
@@ -291,13 +317,19 @@ def _profile_table(name: str, profiles: dict, ops: int = 14) -> str:
 def run_model(name, args, workdir) -> dict:
     from rewriter.backends.onnx import count_casts, ort_session
 
-    model, eager, feeds, shape, opt_args = build(name, args.small, args.random_bias, args.large)
-    ctx = {"name": name, "model": model, "feeds": feeds, "opt_args": opt_args,
+    phases: dict = {}
+    with _timed(phases, "build"):
+        model, eager, feeds, shape, opt_args = build(name, args.small, args.random_bias, args.large, args.shape)
+    ctx = {"name": name, "model": model, "feeds": feeds, "opt_args": opt_args, "phases": phases,
            "calib": _calibration_batch(model, feeds), "device": args.device}
-    ref = _reference(model, feeds, args.device if args.device == "cuda" and torch.cuda.is_available() else "cpu")
-    ctx["fp32_path"] = os.path.join(workdir, f"{name}-fp32.onnx")
-    ctx["exporter"] = _export_fp32(eager, feeds, ctx["fp32_path"])
-    result = {"shape": shape, "variants": {}}
+    with _timed(phases, "reference"):
+        ref = _reference(model, feeds, args.device if args.device == "cuda" and torch.cuda.is_available() else "cpu")
+    if any(label in _BASELINES for label in args.variants):  # ours need no fp32 export
+        ctx["fp32_path"] = os.path.join(workdir, f"{name}-fp32.onnx")
+        with _timed(phases, "fp32 export (baselines)"):
+            ctx["exporter"] = _export_fp32(eager, feeds, ctx["fp32_path"])
+    del eager
+    result = {"shape": shape, "variants": {}, "phases": phases}
     np_feeds = {k: v.numpy() for k, v in feeds.items()}
     feeds_path = os.path.join(workdir, f"{name}-feeds.npz")
     if args.profile:
@@ -307,13 +339,17 @@ def run_model(name, args, workdir) -> dict:
     for label in args.variants:
         row = {"ms": None, "rel_l2": None, "casts": None, "note": ""}
         result["variants"][label] = row
+        start = time.perf_counter()
         try:
-            path, row["note"] = _make_variant(label, ctx, workdir)
+            with _timed(phases, f"{label}: make"):
+                path, row["note"] = _make_variant(label, ctx, workdir)
             row["casts"] = count_casts(path)
-            session = ort_session(path, device=args.device)
+            with _timed(phases, f"{label}: session"):
+                session = ort_session(path, device=args.device)
             names = set(session.input_names)
             bound = {k: v for k, v in np_feeds.items() if k in names}
-            outs = _warm(session, bound, args.warmup)
+            with _timed(phases, f"{label}: warm-up"):
+                outs = _warm(session, bound, args.warmup)
             idx = session.output_names.index("last_hidden_state") if "last_hidden_state" in \
                 session.output_names else 0
             row["rel_l2"] = harness.rel_l2(ref, outs[idx])
@@ -326,6 +362,9 @@ def run_model(name, args, workdir) -> dict:
             row["note"] = f"n/a: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
             if args.verbose:
                 traceback.print_exc()
+        print(f"  {name} {label}: ready after {time.perf_counter() - start:.1f} s ({_phase_text(phases, label)})",
+              file=sys.stderr, flush=True)
+    print(f"  {name} phases: {_phase_text(phases, None)}", file=sys.stderr, flush=True)
     # one block of each variant in turn: drift lands on all of them. Wall clock (device "cpu"): ONNX
     # Runtime returns when the outputs are ready, on the CUDA EP too
     harness.round_robin([(row, session.run_bound) for _, row, session, _ in live], device="cpu",
@@ -346,6 +385,14 @@ def run_model(name, args, workdir) -> dict:
         else:
             print(f"  {name} {label}: profiling failed ({summary.get('error')})", file=sys.stderr, flush=True)
     return result
+
+
+def _phase_text(phases: dict, label: str | None) -> str:
+    """The phases of one variant ("export_onnx 12.3 s, ..."), or with label None those of no variant."""
+    if label is None:
+        return ", ".join(f"{k} {v:.1f} s" for k, v in phases.items() if ": " not in k)
+    prefix = f"{label}: "
+    return ", ".join(f"{k[len(prefix):]} {v:.1f} s" for k, v in phases.items() if k.startswith(prefix))
 
 
 def _table(results: dict) -> str:
@@ -371,6 +418,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--small", action="store_true", help="tiny configs for a CPU smoke run")
     p.add_argument("--large", action="store_true", help="BERT-large b32 s384 and GPT-2 medium b8 s1024")
+    p.add_argument("--shape", default=None, metavar="B,S",
+                   help="batch and sequence length in place of the default ones (e.g. 1,1024)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--repeats", type=int, default=3)
@@ -386,6 +435,13 @@ def main(argv=None) -> int:
                    help="profiled runs per variant (default 20; 5 with --small)")
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
+    if args.shape:
+        try:
+            args.shape = tuple(int(v) for v in args.shape.split(","))
+            if len(args.shape) != 2 or min(args.shape) < 1:
+                raise ValueError
+        except ValueError:
+            p.error(f"--shape {args.shape!r}: write the batch and the sequence length, e.g. 8,1024")
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}; choose from {','.join(VARIANTS)}")

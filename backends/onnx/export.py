@@ -32,8 +32,8 @@ from rewriter import meta
 from rewriter.backends.onnx.common import quiet
 from rewriter.backends.onnx.folding import (fold_casts, infer_types, name_batch_dim, rename_nodes, simplify,
                                             symbolic_sizes)
-from rewriter.backends.onnx.fp8 import (FP8_GEMMS, MIN_OPSET, check_gemm_float8, fp8_nodes, translation_table,
-                                        type_gemm_float8)
+from rewriter.backends.onnx.fp8 import (FP8_GEMMS, MIN_OPSET, check_gemm_float8, fp8_nodes, qdq_compute,
+                                        translation_table, type_gemm_float8)
 from rewriter.backends.onnx.fusion import fuse, unfused_attention
 from rewriter.backends.onnx.kernels import check_decisions, fp32_fallbacks
 from rewriter.backends.onnx.padding import is_right_padded, use_mask_index
@@ -128,8 +128,11 @@ def export_onnx(converted: fx.GraphModule, path: str | os.PathLike, *, target: s
             length per row) instead of the exact key padding mask: correct only for right-padded rows
             (padding.py). Off by default.
         fp8_gemm: how FP8 GEMMs (precision="fp8") are written: "qdq" (QuantizeLinear/DequantizeLinear in
-            float8e4m3fn around a Gemm, every EP) or "com.microsoft" (com.microsoft.GemmFloat8, cuBLASLt's
-            FP8 GEMM: CUDA EP on sm_89+, per-tensor scales). See fp8.py.
+            float8e4m3fn around a Gemm, every EP; for "ort-cuda" the DequantizeLinear outputs and the Gemm
+            are float16 when the scales allow, `report.notes` says which) or "com.microsoft"
+            (com.microsoft.GemmFloat8, cuBLASLt's FP8 GEMM: CUDA EP on sm_89+, per-tensor scales). ONNX
+            Runtime runs no FP8 GEMM for "qdq" (no fusion of float8 Q/DQ + Gemm): on the CUDA EP it is
+            the 16-bit GEMM plus the Q/DQ passes. See fp8.py.
 
     Returns:
         ExportReport: target, inputs/outputs, ops per dtype, Cast counts, fallbacks, FP8 GEMMs, fusions.
@@ -163,7 +166,11 @@ def export_onnx(converted: fx.GraphModule, path: str | os.PathLike, *, target: s
         notes.append("the converted model has a static batch dimension (see its capture notes): "
                      "exported with the example batch size")
     header = dict(path=path, opset=opset, precision=precision_of(converted), target=f"{target} ({target_why})")
-    options = dict(batch=dynamic_batch and captured_dynamic, opset=opset, fp8=fp8, fp8_gemm=fp8_gemm,
+    compute = "float32"
+    if fp8:
+        compute, why = qdq_compute(converted, target)
+        notes.append(f"FP8 GEMMs quantize from {compute}: {why}")
+    options = dict(batch=dynamic_batch and captured_dynamic, opset=opset, fp8=fp8, fp8_gemm=fp8_gemm, compute=compute,
                    fp32_ops=frozenset(fp32_ops or ()), fallback=fallback, optimize=optimize,
                    assume_right_padding=assume_right_padding)
     model, report = _build(converted, args, kwargs, header, list(notes), sizes=dynamic_sizes, **options)
@@ -194,7 +201,7 @@ def export_onnx(converted: fx.GraphModule, path: str | os.PathLike, *, target: s
 
 
 def _build(converted, args, kwargs, header: dict, notes: list[str], *, sizes: bool, batch: bool, opset: int, fp8,
-           fp8_gemm: str, fp32_ops: frozenset, fallback: str, optimize: bool, assume_right_padding: bool):
+           fp8_gemm: str, compute: str, fp32_ops: frozenset, fallback: str, optimize: bool, assume_right_padding: bool):
     """(ONNX IR model, its report): torch.export with the batch symbolic when `batch` and the other
     dimensions convert found dynamic symbolic when `sizes`, translation, cleanup, target fallbacks and,
     with `optimize`, the fusions."""
@@ -205,7 +212,7 @@ def _build(converted, args, kwargs, header: dict, notes: list[str], *, sizes: bo
     with quiet():
         n_out = len(ep.graph_signature.user_outputs)
     program = to_onnx(ep, converted, opset, output_names(converted, n_out),
-                      translation_table(fp8_gemm) if fp8 else None)
+                      translation_table(fp8_gemm, compute) if fp8 else None)
     model = program.model
     onnx_ep = getattr(program, "exported_program", None) or ep
 

@@ -101,15 +101,30 @@ def _inner_cast(node):
     return producer if producer is not None and is_cast(producer) and producer.inputs[0] is not None else None
 
 
+_QDQ_DTYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)  # what the Q/DQ translation computes in (fp8.py)
+
+
 def _rounding_chain(node):
-    """(x, inner) when `node` is Cast(Cast(x: float -> 16-bit) -> float) (a rounding to 16 bits), else None."""
+    """(x, inner) when `node` is Cast(Cast(x -> 16-bit) -> D), x and D float or float16 and the middle
+    dtype another 16-bit one (a rounding to it: float -> bfloat16 -> float, float -> bfloat16 -> float16,
+    float16 -> bfloat16 -> float), else None."""
     inner = _inner_cast(node)
-    if inner is None or cast_to(node) != ir.DataType.FLOAT:
+    if inner is None or cast_to(node) not in _QDQ_DTYPES:
         return None
-    x = inner.inputs[0]
-    if x.dtype != ir.DataType.FLOAT or cast_to(inner) not in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
+    x, middle = inner.inputs[0], cast_to(inner)
+    if x.dtype not in _QDQ_DTYPES or middle not in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16) \
+            or middle == cast_to(node) or middle == x.dtype:
         return None
     return x, inner
+
+
+def _read_directly(node, x) -> None:
+    """Make the Cast `node` read `x` in place of its rounded input: its readers take x itself when x has
+    the Cast's dtype already."""
+    if x.dtype == cast_to(node):
+        node.outputs[0].replace_all_uses_with(x)
+    else:
+        node.replace_input_with(0, x)
 
 
 def _from_fp8_gemm(value) -> bool:
@@ -177,15 +192,16 @@ def _rounding_before_quantize(node, graph, seen) -> bool:
     found = _rounding_chain(node)
     if found is None or not _quantizes(node.outputs[0]):
         return False
-    node.outputs[0].replace_all_uses_with(found[0])
+    _read_directly(node, found[0])
     return True
 
 
 def _rounding_after_fp8_gemm(node, graph, seen) -> bool:
     found = _rounding_chain(node)
-    if found is None or node.outputs[0].is_graph_output() or not _from_fp8_gemm(found[0]):
+    if found is None or node.outputs[0].is_graph_output() or not _from_fp8_gemm(found[0]) \
+            or not _holds(cast_to(node), found[0].dtype):
         return False
-    node.outputs[0].replace_all_uses_with(found[0])
+    _read_directly(node, found[0])
     return True
 
 
@@ -207,11 +223,12 @@ CAST_RULES: tuple[CastRule, ...] = (
     CastRule("shape reader", "Shape(Cast(x)) is Shape(x): a Cast read only for its shape is not computed",
              _shape_readers),
     CastRule("rounding before quantize",
-             "QuantizeLinear rounds to float8 (3 mantissa bits) from the fp32 source itself instead of from its "
-             "16-bit rounding: one rounding instead of two", _rounding_before_quantize, fp8_only=True),
+             "QuantizeLinear rounds to float8 (3 mantissa bits) from the source cast once to its input dtype "
+             "(fp32 or fp16) instead of from a 16-bit rounding of it: one rounding fewer",
+             _rounding_before_quantize, fp8_only=True),
     CastRule("rounding after FP8 GEMM",
-             "the FP8 GEMM's fp32 result is read in fp32 directly, not through a 16-bit rounding of it",
-             _rounding_after_fp8_gemm, fp8_only=True),
+             "the FP8 GEMM's fp32 or fp16 result is read directly (widened when read in fp32), not through a "
+             "16-bit rounding of it", _rounding_after_fp8_gemm, fp8_only=True),
 )
 
 

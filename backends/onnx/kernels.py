@@ -170,7 +170,7 @@ def check_decisions(model, origin: dict) -> list[str]:
             continue  # built from constants and shapes only (e.g. the causal mask of is_causal=True)
         decision = meta.get(gm_node, meta.DECISION)
         if not decision or gm_node.target in (torch.ops.aten._to_copy.default, fp8_linear_op):
-            # a cast; or an FP8 GEMM, whose Q/DQ translation computes in fp32 by design (fp8.py)
+            # a cast; or an FP8 GEMM, whose translation picks its own compute dtype (fp8.qdq_compute)
             continue
         want = meta.dtype_from_name(decision["dtype"])
         out_want = meta.value_dtype(gm_node)

@@ -7,8 +7,9 @@ After:  conv2d(bf16) [DECISION bfloat16, TARGET {"dtype": "float32", "reason": "
 An analysis pass: the graph is not edited (the torch model still computes as converted); the ONNX
 backend reads TARGET and wraps the node's ONNX ops in Casts to fp32 (backends/onnx/kernels.py), and
 `rewrite diff` shows the reason. Which ops lack which kernel on which target is one table in
-passes/op_tables.py (`target_gap`). The FP8 GEMMs are left alone: their Q/DQ translation computes in
-fp32 on every target (backends/onnx/fp8.py). A second run writes the same records.
+passes/op_tables.py (`target_gap`). The FP8 GEMMs are left alone: their Q/DQ translation picks a
+dtype the target's Q/DQ kernels take, float or float16 (backends/onnx/fp8.py qdq_compute). A second
+run writes the same records.
 """
 from __future__ import annotations
 

@@ -169,3 +169,79 @@ def test_gemm_float8_refusals(bert_fp8, tmp_path):
         export_onnx(rows, tmp_path / "y.onnx", target="ort-cuda", fp8_gemm="com.microsoft")
     with pytest.raises(rewriter.ConfigError, match="fp8_gemm"):
         export_onnx(gm, tmp_path / "z.onnx", fp8_gemm="cublas")
+
+
+# ---------------------------------------------------------------- the Q/DQ form for the CUDA EP: fp16 GEMMs
+
+def _float_types(proto) -> dict:
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(inferred.graph.value_info) + list(proto.graph.output)}
+    types.update({i.name: i.data_type for i in proto.graph.initializer})
+    return types
+
+
+@pytest.fixture(scope="module")
+def calibrated_fp8():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 16, 64, generator=g)
+    gm = rewriter.convert(_model(), (x,), precision="fp8", calibration=[(torch.randn(4, 16, 64, generator=g),)],
+                          fp8=Fp8Options.always())
+    return gm, x
+
+
+def test_qdq_for_cuda_dequantizes_to_fp16_and_quantizes_on_the_float_grid(calibrated_fp8, tmp_path):
+    """ORT's CUDA EP has no FP8 GEMM behind Q/DQ: the Gemm runs in DequantizeLinear's output dtype, so for
+    ort-cuda that is float16 (tensor-core GEMM, 2-byte passes), while x is still quantized with the float
+    scale (the torch op's grid)."""
+    import onnxruntime as ort
+    from rewriter.backends.onnx import export_onnx
+
+    gm, x = calibrated_fp8
+    cuda = export_onnx(gm, tmp_path / "cuda.onnx", target="ort-cuda")
+    cpu = export_onnx(gm, tmp_path / "cpu.onnx", target="ort-cpu")
+    assert any("FP8 GEMMs quantize from float16" in n for n in cuda.notes)
+    assert any("FP8 GEMMs quantize from float32: target ort-cpu" in n for n in cpu.notes)
+    proto = onnx.load(cuda.path)
+    types = _float_types(proto)
+    F32, F16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    quantize = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    dequantize = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(quantize) == 2 and len(dequantize) == 4
+    assert {(types[q.input[0]], types[q.input[1]]) for q in quantize} == {(F32, F32)}
+    assert {types[d.input[1]] for d in dequantize} == {F16} and {types[d.output[0]] for d in dequantize} == {F16}
+    gemms = [n for n in proto.graph.node if n.op_type == "Gemm"]
+    assert len(gemms) == 2 and {types[g.output[0]] for g in gemms} == {F16}
+    # one chain in both files: the output's bf16 rounding (the torch model returns bf16 values)
+    assert cuda.cast_chains == cpu.cast_chains == 1 and cuda.precision_mismatches == []
+    # the Gemm's fp16 result is widened for the fp32 LayerNorm, not rounded through bf16 first
+    assert cuda.cast_rules.get("rounding after FP8 GEMM", 0) == 1
+    runs = {}
+    for report in (cuda, cpu):
+        session = ort.InferenceSession(report.path, providers=["CPUExecutionProvider"])
+        (runs[report.path],) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    got, want = runs[cuda.path].astype(np.float64), runs[cpu.path].astype(np.float64)
+    # same float8 values; fp16 scales (2^-11), fp16 GEMM outputs and the output's bf16 rounding
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 5e-3
+
+
+def test_qdq_compute_keeps_float_where_fp16_does_not_fit(calibrated_fp8, bert_fp8):
+    from rewriter.backends.onnx.fp8 import qdq_compute
+
+    gm, _ = calibrated_fp8
+    assert qdq_compute(gm, "ort-cuda")[0] == "float16"
+    assert qdq_compute(gm, "tensorrt") == ("float32", "target tensorrt: Q/DQ and the GEMM in float (fp16 is "
+                                                      "chosen for ort-cuda only)")
+    _, dynamic, _, _ = bert_fp8  # uncalibrated: activation scales computed per call
+    compute, why = qdq_compute(dynamic, "ort-cuda")
+    assert compute == "float32" and "scales its activation dynamically" in why
+    node = next(n for n in gm.graph.nodes if n.target is fp8_linear_op)
+    scale = gm.get_buffer(node.args[2].target) if "." in node.args[2].target else getattr(gm, node.args[2].target)
+    old = scale.clone()
+    try:
+        with torch.no_grad():
+            scale.fill_(1e-6)  # below float16's normals
+        compute, why = qdq_compute(gm, "ort-cuda")
+        assert compute == "float32" and f"{node.name}: its weight scale" in why and "does not fit float16" in why
+    finally:
+        with torch.no_grad():
+            scale.copy_(old)

@@ -276,3 +276,41 @@ def test_summarize_prefers_gpu_kernel_events_and_skips_warmup(profile_tool, tmp_
         bad = tmp_path / "empty.json"
         bad.write_text("[]")
         profile_tool.summarize(bad)
+
+
+def test_dtype_inference_does_not_copy_the_weights():
+    """precision_kept types every tensor by shape inference on a copy whose weights are typed inputs: the
+    same dtypes as on the full model (and the 1.4 GB of GPT-2 medium is not copied twice per fusion step)."""
+    from rewriter.backends.onnx.fusion import _float_value_dtypes, _typing_copy
+
+    w = numpy_helper.from_array(np.ones((64, 64), np.float16), "w")
+    shape = numpy_helper.from_array(np.array([-1, 64], np.int64), "shape")
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["x2"]), helper.make_node("MatMul", ["x2", "w"], ["y16"]),
+             helper.make_node("Cast", ["y16"], ["y"], to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2, 3, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, shape])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    typed = _typing_copy(proto)
+    assert [i.name for i in typed.graph.initializer] == ["shape"]  # small constants stay (shape inference reads them)
+    assert "w" in {i.name for i in typed.graph.input}
+    types = _float_value_dtypes(proto)
+    full = onnx.shape_inference.infer_shapes(proto)
+    assert {vi.name: vi.type.tensor_type.elem_type for vi in full.graph.value_info}.items() <= types.items()
+    assert types["y16"] == TensorProto.FLOAT16 and types["w"] == TensorProto.FLOAT16
+
+
+def test_runs_like_reuses_known_outputs():
+    """A fusion step compares with the previous step's outputs when given (no second session of the
+    unfused graph) and hands its own outputs on."""
+    from rewriter.backends.onnx.fusion import runs_like
+
+    nodes = [helper.make_node("Relu", ["x"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
+    before = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    feeds = {"x": np.array([-1.0, 0.5, 2.0, -3.0], np.float32)}
+    got: list = []
+    assert runs_like(before, before, feeds, None, got) is None
+    np.testing.assert_array_equal(got[0], [0.0, 0.5, 2.0, 0.0])
+    wrong = [np.array([5.0, 5.0, 5.0, 5.0], np.float32)]  # stale outputs given as the unfused ones are used as such
+    assert "differ from the unfused ones" in runs_like(before, before, feeds, wrong)
