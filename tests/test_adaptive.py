@@ -17,7 +17,7 @@ from rewriter.adaptive import AdaptivePrecision
 from rewriter.adaptive_demo import B, D, H, STEPS, Planted, spike, task_batch, train_planted
 from rewriter.errors import ConfigError
 from rewriter.fp8_options import Fp8Options
-from rewriter.runtime.adaptive_ops import SLOTS, adaptive_linear_train, new_buffers
+from rewriter.runtime.adaptive_ops import SLOTS, adaptive_linear_train, new_switch
 from rewriter.runtime.fp8_ops import Fp8EmulationWarning
 from rewriter.runtime.fp8_train_ops import fp8_linear_train
 
@@ -66,7 +66,7 @@ def test_install_rewrites_both_graphs_and_switching_needs_no_recompile():
     for p in ("bf16", "fp32"):
         ctl.set_precision("head", p)
         y = gm(x, torch.zeros(B, H))
-        assert gm.code == code  # the same graph, the same code: the switch is the state tensor
+        assert gm.code == code  # the same graph, the same code: the switch is an int on the layer's switch
         assert not torch.equal(y, y_fp8)
     ctl.set_precision("fc1", "fp32")
     ctl.set_precision("fc2", "fp32")
@@ -84,19 +84,20 @@ def test_install_rewrites_both_graphs_and_switching_needs_no_recompile():
 def test_statistics_see_a_planted_outlier_in_the_target_format():
     w = torch.randn(64, 128) * 0.05
     x = torch.randn(256, 128).bfloat16()
-    state, stats = new_buffers()
-    state[1] = 1  # sampled step: SQNR too
-    y = adaptive_linear_train(x, w.requires_grad_(), None, torch.bfloat16, True, state, stats)
+    sw = new_switch()
+    sw.sample = 1  # sampled step: SQNR too
+    y = adaptive_linear_train(x, w.requires_grad_(), None, torch.bfloat16, True, sw)
     y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).bfloat16())
-    s = dict(zip(SLOTS, stats.tolist()))
+    assert sw.probe.grad is None  # the gradient statistics were merged into stats and the probe cleared
+    s = dict(zip(SLOTS, sw.stats.tolist()))
     assert s["x_underflow"] < 1e-3 and s["g_underflow"] == 0.0 and s["nonfinite"] == 0.0
     assert 25 < -s["x_neg_sqnr"] < 35 and 20 < -s["g_neg_sqnr"] < 30  # e4m3 ~31, e5m2 ~25
     assert s["flops"] == 2 * 256 * 128 * 64
     assert 0 < s["gnorm_dev"] < 0.02  # FP8 grad_x norm within 2% of the bf16 reference
     x[0, 0] = 1e6  # one massive activation: scale 1e6/448, |x| ~ 1 falls below half of e4m3's 2^-9
-    state, stats = new_buffers()
-    adaptive_linear_train(x, w, None, torch.bfloat16, True, state, stats)
-    s = dict(zip(SLOTS, stats.tolist()))
+    sw = new_switch()
+    adaptive_linear_train(x, w, None, torch.bfloat16, True, sw)
+    s = dict(zip(SLOTS, sw.stats.tolist()))
     assert s["x_amax"] == float(x[0, 0]) and s["x_underflow"] > 0.5
     assert s["x_neg_sqnr"] == float("-inf")  # not a sampled step
 
@@ -142,14 +143,14 @@ def test_unobserved_steps_run_bare_and_decide_nothing():
     ctl = AdaptivePrecision(gm, observe_every=4, sample_every=8)
     flags = []
     for step in range(9):
-        flags.append(ctl._states[0].tolist()[1:])
+        flags.append([ctl._switches[0].sample, ctl._switches[0].observe])
         spike = torch.zeros(B, H)
         if step in (1, 4):
             spike[::8, 0] = 1e6
         gm(torch.randn(B, D), spike).float().sum().backward()
         if step == 1:
             i_amax, i_flops = SLOTS.index("x_amax"), SLOTS.index("flops")
-            assert all(float(s[i_amax]) == 0 and float(s[i_flops]) == 0 for s in ctl._stats)
+            assert all(float(sw.stats[i_amax]) == 0 and float(sw.stats[i_flops]) == 0 for sw in ctl._switches)
         ctl.step()
     assert [f[1] for f in flags] == [1, 0, 0, 0, 1, 0, 0, 0, 1]  # observed every 4th step
     assert [f[0] for f in flags] == [0, 0, 0, 0, 0, 0, 0, 0, 1]  # SQNR sampled on step 8
