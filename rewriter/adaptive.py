@@ -219,9 +219,11 @@ class AdaptivePrecision:
                     self._healthy[i] = 0
             elif current != LOW:
                 self._healthy[i] = 0
-            if target != current:
+            if target != current and self._pending.get(i, (None,))[0] != target:  # the first reason stays
                 stats_now = {k: _num(row[self._slot[k]]) for k in self.kind.event_stats}
                 self._pending[i] = (target, bad, stats_now, step)
+            elif target == current and not calm and self._pending.get(i, (current,))[0] < current:
+                del self._pending[i]  # a waiting way back, and the layer is in trouble again: it stays
             self._prev[i] = self.kind.previous(row, self._prev[i])
             self.kind.reset(self._switches[i].stats, self._prev[i])
         events = self._apply_pending(step)
