@@ -73,7 +73,8 @@ from rewriter.adaptive_fp8 import Fp8Kind
 __all__ = ["AdaptivePrecision", "Fp8Kind"]
 
 LOW, BF16, FP32 = 0, 1, 2
-_COMMON = ("patience", "sample_every", "observe_every", "max_configurations", "min_steps_between_switches")
+_COMMON = ("patience", "sample_every", "observe_every", "max_configurations", "min_steps_between_switches",
+           "defer_read")
 _VARIANTS_PER_CONFIGURATION = 4  # bare, observed, sampled (training) + a no_grad forward
 
 
@@ -104,6 +105,8 @@ class AdaptivePrecision:
             compilations under torch.compile); a switch that would make one more is refused and recorded.
         min_steps_between_switches: steps between two applied switches; decisions made meanwhile wait and are
             applied together (one configuration, one compilation, for all of them).
+        defer_read: decide on an observed step's statistics at the next step() instead of waiting for the
+            device (default: on CUDA); the switches then take effect one step later.
         **thresholds: the kind's thresholds, see `Fp8Kind` and `rewriter.adaptive_fp16.Fp16Kind`.
 
     Example:
@@ -115,7 +118,8 @@ class AdaptivePrecision:
     """
 
     def __init__(self, model: nn.Module, *, patience: int = 100, sample_every: int = 50, observe_every: int = 1,
-                 max_configurations: int = 8, min_steps_between_switches: int = 1, **thresholds: float):
+                 max_configurations: int = 8, min_steps_between_switches: int = 1, defer_read: bool | None = None,
+                 **thresholds: float):
         if not isinstance(model, fx.GraphModule):
             raise ConfigError(f"AdaptivePrecision needs the module returned by rewriter.convert(..., "
                               f"mode='train') with precision 'fp8' or 'fp16', got {type(model).__name__}")
@@ -154,6 +158,9 @@ class AdaptivePrecision:
         self._flops = [0.0] * 3  # GEMM FLOPs (forward + 2 backward) run in low / bf16 / fp32
         self._last_flops = [0.0] * n  # of the last observed step, counted for the unobserved ones
         self._slot = {name: i for i, name in enumerate(self.kind.slots)}
+        on_cuda = self._switches[0].stats.device.type == "cuda"
+        self.defer_read = on_cuda if defer_read is None else bool(defer_read)
+        self._inflight: tuple | None = None
 
     # ------------------------------------------------------------------ install
     def _install(self) -> None:
@@ -184,26 +191,63 @@ class AdaptivePrecision:
 
     # ------------------------------------------------------------------ step
     def step(self) -> list[dict]:
-        """Read every layer's statistics of this step, decide, switch; returns this step's switch events."""
-        if not self._switches[0].observe:  # an unobserved step: count it, decide nothing
-            for i, sw in enumerate(self._switches):
-                self._history[i].append(sw.precision)
-                self._flops[sw.precision] += self._last_flops[i]
-            self._steps += 1
-            self._arm()
-            return []
+        """Read every layer's statistics of this step, decide, switch; returns the switch events made now.
+
+        With `defer_read` (the default on CUDA) the statistics of an observed step are copied to the host
+        without waiting and decided on at the next call: no device sync on the training loop's critical path,
+        and a switch takes effect one step later (each event says `applied_from_step`)."""
+        step, currents = self._steps, list(self._config())
+        for i, current in enumerate(currents):
+            self._history[i].append(current)
+        read = self._read(step, currents) if self._switches[0].observe else None
+        if read is None:  # an unobserved step: count its FLOPs as the last observed step's
+            for i, current in enumerate(currents):
+                self._flops[current] += self._last_flops[i]
+        events = []
+        if not self.defer_read:
+            events = self._decide(*read) if read is not None else []
+        else:
+            events = self._decide(*self._inflight) if self._inflight is not None else []
+            self._inflight = read
+        self._steps += 1
+        self._arm()
+        return events
+
+    def _read(self, step: int, currents: list[int]) -> tuple:
+        """Gather (and all-reduce) this step's statistics, start the next step's on the device, start the copy
+        to the host. A handful of kernels whatever the number of layers."""
         stats = torch.stack([sw.stats.detach() for sw in self._switches]).float()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.MAX)
-        rows = stats.cpu().tolist()
-        currents = list(self._config())
-        step = self._steps
+        with torch.no_grad():
+            torch._foreach_copy_([sw.stats for sw in self._switches], list(self.kind.reset_rows(stats).unbind(0)))
+        if not self.defer_read or stats.device.type != "cuda":
+            return step, currents, stats.cpu(), None
+        host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+        host.copy_(stats, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return step, currents, host, done
+
+    def _drain(self) -> None:
+        """Decide on deferred statistics now (what the next step() would do), so read-outs are complete."""
+        if self._inflight is not None:
+            inflight, self._inflight = self._inflight, None
+            self._decide(*inflight)
+
+    def _decide(self, step: int, currents: list[int], host: torch.Tensor, done) -> list[dict]:
+        """Judge every layer on the statistics of observed step `step` and apply what may be applied."""
+        if done is not None:
+            done.synchronize()
+        rows = host.tolist()
         nonfinite = self._slot["nonfinite"]
         for i, row in enumerate(rows):
             current = currents[i]
-            self._history[i].append(current)
             self._last_flops[i] = 3 * row[self._slot["flops"]]
             self._flops[current] += self._last_flops[i]
+            if current != self._switches[i].precision:  # switched since (deferred read): judge the new one
+                self._prev[i] = self.kind.previous(row, self._prev[i])
+                continue
             bad, calm = self.kind.judge(self.thresholds, self._prev[i], row, rows, i, currents)
             target = current
             if bad and current == LOW:
@@ -225,11 +269,7 @@ class AdaptivePrecision:
             elif target == current and not calm and self._pending.get(i, (current,))[0] < current:
                 del self._pending[i]  # a waiting way back, and the layer is in trouble again: it stays
             self._prev[i] = self.kind.previous(row, self._prev[i])
-            self.kind.reset(self._switches[i].stats, self._prev[i])
-        events = self._apply_pending(step)
-        self._steps += 1
-        self._arm()
-        return events
+        return self._apply_pending(step)
 
     def _apply_pending(self, step: int) -> list[dict]:
         """Apply the decisions waiting in `_pending` as one new configuration, unless the last switch was less
@@ -257,8 +297,9 @@ class AdaptivePrecision:
         for i, (target, reason, stats_now, seen) in pending.items():
             if seen != step:
                 reason = f"{reason} (decided at step {seen}, held by min_steps_between_switches)"
-            events.append({"step": step, "layer": self.layers[i], "from": names[self._switches[i].precision],
-                           "to": names[target], "reason": reason, "stats": stats_now,
+            events.append({"step": step, "applied_from_step": self._steps + 1, "layer": self.layers[i],
+                           "from": names[self._switches[i].precision], "to": names[target], "reason": reason,
+                           "stats": stats_now,
                            "configuration": self._configs.index(tuple(config)), "new_configuration": new})
             self._switches[i].precision = target
         self._last_switch = step
@@ -298,12 +339,14 @@ class AdaptivePrecision:
         if new:
             self._configs.append(tuple(config))
         self._switches[i].precision = names.index(precision)
-        self._events.append({"step": self._steps, "layer": layer, "from": names[old], "to": precision,
+        self._events.append({"step": self._steps, "applied_from_step": self._steps, "layer": layer,
+                             "from": names[old], "to": precision,
                              "reason": "set by hand", "stats": {},
                              "configuration": self._configs.index(tuple(config)), "new_configuration": new})
 
     def low_flop_fraction(self) -> float:
         """Share of the GEMM FLOPs run so far (forward and both backward GEMMs) that ran in the low precision."""
+        self._drain()
         total = sum(self._flops)
         return self._flops[LOW] / total if total else 1.0
 
@@ -312,6 +355,7 @@ class AdaptivePrecision:
     def timeline(self) -> dict:
         """JSON-able record: layers, steps, switch events with reasons, per-layer precision segments, the
         precision configurations made (each one graph variant set under torch.compile) and refused switches."""
+        self._drain()
         segments = {}
         for name, hist in zip(self.layers, self._history):
             runs, start = [], 0

@@ -84,9 +84,9 @@ class Fp16Kind:
                 "precision its switch says (fp16 until the controller switches it) and records whether its "
                 "operands and scaled gradients fit fp16")
 
-    def reset(self, stats: torch.Tensor, prev: list[float]) -> None:
-        with torch.no_grad():
-            stats.zero_()
+    def reset_rows(self, stats: torch.Tensor) -> torch.Tensor:
+        """The [layers, N_STATS] statistics the next observed step starts from: all zero."""
+        return torch.zeros_like(stats)
 
     def previous(self, row: list[float], prev: list[float]) -> list[float]:
         """[observed steps in a row on which the layer's own gradients overflowed, 0, 0]."""

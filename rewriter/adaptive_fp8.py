@@ -65,15 +65,21 @@ class Fp8Kind:
         return ("fp8_linear_train -> adaptive_linear_train: the layer runs the precision its switch says (FP8 "
                 "until the controller switches it) and records its e4m3/e5m2 statistics")
 
-    def reset(self, stats: torch.Tensor, prev: list[float]) -> None:
+    def reset_rows(self, stats: torch.Tensor) -> torch.Tensor:
+        """The [layers, N_STATS] statistics the next observed step starts from, computed on the device from
+        this step's (all-reduced) ones: accumulated slots cleared (0, -inf for the negated SQNR), the
+        previous amax slots set to this step's amax."""
         i = self._i
-        with torch.no_grad():
-            for k in adaptive_ops.ACCUMULATED:
-                stats[i[k]] = float("-inf") if k.endswith("neg_sqnr") else 0.0
-            stats[i["x_prev_amax"]], stats[i["g_prev_amax"]] = prev[0], prev[2]
+        keep = torch.tensor([k not in adaptive_ops.ACCUMULATED for k in self.slots], device=stats.device)
+        fill = torch.tensor([float("-inf") if k.endswith("neg_sqnr") else 0.0 for k in self.slots],
+                            device=stats.device)
+        new = torch.where(keep, stats, fill)
+        new[:, i["x_prev_amax"]] = stats[:, i["x_amax"]]
+        new[:, i["g_prev_amax"]] = stats[:, i["g_amax"]]
+        return new
 
     def previous(self, row: list[float], prev: list[float]) -> list[float]:
-        """What `judge` and `reset` remember of this step: the amax of x, weight and grad_out."""
+        """What `judge` remembers of this step: the amax of x, weight and grad_out."""
         return [row[self._i["x_amax"]], row[self._i["w_amax"]], row[self._i["g_amax"]]]
 
     def judge(self, t: dict, prev: list[float], row: list[float], rows: list[list[float]], layer: int,

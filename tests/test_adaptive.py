@@ -136,6 +136,28 @@ def test_hysteresis_goes_back_to_fp8_after_patience_healthy_steps():
                                                  {"start": 9, "end": 16, "precision": "fp8"}]
 
 
+def test_deferred_read_decides_one_step_later_without_waiting_for_the_device():
+    """defer_read (the default on CUDA): step k's statistics are decided on at step k + 1, the switch runs from
+    k + 2; the same decisions as the synchronous controller, one step later."""
+    torch.manual_seed(0)
+    gm = rewriter.convert(Planted(), (torch.randn(B, D), torch.zeros(B, H)), precision="fp8", mode="train",
+                          fp8=ALWAYS)
+    ctl = AdaptivePrecision(gm, patience=5, defer_read=True)
+    returned = []
+    for step in range(16):
+        spike = torch.zeros(B, H)
+        if step < 4:
+            spike[::8, 0] = 1e6
+        gm(torch.randn(B, D), spike).float().sum().backward()
+        returned += [(step, e["step"]) for e in ctl.step()]
+    events = [(e["step"], e["applied_from_step"], e["layer"], e["to"]) for e in ctl.timeline()["events"]]
+    assert events == [(0, 2, "head", "bf16"), (8, 10, "head", "fp8")]
+    assert returned == [(1, 0), (9, 8)]
+    assert ctl.timeline()["segments"]["head"] == [{"start": 0, "end": 2, "precision": "fp8"},
+                                                 {"start": 2, "end": 10, "precision": "bf16"},
+                                                 {"start": 10, "end": 16, "precision": "fp8"}]
+
+
 def test_unobserved_steps_run_bare_and_decide_nothing():
     torch.manual_seed(0)
     gm = rewriter.convert(Planted(), (torch.randn(B, D), torch.zeros(B, H)), precision="fp8", mode="train",
