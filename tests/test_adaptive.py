@@ -345,3 +345,22 @@ def test_the_statistics_reduction_compiles_to_the_same_numbers():
         assert eager[3] == pytest.approx(2 / t.numel())
         assert 0 < eager[1] < 1 and 0 < eager[2] < 1
         torch.testing.assert_close(compiled(t.bfloat16(), prev, *consts), eager, rtol=1e-6, atol=0)
+
+
+def test_fractions_of_large_tensors_are_estimated_on_sampled_rows_with_the_exact_amax():
+    from rewriter.runtime import adaptive_ops
+
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randn(2048, 1024, generator=gen) * torch.logspace(-9, 1, 1024)  # 2^21 values: every 2nd row
+    info = torch.finfo(torch.float8_e4m3fn)
+    consts = (float(info.max), float(info.smallest_normal * info.eps))
+    prev = torch.tensor(5.0)
+    got = adaptive_ops._reduce(t, prev, *consts)
+    a = t.abs()
+    under = ((a > 0) & (a < a.max() / consts[0] * consts[1] / 2)).float().mean()
+    assert got[0] == a.max()  # amax over every row
+    assert got[1] == pytest.approx(float(under), abs=5e-3) and 0.05 < got[1] < 0.95
+    assert got[2] == pytest.approx(float((a > 5.0).float().mean()), abs=5e-3) and got[3] == 0
+    t[1, 3] = float("inf")  # in a row the fractions skip: still reported
+    got = adaptive_ops._reduce(t, prev, *consts)
+    assert got[0] == a[torch.arange(2048) % 2 == 0].max() and got[3] == pytest.approx(1 / t.numel())

@@ -16,8 +16,9 @@ is `fp8_linear_train` (rewriter/runtime/fp8_train_ops.py) plus the layer's `Laye
                     whether FP8 would be healthy again; only while observing with autograd on (eval forwards
                     under no_grad are not counted).
 
-Statistics (all cheap reductions over tensors the GEMM reads anyway):
-  *_amax       the per-tensor amax (the dynamic scale's numerator);
+Statistics (all cheap reductions over tensors the GEMM reads anyway; the fractions of tensors above 2^20
+values are estimated on every k-th row, see `_reduce`):
+  *_amax       the per-tensor amax (the dynamic scale's numerator, shared with the quantization);
   *_underflow  fraction of the nonzero values that flush to zero after scaling (|v| / scale below half
                the format's smallest subnormal): a large outlier stretches the scale and erases the rest;
   *_overflow   fraction of values above the previous step's amax (what a delayed-scaling recipe would
@@ -66,19 +67,32 @@ def new_switch(device=None) -> LayerSwitch:
     return switch
 
 
+_SUBSAMPLE = 1 << 20  # the fractions are estimated on about this many values (every k-th row) of larger tensors
+
+
 def _reduce(t: torch.Tensor, prev_amax: torch.Tensor, fmt_max: float, tiny: float) -> torch.Tensor:
-    """[amax, underflow, overflow, nonfinite] of `t` scaled to a format of largest value `fmt_max` and
+    """[amax, underflow, overflow, nonfinite] of a 2-D `t` scaled to a format of largest value `fmt_max` and
     smallest subnormal `tiny` (`prev_amax` <= 0: no previous amax, overflow counts non-finite values only).
-    Pure: traced into the model's graph under torch.compile; in eager mode on CUDA it runs compiled on its
-    own (`_reducer`), one or two fused passes over `t` instead of ten."""
-    t = t.float()
-    finite = torch.isfinite(t)
-    a = t.abs()
-    amax = torch.where(finite, a, torch.zeros_like(a)).amax()
+
+    amax is the quantization's own reduction (the same `vector_norm(t, inf)` as `activation_scale`, so
+    AOTAutograd's common-subexpression elimination shares it with the FP8 cast of the same tensor); the
+    fractions are counted on every k-th row of tensors above `_SUBSAMPLE` values (all columns, so outlier
+    channels are seen; a share estimated on ~1e6 values), which makes the statistics of an observed step a
+    small fraction of the traffic of the quantization itself. Non-finite values outside the sampled rows
+    still show: amax is then non-finite, and the layer's non-finite share is at least one value. Pure:
+    traced into the model's graph under torch.compile; compiled on its own on CUDA in eager mode."""
+    amax_all = torch.linalg.vector_norm(t, float("inf"), dtype=torch.float32)
+    stride = max(1, t.numel() // _SUBSAMPLE)
+    sub = t[::stride] if stride > 1 else t
+    a = sub.float().abs()
+    finite = torch.isfinite(a)
+    all_finite = torch.isfinite(amax_all)
+    amax = torch.where(all_finite, amax_all, torch.where(finite, a, torch.zeros_like(a)).amax())
     scale = amax / fmt_max
     nonzero = (a > 0).sum().clamp_min(1)
     under = ((a > 0) & (a < scale * tiny / 2)).sum() / nonzero
     nonfinite = (~finite).float().mean()
+    nonfinite = torch.where(all_finite, nonfinite, nonfinite.clamp_min(1.0 / t.numel()))
     over = torch.where(prev_amax > 0, ((a > prev_amax) | ~finite).float().mean(), nonfinite)
     return torch.stack([amax, under.float(), over, nonfinite])
 
@@ -98,9 +112,9 @@ def _reducer(t: torch.Tensor):
 
 def _stats_of(t: torch.Tensor, fmt: torch.dtype, prev_amax: torch.Tensor, prefix: str, sample: bool) -> dict:
     """{slot: 0-dim tensor} of `t` quantized to `fmt`: amax, underflow, (overflow, sampled SQNR for x and g)."""
-    t = t.detach()
-    info = torch.finfo(fmt)
-    r = _reducer(t)(t, prev_amax, float(info.max), float(info.smallest_normal * info.eps))
+    info = torch.finfo(fmt)  # (called under no_grad: no detach, whose alias would hide the shared amax)
+    t2d = t if t.dim() == 2 else t.reshape(-1, t.shape[-1])  # the view the quantization reduces over
+    r = _reducer(t2d)(t2d, prev_amax, float(info.max), float(info.smallest_normal * info.eps))
     out = {prefix + "_amax": r[0], prefix + "_underflow": r[1], "nonfinite": r[3]}
     if prefix in ("x", "g"):
         out[prefix + "_overflow"] = r[2]
