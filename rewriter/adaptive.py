@@ -38,8 +38,11 @@ Under torch.compile (compile the converted module after creating the controller)
 specialises on the switches' ints, each distinct combination (a *configuration* of per-layer precisions, times
 the step kinds bare / observed / sampled) is one graph variant, compiled the first time it runs and cached;
 steady-state steps make no graph break and no recompilation. Cost model, per step: unobserved = static FP8
-(same graph); observed = static FP8 + a few reductions per GEMM operand, fused by inductor; sampled (one
-in `sample_every`) + the SQNR and one bf16 reference GEMM per layer. Compilations: up to 3 per configuration
+(same graph); observed = static FP8 + per GEMM operand the amax (the quantization's own reduction) and a few
+counts over sampled rows (adaptive_ops._reduce), fused by inductor, + after the step a handful of kernels
+whatever the number of layers (gather, reset) and, on CUDA, an asynchronous copy of the statistics read at
+the next step (`defer_read`: no device sync); sampled (one in `sample_every`) + the SQNR and one bf16
+reference GEMM per layer. Compilations: up to 3 per configuration
 in training (`observe_every` 1 needs 2), paid once each. To bound them, switches are applied at most once
 every `min_steps_between_switches` steps (decisions made meanwhile wait and go together), and at most
 `max_configurations` distinct configurations are ever made: a switch that would make one more is refused,

@@ -62,7 +62,15 @@ class LayerSwitch(nn.Module):
         self.precision, self.sample, self.observe = int(precision), 0, 1
         self.stats = torch.zeros(n_stats, dtype=torch.float32, device=device)
         self.probe = torch.zeros(n_stats, dtype=torch.float32, device=device, requires_grad=True)
-        self.probe.register_post_accumulate_grad_hook(self._merge_probe)
+        self._hook_probe()
+
+    def _hook_probe(self) -> None:
+        if not getattr(self.probe, "_post_accumulate_grad_hooks", None):
+            self.probe.register_post_accumulate_grad_hook(self._merge_probe)
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._hook_probe()  # a deep copy or an unpickled module: tensor hooks are not copied
 
     def _merge_probe(self, probe: torch.Tensor) -> None:
         with torch.no_grad():
