@@ -300,8 +300,11 @@ def bench_model(name: str, args, variants: list[Variant]) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _compare(rows)
+    from torch._dynamo.utils import counters
+
     return {"model": name, "batch": list(batches[0][0].shape), "rows": rows,
-            "graphs_compiled_while_timed": compiled_while_timed}
+            "graphs_compiled_while_timed": compiled_while_timed,
+            "graph_breaks_so_far": int(sum(counters["graph_break"].values()))}
 
 
 def _dynamo_graphs() -> int:
@@ -338,7 +341,8 @@ def _compare(rows: list[dict]) -> None:
 
 def _table(result: dict) -> str:
     lines = [f"== {result['model']} (batch {result['batch']}; graphs compiled while timed: "
-             f"{result.get('graphs_compiled_while_timed', 0)})",
+             f"{result.get('graphs_compiled_while_timed', 0)}, graph breaks in the process so far: "
+             f"{result.get('graph_breaks_so_far', 0)})",
              f"  {'variant':32s} {'step ms':>9s} {'vs fp32':>8s} {'vs amp':>7s} {'loss[0]':>8s} "
              f"{'loss[-1]':>9s} {'dev fp32':>9s} {'dev amp':>8s}"]
     for r in result["rows"]:

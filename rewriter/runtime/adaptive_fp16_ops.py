@@ -11,9 +11,10 @@ are cast inside to the precision the layer runs now. `switch` is the layer's `La
   switch.precision  0 = FP16 (what the plain conversion computes: fp16 operands, fp16 GEMM results,
                     grad_x / grad_w / grad_bias in fp16), 1 = BF16, 2 = FP32;
   switch.observe    1 observes this step (switch.sample is the FP8 op's SQNR flag, unused here).
-  switch.stats      fp32 [N_STATS] slots (`SLOTS`), max-accumulated while observing (forward slots in place,
-         gradient slots as `switch.probe`'s gradient, merged by max after each backward), measured against fp16's range whatever the layer runs now (so a BF16 layer keeps reporting
-         whether fp16 would overflow again):
+  switch.stats      fp32 [N_STATS] slots (`SLOTS`), max-accumulated while observing (forward slots in
+         place, gradient slots as `switch.probe`'s gradient, merged by max after each backward), measured
+         against fp16's range whatever the layer runs now (so a BF16 layer keeps reporting whether fp16
+         would overflow again):
            x_amax, w_amax      amax of the operands before the cast (non-finite values left out);
            x_overflow,         fraction of the finite values beyond fp16's max (65504): the cast to fp16
            w_overflow          overflows whatever the loss scale (non-finite values came so from upstream:
