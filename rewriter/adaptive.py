@@ -25,7 +25,8 @@ moves to BF16 instead of making the loss scaler skip steps for the whole model:
 
 What differs between the two, the *kind* (which GEMMs are layers, the run-time op, its statistics and the
 rule that finds a layer in trouble), lives in `Fp8Kind` (rewriter/adaptive_fp8.py) and `Fp16Kind`
-(rewriter/adaptive_fp16.py); everything else is shared: installing, the all-reduce, the hysteresis, the timeline and the picture.
+(rewriter/adaptive_fp16.py); everything else is shared: installing, the all-reduce, the hysteresis, the
+timeline and the picture.
 
 Installing: every layer node of the converted module (both its train and eval graphs) becomes the kind's
 run-time op (rewriter/runtime/adaptive_ops.py, adaptive_fp16_ops.py) with the layer's `LayerSwitch`
