@@ -223,3 +223,27 @@ def test_inductor_compiles_the_adaptive_model_without_graph_breaks():
     want_stats = torch.stack([sw.stats for sw in eager_ctl._switches])
     assert (want_stats[:, SLOTS.index("g_amax")] > 0).all()
     torch.testing.assert_close(got_stats, want_stats, rtol=2e-2, atol=1e-6)
+
+
+def test_the_fp16_kind_compiles_without_graph_breaks_and_matches_eager():
+    def build():
+        torch.manual_seed(0)
+        return rewriter.convert(Planted(), (torch.randn(B, D), torch.zeros(B, H)), precision="fp16", mode="train")
+
+    batches = _batches(4)
+    eager = build()
+    eager_ctl = AdaptivePrecision(eager, sample_every=0)
+    gm = build()
+    ctl = AdaptivePrecision(gm, sample_every=0)
+    counting = _Counting()
+    run = torch.compile(gm, backend=counting)
+    for runner in (eager, run):
+        for x, s in batches[:2]:
+            runner(x, s).float().sum().backward()
+    assert len(counting.graphs) == 1 and _breaks() == 0
+    torch.testing.assert_close(torch.stack([sw.stats for sw in ctl._switches]),
+                               torch.stack([sw.stats for sw in eager_ctl._switches]), rtol=1e-6, atol=0)
+    ctl.set_precision("head", "bf16")
+    for x, s in batches[2:]:
+        run(x, s).float().sum().backward()
+    assert len(counting.graphs) == 2 and _breaks() == 0
