@@ -252,7 +252,7 @@ def bench_model(name: str, args, variants: list[Variant]) -> dict:
             model = copy.deepcopy(base)
             model.load_state_dict(init)
             step, info = _make_step(v, model, batches[0], device, args.lr, args.fp8_always)
-            losses = []
+            losses, t0 = [], time.perf_counter()
             for s in range(args.curve_steps):  # the loss curve: same batches, same dropout masks
                 torch.manual_seed(args.seed + s)
                 losses.append(float(step(batches[s % len(batches)])))
@@ -260,7 +260,11 @@ def bench_model(name: str, args, variants: list[Variant]) -> dict:
             # each has run, so that no compilation lands in the timed blocks
             for i in range(max(args.warmup, info.get("steps_to_every_variant", 0) - args.curve_steps)):
                 step(batches[i % len(batches)])
-            row.update(losses=losses, convert_s=info.get("convert_s"), scaler=info["scaler"])
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            # the untimed steps, compilations included (a compiled variant's compile cost shows here)
+            row.update(losses=losses, convert_s=info.get("convert_s"), scaler=info["scaler"],
+                       untimed_steps_s=time.perf_counter() - t0)
             if "fp8_gemms" in info:
                 row["fp8_gemms"] = info["fp8_gemms"]
             live.append((v, row, step, info))
