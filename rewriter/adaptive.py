@@ -24,15 +24,32 @@ moves to BF16 instead of making the loss scaler skip steps for the whole model:
         controller.step()
 
 What differs between the two, the *kind* (which GEMMs are layers, the run-time op, its statistics and the
-rule that finds a layer in trouble), lives in `Fp8Kind` below and `Fp16Kind` (rewriter/adaptive_fp16.py);
-everything else is shared: installing, the all-reduce, the hysteresis, the timeline and the picture.
+rule that finds a layer in trouble), lives in `Fp8Kind` (rewriter/adaptive_fp8.py) and `Fp16Kind`
+(rewriter/adaptive_fp16.py); everything else is shared: installing, the all-reduce, the hysteresis, the
+timeline and the picture.
 
 Installing: every layer node of the converted module (both its train and eval graphs) becomes the kind's
-run-time op (rewriter/runtime/adaptive_ops.py, adaptive_fp16_ops.py) with the layer's `state` (CPU int64
-[precision, sample, observe]) and `stats` (its running statistics) as extra arguments, held as plain
-attributes `_adaptive_state_<i>` / `_adaptive_stats_<i>` of the module (not buffers: not in state_dict,
-not broadcast by DDP; `stats` is moved to the layer's device). The graph is recompiled once, here;
-switching a layer later writes `state[0]` and nothing else.
+run-time op (rewriter/runtime/adaptive_ops.py, adaptive_fp16_ops.py) with the layer's `LayerSwitch`
+(rewriter/runtime/adaptive_switch.py) as extra argument: a submodule `_adaptive_switch_<i>` holding plain int
+flags (precision, sample, observe), the statistics and the gradient probe (plain attributes: not in
+state_dict, not seen by DDP or the optimizer; on the layer's device). The fx graph is recompiled once, here;
+switching a layer later writes `switch.precision` and nothing else.
+
+Under torch.compile (compile the converted module after creating the controller) the ops are traced: dynamo
+specialises on the switches' ints, each distinct combination (a *configuration* of per-layer precisions, times
+the step kinds bare / observed / sampled) is one graph variant, compiled the first time it runs and cached;
+steady-state steps make no graph break and no recompilation. Cost model, per step: unobserved = static FP8
+(same graph); observed = static FP8 + per GEMM operand the amax (the quantization's own reduction) and a few
+counts over sampled rows (adaptive_ops._reduce), fused by inductor, + after the step a handful of kernels
+whatever the number of layers (gather, reset) and, on CUDA, an asynchronous copy of the statistics read at
+the next step (`defer_read`: no device sync); sampled (one in `sample_every`) + the SQNR and one bf16
+reference GEMM per layer. Compilations: up to 3 per configuration
+in training (`observe_every` 1 needs 2), paid once each. To bound them, switches are applied at most once
+every `min_steps_between_switches` steps (decisions made meanwhile wait and go together), and at most
+`max_configurations` distinct configurations are ever made: a switch that would make one more is refused,
+and the refusal is recorded in the timeline (`refused`, with the reason) rather than silently falling back to
+eager. Dynamo's recompile limit is raised (process-wide) to fit `max_configurations` variants. Going back to
+a configuration seen before (a layer returning to FP8) reuses its compiled graphs.
 
 Policy (per layer, hysteresis; levels low (FP8 | fp16) -> BF16 -> FP32):
   low -> BF16   when the kind's judge names a reason on this observed step (FP8: `Fp8Kind.judge`);
@@ -55,107 +72,14 @@ import torch.nn as nn
 
 from rewriter import meta
 from rewriter.errors import ConfigError
-from rewriter.runtime import adaptive_ops
-from rewriter.runtime.adaptive_ops import adaptive_linear_train
-from rewriter.runtime.fp8_train_ops import fp8_linear_train
+from rewriter.adaptive_fp8 import Fp8Kind
 
 __all__ = ["AdaptivePrecision", "Fp8Kind"]
 
 LOW, BF16, FP32 = 0, 1, 2
-_COMMON = ("patience", "sample_every", "observe_every")
-
-
-class Fp8Kind:
-    """FP8 training GEMMs (`fp8_linear_train`) -> `adaptive_linear_train`, statistics in e4m3 / e5m2.
-
-    Thresholds (keyword arguments of AdaptivePrecision):
-        underflow_up: flush-to-zero fraction of x or weight above which a layer leaves FP8 (default 1%).
-        grad_underflow_up: the same for grad_out in e5m2 (default 10%: a confident softmax output has many
-            gradients below amax * 1e-10 that flush harmlessly; measured up to ~1.2% on the healthy tasks).
-        overflow_up: overflow fraction above which a layer leaves FP8 (default 5%).
-        growth_up: amax growth factor in one step above which a layer leaves FP8 (default 64x).
-        grad_norm_dev_up: on a sampled step, the largest |FP8 grad_x norm / bf16 reference - 1| (10%).
-        sqnr_floor_x, sqnr_floor_g: sampled SQNR floors (dB) of x (e4m3) and grad_out (e5m2).
-
-    FP8 -> BF16 when, on this step, the fraction of x, weight or grad_out values that flush to zero after
-    scaling exceeds `underflow_up`, or that overflow (above the previous step's amax, or non-finite)
-    exceeds `overflow_up`, or amax grew more than `growth_up` times in one step, or the sampled SQNR of
-    x / grad_out fell below `sqnr_floor_x` / `sqnr_floor_g` dB, or the sampled grad_x norm strays from its
-    bf16 reference by more than `grad_norm_dev_up`. Calm: underflow < up / 4, overflow < up / 4, no jump,
-    SQNR 3 dB above its floor.
-    """
-
-    name = "fp8"
-    precisions = adaptive_ops.PRECISIONS
-    slots = adaptive_ops.SLOTS
-    defaults = {"underflow_up": 0.01, "grad_underflow_up": 0.1, "overflow_up": 0.05, "growth_up": 64.0,
-                "grad_norm_dev_up": 0.1, "sqnr_floor_x": 20.0, "sqnr_floor_g": 14.0}
-    event_stats = ("x_amax", "w_amax", "g_amax", "x_underflow", "w_underflow", "g_underflow")
-    missing = ("found no FP8 training GEMM (fp8_linear_train) in the model: convert with precision='fp8', "
-               "mode='train' (and fp8=Fp8Options.always() for small layers the cost model keeps in bf16)")
-
-    def __init__(self):
-        self._i = {name: i for i, name in enumerate(self.slots)}
-
-    def new_buffers(self, device):
-        return adaptive_ops.new_buffers(device)
-
-    def match(self, node: fx.Node) -> bool:
-        return node.target is fp8_linear_train
-
-    def rewrite(self, gm: fx.GraphModule, graph: fx.Graph, node: fx.Node, state: fx.Node, stats: fx.Node) -> str:
-        node.target = adaptive_linear_train
-        node.args = (*node.args[:5], state, stats)
-        return ("fp8_linear_train -> adaptive_linear_train: the layer runs the precision its state says (FP8 "
-                "until the controller switches it) and records its e4m3/e5m2 statistics")
-
-    def reset(self, stats: torch.Tensor, prev: list[float]) -> None:
-        i = self._i
-        with torch.no_grad():
-            for k in adaptive_ops.ACCUMULATED:
-                stats[i[k]] = float("-inf") if k.endswith("neg_sqnr") else 0.0
-            stats[i["x_prev_amax"]], stats[i["g_prev_amax"]] = prev[0], prev[2]
-
-    def previous(self, row: list[float], prev: list[float]) -> list[float]:
-        """What `judge` and `reset` remember of this step: the amax of x, weight and grad_out."""
-        return [row[self._i["x_amax"]], row[self._i["w_amax"]], row[self._i["g_amax"]]]
-
-    def judge(self, t: dict, prev: list[float], row: list[float], rows: list[list[float]], layer: int,
-              currents: list[int]) -> tuple[str, bool]:
-        """(reason to leave FP8 or "", calm: within the down thresholds) of one layer on this step."""
-        i, reasons, calm = self._i, [], True
-        for p, name in (("x", "input"), ("w", "weight"), ("g", "grad_out")):
-            under, up = row[i[p + "_underflow"]], t["grad_underflow_up" if p == "g" else "underflow_up"]
-            if under > up:
-                reasons.append(f"{under:.1%} of {name} values flush to zero in "
-                               f"{'e5m2' if p == 'g' else 'e4m3'} (> {up:.1%}; amax {row[i[p + '_amax']]:.3g})")
-            calm &= under < up / 4
-        for k, (p, name) in enumerate((("x", "input"), ("w", "weight"), ("g", "grad_out"))):
-            amax = row[i[p + "_amax"]]
-            if prev[k] > 0 and amax > t["growth_up"] * prev[k]:
-                reasons.append(f"{name} amax grew {amax / prev[k]:.3g}x in one step (> {t['growth_up']:g}x)")
-                calm = False
-        for p, name in (("x", "input"), ("g", "grad_out")):
-            over = row[i[p + "_overflow"]]
-            if over > t["overflow_up"]:
-                reasons.append(f"{over:.1%} of {name} values above the previous step's amax (> "
-                               f"{t['overflow_up']:.1%})")
-            calm &= over < t["overflow_up"] / 4
-            neg = row[i[p + "_neg_sqnr"]]
-            if math.isfinite(neg):
-                floor = t["sqnr_floor_" + p]
-                if -neg < floor:
-                    reasons.append(f"sampled {name} SQNR {-neg:.1f} dB < {floor:g} dB")
-                calm &= -neg >= floor + 3
-        dev = row[i["gnorm_dev"]]
-        if dev > t["grad_norm_dev_up"]:
-            reasons.append(f"sampled FP8 grad_x norm off the bf16 reference by {dev:.1%} (> "
-                           f"{t['grad_norm_dev_up']:.0%})")
-        calm &= dev < t["grad_norm_dev_up"] / 4
-        if row[i["nonfinite"]] > 0:
-            reasons.append(f"non-finite values ({row[i['nonfinite']]:.2%})")
-            calm = False
-        return "; ".join(reasons), calm
+_COMMON = ("patience", "sample_every", "observe_every", "max_configurations", "min_steps_between_switches",
+           "defer_read")
+_VARIANTS_PER_CONFIGURATION = 4  # bare, observed, sampled (training) + a no_grad forward
 
 
 def _kind_of(model: fx.GraphModule):
@@ -176,25 +100,37 @@ class AdaptivePrecision:
 
     Args:
         model: the converted module (`TrainEvalGraphModule` or an fx.GraphModule) holding FP8 training GEMMs
-            (`fp8_linear_train`) or fp16 linears.
+            (`fp8_linear_train`) or fp16 linears. Wrap it in torch.compile after creating the controller.
         patience: consecutive calm observed steps before a layer goes back one level.
         sample_every: steps between two sampled SQNR measurements (0: never; FP8 only).
         observe_every: steps between two observed steps (1: every step). On the others the GEMMs run bare
             (no statistics, no decision), which bounds the statistics' overhead to 1/observe_every of it.
+        max_configurations: distinct per-layer precision configurations ever made (each one costs up to 3
+            compilations under torch.compile); a switch that would make one more is refused and recorded.
+        min_steps_between_switches: steps between two applied switches; decisions made meanwhile wait and are
+            applied together (one configuration, one compilation, for all of them).
+        defer_read: decide on an observed step's statistics at the next step() instead of waiting for the
+            device (default: on CUDA); the switches then take effect one step later.
         **thresholds: the kind's thresholds, see `Fp8Kind` and `rewriter.adaptive_fp16.Fp16Kind`.
 
     Example:
         >>> controller = AdaptivePrecision(converted, patience=50)
+        >>> compiled = torch.compile(converted)    # optional: switches recompile once per configuration
         >>> controller.step()                      # after optimizer.step() (or scaler.step(opt))
         >>> controller.precisions()
         {'head': 'fp8', 'fc1': 'fp8'}
     """
 
     def __init__(self, model: nn.Module, *, patience: int = 100, sample_every: int = 50, observe_every: int = 1,
+                 max_configurations: int = 8, min_steps_between_switches: int = 1, defer_read: bool | None = None,
                  **thresholds: float):
         if not isinstance(model, fx.GraphModule):
             raise ConfigError(f"AdaptivePrecision needs the module returned by rewriter.convert(..., "
                               f"mode='train') with precision 'fp8' or 'fp16', got {type(model).__name__}")
+        if int(max_configurations) < 1 or int(min_steps_between_switches) < 1:
+            raise ConfigError(f"AdaptivePrecision: max_configurations={max_configurations} and "
+                              f"min_steps_between_switches={min_steps_between_switches} must be >= 1 (write e.g. "
+                              "max_configurations=8, min_steps_between_switches=1)")
         self.model = model
         self.kind = _kind_of(model)
         unknown = sorted(set(thresholds) - set(self.kind.defaults))
@@ -205,9 +141,10 @@ class AdaptivePrecision:
         self.precisions_names = self.kind.precisions
         self.patience, self.sample_every = int(patience), int(sample_every)
         self.observe_every = max(int(observe_every), 1)
+        self.max_configurations = int(max_configurations)
+        self.min_steps_between_switches = int(min_steps_between_switches)
         self.layers: list[str] = []
-        self._states: list[torch.Tensor] = []
-        self._stats: list[torch.Tensor] = []
+        self._switches: list = []
         self._install()
         self.kind.layers = self.layers
         n = len(self.layers)
@@ -215,10 +152,19 @@ class AdaptivePrecision:
         self._healthy = [0] * n
         self._prev = [[0.0, 0.0, 0.0] for _ in range(n)]  # the kind's previous-step values (FP8: amax x, w, g)
         self._events: list[dict] = []
+        self._refused: list[dict] = []
+        self._pending: dict[int, tuple[int, str, dict, int]] = {}  # layer -> (target, reason, stats, step)
+        self._last_switch: int | None = None
+        self._configs: list[tuple[int, ...]] = [self._config()]
+        self._graphs0 = _dynamo_graphs()
+        _raise_recompile_limit(_VARIANTS_PER_CONFIGURATION * self.max_configurations + 4)
         self._history: list[list[int]] = [[] for _ in range(n)]  # precision run on each step
         self._flops = [0.0] * 3  # GEMM FLOPs (forward + 2 backward) run in low / bf16 / fp32
         self._last_flops = [0.0] * n  # of the last observed step, counted for the unobserved ones
         self._slot = {name: i for i, name in enumerate(self.kind.slots)}
+        on_cuda = self._switches[0].stats.device.type == "cuda"
+        self.defer_read = on_cuda if defer_read is None else bool(defer_read)
+        self._inflight: tuple | None = None
 
     # ------------------------------------------------------------------ install
     def _install(self) -> None:
@@ -232,43 +178,80 @@ class AdaptivePrecision:
                 if node.name not in index:
                     index[node.name] = len(self.layers)
                     self.layers.append(meta.module_path(node) or node.name)
-                    state, stats = self.kind.new_buffers(device)
-                    self._states.append(state)
-                    self._stats.append(stats)
-                    setattr(self.model, f"_adaptive_state_{index[node.name]}", state)
-                    setattr(self.model, f"_adaptive_stats_{index[node.name]}", stats)
+                    switch = self.kind.new_switch(device)
+                    self._switches.append(switch)
+                    self.model.add_module(f"_adaptive_switch_{index[node.name]}", switch)
                 i = index[node.name]
                 with graph.inserting_before(node):
                     # create_node: the eval graph's owning module is set only at recompile (get_attr warns)
-                    s_node = graph.create_node("get_attr", f"_adaptive_state_{i}")
-                    t_node = graph.create_node("get_attr", f"_adaptive_stats_{i}")
-                reason = self.kind.rewrite(self.model, graph, node, s_node, t_node)
+                    s_node = graph.create_node("get_attr", f"_adaptive_switch_{i}")
+                reason = self.kind.rewrite(self.model, graph, node, s_node)
                 meta.put(node, meta.REWRITTEN, [*(meta.get(node, meta.REWRITTEN) or []), {
                     "pass": "adaptive", "reason": f"layer {self.layers[i]}: {reason}"}])
         self.model.recompile()
 
+    def _config(self) -> tuple[int, ...]:
+        return tuple(sw.precision for sw in self._switches)
+
     # ------------------------------------------------------------------ step
     def step(self) -> list[dict]:
-        """Read every layer's statistics of this step, decide, switch; returns this step's switch events."""
-        if not int(self._states[0][2]):  # an unobserved step: count it, decide nothing
-            for i, state in enumerate(self._states):
-                self._history[i].append(int(state[0]))
-                self._flops[int(state[0])] += self._last_flops[i]
-            self._steps += 1
-            self._arm()
-            return []
-        stats = torch.stack([s.detach() for s in self._stats]).float()
+        """Read every layer's statistics of this step, decide, switch; returns the switch events made now.
+
+        With `defer_read` (the default on CUDA) the statistics of an observed step are copied to the host
+        without waiting and decided on at the next call: no device sync on the training loop's critical path,
+        and a switch takes effect one step later (each event says `applied_from_step`)."""
+        step, currents = self._steps, list(self._config())
+        for i, current in enumerate(currents):
+            self._history[i].append(current)
+        read = self._read(step, currents) if self._switches[0].observe else None
+        if read is None:  # an unobserved step: count its FLOPs as the last observed step's
+            for i, current in enumerate(currents):
+                self._flops[current] += self._last_flops[i]
+        events = []
+        if not self.defer_read:
+            events = self._decide(*read) if read is not None else []
+        else:
+            events = self._decide(*self._inflight) if self._inflight is not None else []
+            self._inflight = read
+        self._steps += 1
+        self._arm()
+        return events
+
+    def _read(self, step: int, currents: list[int]) -> tuple:
+        """Gather (and all-reduce) this step's statistics, start the next step's on the device, start the copy
+        to the host. A handful of kernels whatever the number of layers."""
+        stats = torch.stack([sw.stats.detach() for sw in self._switches]).float()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.MAX)
-        rows = stats.cpu().tolist()
-        currents = [int(s[0]) for s in self._states]
-        step, events, names = self._steps, [], self.precisions_names
+        with torch.no_grad():
+            torch._foreach_copy_([sw.stats for sw in self._switches], list(self.kind.reset_rows(stats).unbind(0)))
+        if not self.defer_read or stats.device.type != "cuda":
+            return step, currents, stats.cpu(), None
+        host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+        host.copy_(stats, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return step, currents, host, done
+
+    def _drain(self) -> None:
+        """Decide on deferred statistics now (what the next step() would do), so read-outs are complete."""
+        if self._inflight is not None:
+            inflight, self._inflight = self._inflight, None
+            self._decide(*inflight)
+
+    def _decide(self, step: int, currents: list[int], host: torch.Tensor, done) -> list[dict]:
+        """Judge every layer on the statistics of observed step `step` and apply what may be applied."""
+        if done is not None:
+            done.synchronize()
+        rows = host.tolist()
         nonfinite = self._slot["nonfinite"]
         for i, row in enumerate(rows):
             current = currents[i]
-            self._history[i].append(current)
             self._last_flops[i] = 3 * row[self._slot["flops"]]
             self._flops[current] += self._last_flops[i]
+            if current != self._switches[i].precision:  # switched since (deferred read): judge the new one
+                self._prev[i] = self.kind.previous(row, self._prev[i])
+                continue
             bad, calm = self.kind.judge(self.thresholds, self._prev[i], row, rows, i, currents)
             target = current
             if bad and current == LOW:
@@ -284,16 +267,47 @@ class AdaptivePrecision:
                     self._healthy[i] = 0
             elif current != LOW:
                 self._healthy[i] = 0
-            if target != current:
-                self._states[i][0] = target
-                events.append({"step": step, "layer": self.layers[i], "from": names[current],
-                               "to": names[target], "reason": bad,
-                               "stats": {k: _num(row[self._slot[k]]) for k in self.kind.event_stats}})
+            if target != current and self._pending.get(i, (None,))[0] != target:  # the first reason stays
+                stats_now = {k: _num(row[self._slot[k]]) for k in self.kind.event_stats}
+                self._pending[i] = (target, bad, stats_now, step)
+            elif target == current and not calm and self._pending.get(i, (current,))[0] < current:
+                del self._pending[i]  # a waiting way back, and the layer is in trouble again: it stays
             self._prev[i] = self.kind.previous(row, self._prev[i])
-            self.kind.reset(self._stats[i], self._prev[i])
+        return self._apply_pending(step)
+
+    def _apply_pending(self, step: int) -> list[dict]:
+        """Apply the decisions waiting in `_pending` as one new configuration, unless the last switch was less
+        than `min_steps_between_switches` ago (they wait) or the configuration would be one too many (refused)."""
+        if not self._pending or (self._last_switch is not None
+                                 and step - self._last_switch < self.min_steps_between_switches):
+            return []
+        pending, self._pending = self._pending, {}
+        config = list(self._config())
+        for i, (target, *_rest) in pending.items():
+            config[i] = target
+        new = tuple(config) not in self._configs
+        names = self.precisions_names
+        if new and len(self._configs) >= self.max_configurations:
+            why = (f"would make configuration {len(self._configs) + 1} > max_configurations="
+                   f"{self.max_configurations} (each costs a compilation under torch.compile); raise "
+                   "max_configurations to allow it")
+            for i, (target, reason, stats_now, seen) in pending.items():
+                self._refused.append({"step": step, "layer": self.layers[i], "from": names[self._switches[i].precision],
+                                      "to": names[target], "reason": reason, "refused": why})
+            return []
+        if new:
+            self._configs.append(tuple(config))
+        events = []
+        for i, (target, reason, stats_now, seen) in pending.items():
+            if seen != step:
+                reason = f"{reason} (decided at step {seen}, held by min_steps_between_switches)"
+            events.append({"step": step, "applied_from_step": self._steps + 1, "layer": self.layers[i],
+                           "from": names[self._switches[i].precision], "to": names[target], "reason": reason,
+                           "stats": stats_now,
+                           "configuration": self._configs.index(tuple(config)), "new_configuration": new})
+            self._switches[i].precision = target
+        self._last_switch = step
         self._events.extend(events)
-        self._steps += 1
-        self._arm()
         return events
 
     def _arm(self) -> None:
@@ -302,13 +316,13 @@ class AdaptivePrecision:
         observe = nxt % self.observe_every == 0
         # the first observed step at or after each multiple of sample_every
         sample = observe and self.sample_every > 0 and nxt > 0 and nxt % self.sample_every < self.observe_every
-        for state in self._states:
-            state[1], state[2] = int(sample), int(observe)
+        for sw in self._switches:
+            sw.sample, sw.observe = int(sample), int(observe)
 
     # ------------------------------------------------------------------ read-outs
     def precisions(self) -> dict[str, str]:
         """{layer: "fp8" | "fp16" | "bf16" | "fp32"} now."""
-        return {name: self.precisions_names[int(s[0])] for name, s in zip(self.layers, self._states)}
+        return {name: self.precisions_names[sw.precision] for name, sw in zip(self.layers, self._switches)}
 
     def set_precision(self, layer: str, precision: str) -> None:
         """Pin a layer's precision by hand (recorded in the timeline with reason "set by hand")."""
@@ -317,20 +331,35 @@ class AdaptivePrecision:
             raise ConfigError(f"set_precision({layer!r}, {precision!r}): layers are {self.layers}, precisions "
                               f"{list(names)}")
         i = self.layers.index(layer)
-        old = int(self._states[i][0])
-        self._states[i][0] = names.index(precision)
-        self._events.append({"step": self._steps, "layer": layer, "from": names[old], "to": precision,
-                             "reason": "set by hand", "stats": {}})
+        old = self._switches[i].precision
+        config = list(self._config())
+        config[i] = names.index(precision)
+        new = tuple(config) not in self._configs
+        if new and len(self._configs) >= self.max_configurations:
+            raise ConfigError(f"set_precision({layer!r}, {precision!r}) would make precision configuration "
+                              f"{len(self._configs) + 1}, above max_configurations={self.max_configurations} (each "
+                              "costs a compilation under torch.compile): create the controller with a larger "
+                              "max_configurations")
+        if new:
+            self._configs.append(tuple(config))
+        self._switches[i].precision = names.index(precision)
+        self._events.append({"step": self._steps, "applied_from_step": self._steps, "layer": layer,
+                             "from": names[old], "to": precision,
+                             "reason": "set by hand", "stats": {},
+                             "configuration": self._configs.index(tuple(config)), "new_configuration": new})
 
     def low_flop_fraction(self) -> float:
         """Share of the GEMM FLOPs run so far (forward and both backward GEMMs) that ran in the low precision."""
+        self._drain()
         total = sum(self._flops)
         return self._flops[LOW] / total if total else 1.0
 
     fp8_flop_fraction = low_flop_fraction  # the FP8 controller's name for it
 
     def timeline(self) -> dict:
-        """JSON-able record: layers, steps, switch events with reasons, per-layer precision segments."""
+        """JSON-able record: layers, steps, switch events with reasons, per-layer precision segments, the
+        precision configurations made (each one graph variant set under torch.compile) and refused switches."""
+        self._drain()
         segments = {}
         for name, hist in zip(self.layers, self._history):
             runs, start = [], 0
@@ -343,7 +372,9 @@ class AdaptivePrecision:
         return {"kind": self.kind.name, "layers": list(self.layers), "steps": self._steps,
                 "events": list(self._events), "segments": segments, "low_flop_fraction": share,
                 f"{self.kind.name}_flop_fraction": share, "thresholds": dict(self.thresholds),
-                "patience": self.patience}
+                "patience": self.patience, "configurations": len(self._configs),
+                "max_configurations": self.max_configurations, "refused": list(self._refused),
+                "dynamo_graphs": _dynamo_graphs() - self._graphs0}
 
     def plot(self, path: str) -> str:
         """Write the precision timeline as a picture: PNG with matplotlib when `path` ends in .png and
@@ -351,6 +382,25 @@ class AdaptivePrecision:
         from rewriter.adaptive_plot import write_picture
 
         return write_picture(self.timeline(), path)
+
+
+def _dynamo_graphs() -> int:
+    """Graphs dynamo compiled so far in this process (all models: the timeline records the difference)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _raise_recompile_limit(needed: int) -> None:
+    """Let dynamo keep `needed` variants of one frame (torch >= 2.6 names it recompile_limit, older
+    cache_size_limit); never lowers a limit the user set higher."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), needed))
+    if hasattr(config, "accumulated_recompile_limit"):
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * needed)
+    elif hasattr(config, "accumulated_cache_size_limit"):
+        config.accumulated_cache_size_limit = max(config.accumulated_cache_size_limit, 4 * needed)
 
 
 def _num(v: float):

@@ -11,7 +11,7 @@ absorbs the fp16 casts of its operands so that a layer moved to bf16 reads them 
 weight, an fp32 activation) and computes its gradients in bf16.
 
 Before: x(fp32) -> cast(fp16) -> linear(., cast(w_fp32 -> fp16), cast(b -> fp16)) -> y(fp16)
-After:  x(fp32) -> adaptive_linear_fp16(x, w_fp32, b, True, fp16, state, stats) -> y(fp16)
+After:  x(fp32) -> adaptive_linear_fp16(x, w_fp32, b, True, fp16, switch) -> y(fp16)
 
 Policy (the judge; thresholds are keyword arguments of AdaptivePrecision):
   fp16 -> bf16 when, on an observed step,
@@ -59,8 +59,8 @@ class Fp16Kind:
         self.layers: list[str] = []  # the controller's layer names, for the reasons
         self._i = {name: i for i, name in enumerate(self.slots)}
 
-    def new_buffers(self, device):
-        return ops.new_buffers(device)
+    def new_switch(self, device):
+        return ops.new_switch(device)
 
     def match(self, node: fx.Node) -> bool:
         """An fp16 GEMM whose weight is a stored parameter (through its cast)."""
@@ -69,24 +69,24 @@ class Fp16Kind:
         operands = gemm_operands(node)
         return operands is not None and stored_weight(operands[1]) is not None
 
-    def rewrite(self, gm: fx.GraphModule, graph: fx.Graph, node: fx.Node, state: fx.Node, stats: fx.Node) -> str:
+    def rewrite(self, gm: fx.GraphModule, graph: fx.Graph, node: fx.Node, switch: fx.Node) -> str:
         x, w_value, bias, nk = gemm_operands(node)
         weight = stored_weight(w_value)
         sources = [_source(v) for v in (x, weight, bias)]
         node.target = ops.adaptive_linear_fp16
-        node.args = (*sources[:3], bool(nk), torch.float16, state, stats)
+        node.args = (*sources[:3], bool(nk), torch.float16, switch)
         node.kwargs = {}
         for value in (x, w_value, bias):  # the absorbed casts, when nothing else reads them
             if isinstance(value, fx.Node) and is_cast(value) and not value.users:
                 graph.erase_node(value)
         op = (meta.get(node, meta.OP_CLASS) or {}).get("op", "linear")
         return (f"fp16 {op} -> adaptive_linear_fp16: the layer casts x, its fp32 master weight and bias to the "
-                "precision its state says (fp16 until the controller switches it) and records whether its "
+                "precision its switch says (fp16 until the controller switches it) and records whether its "
                 "operands and scaled gradients fit fp16")
 
-    def reset(self, stats: torch.Tensor, prev: list[float]) -> None:
-        with torch.no_grad():
-            stats.zero_()
+    def reset_rows(self, stats: torch.Tensor) -> torch.Tensor:
+        """The [layers, N_STATS] statistics the next observed step starts from: all zero."""
+        return torch.zeros_like(stats)
 
     def previous(self, row: list[float], prev: list[float]) -> list[float]:
         """[observed steps in a row on which the layer's own gradients overflowed, 0, 0]."""

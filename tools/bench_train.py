@@ -25,7 +25,10 @@ timed round-robin, so machine noise spreads over every variant instead of landin
     python -m tools.bench_train --device cuda --compile --models llama_mlp,gpt2_medium --variants bf16,fp8
     python -m tools.bench_train --device cpu --small                         # smoke run, no GPU
     python -m tools.bench_train --device cuda --compile --fp8-always --adaptive --observe-every 1,10 \
-        --models llama_mlp --variants "fp8 + compile,fp8 adaptive"            # adaptive FP8's overhead
+        --models llama_mlp --variants "fp8 + compile,fp8 adaptive + compile,fp8 adaptive 1/10 + compile"
+                                                                             # adaptive FP8's overhead
+The compiled adaptive variants warm up until every step kind (bare, observed, sampled: one graph each) has
+run, and their rows report "compiled_graphs" and the timeline's configurations: none is compiled while timed.
 """
 from __future__ import annotations
 
@@ -170,6 +173,9 @@ def _make_step(v: Variant, model: nn.Module, example: tuple, device: torch.devic
             records = [meta.get(n, meta.FP8) for n in model.graph.nodes if meta.get(n, meta.FP8)]
             info["fp8_gemms"] = f"{sum(r['use'] for r in records)}/{len(records)}"
     controller = rewriter.AdaptivePrecision(model, observe_every=v.observe_every) if v.adaptive else None
+    if controller is not None:
+        info["controller"] = controller
+        info["steps_to_every_variant"] = controller.sample_every + controller.observe_every + 1
     run = torch.compile(model) if v.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda")
     if v.kind == "autocast" and v.dtype == torch.float16:
@@ -246,13 +252,19 @@ def bench_model(name: str, args, variants: list[Variant]) -> dict:
             model = copy.deepcopy(base)
             model.load_state_dict(init)
             step, info = _make_step(v, model, batches[0], device, args.lr, args.fp8_always)
-            losses = []
+            losses, t0 = [], time.perf_counter()
             for s in range(args.curve_steps):  # the loss curve: same batches, same dropout masks
                 torch.manual_seed(args.seed + s)
                 losses.append(float(step(batches[s % len(batches)])))
-            for i in range(args.warmup):
+            # an adaptive variant compiles one graph per step kind (bare, observed, sampled): warm up until
+            # each has run, so that no compilation lands in the timed blocks
+            for i in range(max(args.warmup, info.get("steps_to_every_variant", 0) - args.curve_steps)):
                 step(batches[i % len(batches)])
-            row.update(losses=losses, convert_s=info.get("convert_s"), scaler=info["scaler"])
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            # the untimed steps, compilations included (a compiled variant's compile cost shows here)
+            row.update(losses=losses, convert_s=info.get("convert_s"), scaler=info["scaler"],
+                       untimed_steps_s=time.perf_counter() - t0)
             if "fp8_gemms" in info:
                 row["fp8_gemms"] = info["fp8_gemms"]
             live.append((v, row, step, info))
@@ -265,8 +277,15 @@ def bench_model(name: str, args, variants: list[Variant]) -> dict:
     def progress(i: int) -> None:
         print(f"[bench_train] {name}: timing round {i + 1}/{args.repeats}", file=sys.stderr, flush=True)
 
+    graphs_before = _dynamo_graphs()
     harness.round_robin([(row, _cycling(step, batches)) for v, row, step, info in live], device=device,
                         iters=args.iters, repeats=args.repeats, key="step_ms", no_grad=False, on_round=progress)
+    compiled_while_timed = _dynamo_graphs() - graphs_before  # 0: no variant recompiled in the timed blocks
+    for v, row, step, info in live:
+        if "controller" in info:
+            tl = info["controller"].timeline()
+            row["adaptive"] = {"switches": len(tl["events"]), "configurations": tl["configurations"],
+                               "refused": len(tl["refused"]), "steps": tl["steps"]}
     for v, row, step, info in live:
         scaler = info.get("scaler_obj")
         row["scale_history"] = (getattr(scaler, "history", None)
@@ -285,7 +304,17 @@ def bench_model(name: str, args, variants: list[Variant]) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _compare(rows)
-    return {"model": name, "batch": list(batches[0][0].shape), "rows": rows}
+    from torch._dynamo.utils import counters
+
+    return {"model": name, "batch": list(batches[0][0].shape), "rows": rows,
+            "graphs_compiled_while_timed": compiled_while_timed,
+            "graph_breaks_so_far": int(sum(counters["graph_break"].values()))}
+
+
+def _dynamo_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _compare(rows: list[dict]) -> None:
@@ -315,7 +344,9 @@ def _compare(rows: list[dict]) -> None:
 
 
 def _table(result: dict) -> str:
-    lines = [f"== {result['model']} (batch {result['batch']})",
+    lines = [f"== {result['model']} (batch {result['batch']}; graphs compiled while timed: "
+             f"{result.get('graphs_compiled_while_timed', 0)}, graph breaks in the process so far: "
+             f"{result.get('graph_breaks_so_far', 0)})",
              f"  {'variant':32s} {'step ms':>9s} {'vs fp32':>8s} {'vs amp':>7s} {'loss[0]':>8s} "
              f"{'loss[-1]':>9s} {'dev fp32':>9s} {'dev amp':>8s}"]
     for r in result["rows"]:
