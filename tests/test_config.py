@@ -210,7 +210,7 @@ def test_backend_options_dict_becomes_typed():
     ({"clone_output": False}, "unknown backend option 'clone_output'; did you mean 'clone_outputs'?"),
     ({"max_graphs": 0}, "max_graphs=0 must be None or a whole number >= 1"),
     ({"warmup": -1}, "warmup=-1 must be a whole number >= 0"),
-    ({"dynamic": "yes"}, "dynamic='yes' must be None, True or False"),
+    ({"dynamic": "yes"}, "dynamic='yes' must be None, 'batch', True or False"),
     ({"compile_mode": 3}, "compile_mode=3 must be a string"),
     ({"compile_mode": "max-autotune", "options": {"a": 1}}, "give either compile_mode or options"),
     ({"options": [1]}, "options must be a dict of inductor options"),
