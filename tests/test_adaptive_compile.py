@@ -19,14 +19,11 @@ pytestmark = pytest.mark.filterwarnings(f"ignore::{Fp8EmulationWarning.__module_
 
 
 @pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _fresh_dynamo(one_thread):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     yield
     torch._dynamo.reset()
-    torch.set_num_threads(threads)
 
 
 class _Counting:

@@ -18,11 +18,8 @@ from rewriter.runtime.adaptive_fp16_ops import adaptive_linear_fp16
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 def _planted_fp16():
