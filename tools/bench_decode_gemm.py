@@ -85,10 +85,13 @@ def _bench_one(name: str, k: int, n: int, rows: int, ns, device) -> dict:
     reference = F.linear(x.float(), w16.float())
     row = {"shape": name, "rows": rows, "k": k, "n": n, "variants": {}}
     lives = {}
+    copies: dict[bool, list] = {}  # the weight copies of each dtype, shared by its variants
     for variant in ns.variants:
         fp8 = variant.startswith("fp8w")
-        weights = [w8 if fp8 else w16]
-        weights += [weights[0].clone() for _ in range(_copies(k, n, 1 if fp8 else 2, device) - 1)]
+        if fp8 not in copies:
+            first = w8 if fp8 else w16
+            copies[fp8] = [first] + [first.clone() for _ in range(_copies(k, n, 1 if fp8 else 2, device) - 1)]
+        weights = copies[fp8]
         fn = _fn(variant, torch.bfloat16)
         entry = {"weight_bytes": k * n * (1 if fp8 else 2)}
         try:
