@@ -279,14 +279,17 @@ def _run_jobs(args, names: list[str], argv: list[str]) -> int:
     groups = [names[i::args.jobs] for i in range(args.jobs) if names[i::args.jobs]]
     with tempfile.TemporaryDirectory() as tmp:
         lock = os.path.join(tmp, "timing.lock")
+        # beside --out when given: a run cut short by a time limit keeps each process's rows on disk
+        parts = [f"{args.out}.part{i}.json" if args.out else os.path.join(tmp, f"part{i}.json")
+                 for i in range(len(groups))]
         children = [subprocess.Popen([sys.executable, "-m", "tools.bench_zoo", *keep, "--models", ",".join(group),
-                                      "--lock", lock, "--out", os.path.join(tmp, f"part{i}.json")])
+                                      "--lock", lock, "--out", parts[i]])
                     for i, group in enumerate(groups)]
         codes = [child.wait() for child in children]
         record = {"command": " ".join(["python -m tools.bench_zoo", *argv]), "rows": [], "failures": []}
         for i, group in enumerate(groups):
             try:
-                with open(os.path.join(tmp, f"part{i}.json")) as f:
+                with open(parts[i]) as f:
                     part = json.load(f)
             except (OSError, ValueError):
                 record["failures"] += [{"model": m, "error": f"its process ended (exit {codes[i]}) before a row"}
@@ -301,6 +304,9 @@ def _run_jobs(args, names: list[str], argv: list[str]) -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(record, f, indent=1)
+        for part in parts:
+            if os.path.exists(part):
+                os.remove(part)
     print(f"{len(record['rows'])} rows, {len(record['failures'])} failures from {len(groups)} processes")
     return 0 if all(code == 0 for code in codes) else 1
 
