@@ -165,6 +165,7 @@ class AdaptivePrecision:
         on_cuda = self._switches[0].stats.device.type == "cuda"
         self.defer_read = on_cuda if defer_read is None else bool(defer_read)
         self._inflight: tuple | None = None
+        self._pinned: list[torch.Tensor] = []  # the host buffers of deferred reads (_read)
 
     # ------------------------------------------------------------------ install
     def _install(self) -> None:
@@ -227,7 +228,12 @@ class AdaptivePrecision:
             torch._foreach_copy_([sw.stats for sw in self._switches], list(self.kind.reset_rows(stats).unbind(0)))
         if not self.defer_read or stats.device.type != "cuda":
             return step, currents, stats.cpu(), None
-        host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+        # Two pinned buffers taken in turn: the copy into one may still be in flight while the other is
+        # decided on, and no step allocates pinned memory (a host-side cost on every observed step).
+        if len(self._pinned) != 2 or self._pinned[0].shape != stats.shape:
+            self._pinned = [torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True) for _ in range(2)]
+        waiting = self._inflight[2] if self._inflight is not None else None  # not yet decided on: keep it
+        host = self._pinned[1] if waiting is self._pinned[0] else self._pinned[0]
         host.copy_(stats, non_blocking=True)
         done = torch.cuda.Event()
         done.record()

@@ -160,6 +160,14 @@ def run_model(name: str, device: torch.device, budgets: list[tuple[str, float | 
         for key, fn in variants.items():  # the first call compiles
             cast = casts.get(key, lambda v: v)
             errors[key] = _error(ref_held, [fn(*a, **k) for a, k in (cast(b) for b in held)])
+        # Where a compiled error goes wrong, these say whether the graph or its compile is at fault, and
+        # whether only inputs other than the capture's example are (H200 2026-12-03: llama6 read 1.27).
+        ref_example = model(*example[0], **example[1])
+        for label, _ in budgets:
+            fast = ours[f"ours@{label}"]
+            eager_graph = rewriter.graph_module_of(fast)
+            info[label]["err_eager_graph"] = _error(ref_held, [eager_graph(*a, **k) for a, k in held])
+            info[label]["err_example"] = _error([ref_example], [fast(*example[0], **example[1])])
     timed = {}
     for key, fn in variants.items():
         a, k = casts.get(key, lambda v: v)(example)
@@ -194,6 +202,11 @@ def _table(rows: list[dict], refs: list[dict]) -> str:
         lines.append(f"{r['model']:8s} {'ours@' + r['budget']:18s} {tol:>9s} {r['ms']:9.3f} "
                      f"{r['x_autocast_compile']:6.2f} {r['x_compile_blanket']:6.2f} {r['err']:9.2e} "
                      f"{ratio:>6s} {r['lowered']:7d} {r['kept']:5d}")
+    for r in rows:  # a compiled error far from its eager graph's: the compile, not the plan, is at fault
+        eager, example = r.get("err_eager_graph"), r.get("err_example")
+        if eager is not None and r["err"] > 1.5 * eager + 1e-6:
+            lines.append(f"  ! {r['model']} ours@{r['budget']}: compiled {r['err']:.2e} on held-out inputs, its "
+                         f"eager graph {eager:.2e}, compiled on the example {example:.2e}")
     return "\n".join(lines)
 
 

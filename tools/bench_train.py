@@ -33,6 +33,7 @@ run, and their rows report "compiled_graphs" and the timeline's configurations: 
 from __future__ import annotations
 
 import argparse
+import gc
 import copy
 import dataclasses
 import itertools
@@ -278,6 +279,10 @@ def bench_model(name: str, args, variants: list[Variant]) -> dict:
         print(f"[bench_train] {name}: timing round {i + 1}/{args.repeats}", file=sys.stderr, flush=True)
 
     graphs_before = _dynamo_graphs()
+    # The compiles leave a large Python heap: a full collection in a timed block cost one block ~70 ms
+    # (H200, 2026-12-03, whichever variant it hit). Frozen objects are never scanned again.
+    gc.collect()
+    gc.freeze()
     harness.round_robin([(row, _cycling(step, batches)) for v, row, step, info in live], device=device,
                         iters=args.iters, repeats=args.repeats, key="step_ms", no_grad=False, on_round=progress)
     compiled_while_timed = _dynamo_graphs() - graphs_before  # 0: no variant recompiled in the timed blocks
