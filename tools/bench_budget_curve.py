@@ -153,6 +153,8 @@ def run_model(name: str, device: torch.device, budgets: list[tuple[str, float | 
                        "kept": len((summary.get("sensitivity") or {}).get("kept") or []),
                        "lowered": len((summary.get("lowering") or {}).get("lowered") or []),
                        "search_error": (summary.get("lowering") or summary.get("sensitivity") or {}).get("error")}
+        graph_info = rewriter.graph_module_of(fast).meta.get(meta.INFO) or {}
+        info[label].update(capture=graph_info.get("capture"), notes=list(graph_info.get("notes") or [])[:5])
         ours[f"ours@{label}"] = fast
     variants = {**references, **ours}
     errors = {}

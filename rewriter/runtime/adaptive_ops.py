@@ -134,7 +134,9 @@ def _grad_vector(grad: torch.Tensor, prev_amax: torch.Tensor, sample: bool, weig
         ref = g2d.bfloat16() @ weight.bfloat16()
         gq, gs = quantize_tensorwise(g2d, GRAD_DTYPE)
         wq, ws = quantize_tensorwise(weight)
-        low = (gq.float() * gs) @ (wq.float() * ws)
+        # e5m2 and e4m3 values are exact in bf16 and their products exact in the GEMM's fp32 accumulator (as in
+        # the FP8 GEMM itself); the result is rounded to bf16 once, like `ref`: a bf16 GEMM, not an fp32 one
+        low = (gq.to(torch.bfloat16) @ wq.to(torch.bfloat16)).float() * (gs * ws)
         values["gnorm_dev"] = (low.norm() / ref.float().norm().clamp_min(1e-30) - 1).abs()
     return stat_vector(SLOTS, values, grad)
 
