@@ -42,10 +42,11 @@ steady-state steps make no graph break and no recompilation. Cost model, per ste
 (same graph); observed = static FP8 + per GEMM operand the amax (the quantization's own reduction) and a few
 counts over sampled rows (adaptive_ops._reduce), fused by inductor, + after the step a handful of kernels
 whatever the number of layers (gather, reset) and, on CUDA, an asynchronous copy of the statistics read at
-the next step (`defer_read`: no device sync); sampled (one in `sample_every`) + the SQNR and one bf16
-reference GEMM per layer. Compilations: up to 3 per configuration
-in training (`observe_every` 1 needs 2), paid once each. To bound them, switches are applied at most once
-every `min_steps_between_switches` steps (decisions made meanwhile wait and go together), and at most
+the next step (`defer_read`: no device sync); sampled (by default every observed step) + the SQNR and
+the grad_x norm against a bf16 reference, both on a row sample of a few hundred thousand values (two
+GEMMs of a few hundred rows per layer). Compilations: 2 per configuration in training (bare and observed;
+1 with `observe_every` 1; 3 with a `sample_every` that leaves observed steps unsampled), paid once each.
+To bound them, switches are applied at most once every `min_steps_between_switches` steps (decisions made meanwhile wait and go together), and at most
 `max_configurations` distinct configurations are ever made: a switch that would make one more is refused,
 and the refusal is recorded in the timeline (`refused`, with the reason) rather than silently falling back to
 eager. Dynamo's recompile limit is raised (process-wide) to fit `max_configurations` variants. Going back to
@@ -102,7 +103,9 @@ class AdaptivePrecision:
         model: the converted module (`TrainEvalGraphModule` or an fx.GraphModule) holding FP8 training GEMMs
             (`fp8_linear_train`) or fp16 linears. Wrap it in torch.compile after creating the controller.
         patience: consecutive calm observed steps before a layer goes back one level.
-        sample_every: steps between two sampled SQNR measurements (0: never; FP8 only).
+        sample_every: None (default): every observed step also measures the SQNR and the grad_x norm check
+            (FP8 only; on a row sample, cheap), so a configuration costs two graph variants (bare, observed);
+            an int k: only the first observed step at or after each multiple of k (a third variant); 0: never.
         observe_every: steps between two observed steps (1: every step). On the others the GEMMs run bare
             (no statistics, no decision), which bounds the statistics' overhead to 1/observe_every of it.
         max_configurations: distinct per-layer precision configurations ever made (each one costs up to 3
@@ -121,7 +124,8 @@ class AdaptivePrecision:
         {'head': 'fp8', 'fc1': 'fp8'}
     """
 
-    def __init__(self, model: nn.Module, *, patience: int = 100, sample_every: int = 50, observe_every: int = 1,
+    def __init__(self, model: nn.Module, *, patience: int = 100, sample_every: int | None = None,
+                 observe_every: int = 1,
                  max_configurations: int = 8, min_steps_between_switches: int = 1, defer_read: bool | None = None,
                  **thresholds: float):
         if not isinstance(model, fx.GraphModule):
@@ -139,7 +143,8 @@ class AdaptivePrecision:
                               f"thresholds are {sorted(self.kind.defaults)}, and {list(_COMMON)}")
         self.thresholds = {**self.kind.defaults, **{k: float(v) for k, v in thresholds.items()}}
         self.precisions_names = self.kind.precisions
-        self.patience, self.sample_every = int(patience), int(sample_every)
+        self.patience = int(patience)
+        self.sample_every = None if sample_every is None else int(sample_every)
         self.observe_every = max(int(observe_every), 1)
         self.max_configurations = int(max_configurations)
         self.min_steps_between_switches = int(min_steps_between_switches)
@@ -166,6 +171,7 @@ class AdaptivePrecision:
         self.defer_read = on_cuda if defer_read is None else bool(defer_read)
         self._inflight: tuple | None = None
         self._pinned: list[torch.Tensor] = []  # the host buffers of deferred reads (_read)
+        self._arm()  # step 0's flags (sampled too by default: no graph variant for step 0 alone)
 
     # ------------------------------------------------------------------ install
     def _install(self) -> None:
@@ -320,8 +326,10 @@ class AdaptivePrecision:
         """Set the sample and observe flags of every layer for the next step."""
         nxt = self._steps
         observe = nxt % self.observe_every == 0
-        # the first observed step at or after each multiple of sample_every
-        sample = observe and self.sample_every > 0 and nxt > 0 and nxt % self.sample_every < self.observe_every
+        if self.sample_every is None:  # every observed step (its own graph variant would cost a compilation)
+            sample = observe
+        else:  # the first observed step at or after each multiple of sample_every
+            sample = observe and self.sample_every > 0 and nxt > 0 and nxt % self.sample_every < self.observe_every
         for sw in self._switches:
             sw.sample, sw.observe = int(sample), int(observe)
 

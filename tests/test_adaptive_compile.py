@@ -3,6 +3,8 @@ the adaptive ops are traced, steady-state steps make no graph break and one grap
 compiles one new graph, the number of configurations is bounded. CPU, FP8 GEMMs emulated."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -105,6 +107,22 @@ def test_steady_state_makes_one_graph_per_step_kind_and_the_bare_step_is_static_
     (static_graph,) = static_counting.graphs
     assert _calls(bare) == _calls(static_graph)  # an unobserved step compiles to exactly static FP8
     assert len(_calls(static_graph)) < len(_calls(observed)) < len(_calls(sampled))
+
+
+def test_by_default_every_observed_step_is_sampled_so_a_configuration_costs_two_graphs():
+    gm = _planted()
+    ctl = AdaptivePrecision(gm, observe_every=3)  # sample_every=None: the SQNR and grad-norm check ride along
+    judged = []
+    judge = ctl.kind.judge
+    ctl.kind.judge = lambda t, prev, row, *rest: (judged.append(list(row)), judge(t, prev, row, *rest))[1]
+    counting = _Counting()
+    _train(torch.compile(gm, backend=counting), gm, ctl, _batches(10))
+    assert len(counting.graphs) == 2 and _breaks() == 0  # observed (and sampled) at 0, 3, 6, 9; bare between
+    observed, bare = counting.graphs
+    assert len(_calls(bare)) < len(_calls(observed))
+    sqnr, gnorm = SLOTS.index("x_neg_sqnr"), SLOTS.index("gnorm_dev")
+    assert judged and all(math.isfinite(row[sqnr]) and -row[sqnr] > 10 for row in judged)  # measured, in dB
+    assert all(0 <= row[gnorm] < 0.1 for row in judged)  # healthy: FP8 grad_x norm near its bf16 reference
 
 
 def test_a_switch_compiles_one_new_graph_and_none_after():

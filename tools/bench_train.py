@@ -176,7 +176,7 @@ def _make_step(v: Variant, model: nn.Module, example: tuple, device: torch.devic
     controller = rewriter.AdaptivePrecision(model, observe_every=v.observe_every) if v.adaptive else None
     if controller is not None:
         info["controller"] = controller
-        info["steps_to_every_variant"] = controller.sample_every + controller.observe_every + 1
+        info["steps_to_every_variant"] = (controller.sample_every or 0) + controller.observe_every + 1
     run = torch.compile(model) if v.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda")
     if v.kind == "autocast" and v.dtype == torch.float16:

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from rewriter.runtime.adaptive_switch import LayerSwitch, merge_max, stat_vector
-from rewriter.runtime.fp8_ops import FP8_DTYPE
+from rewriter.runtime.fp8_ops import FP8_DTYPE, quantize_activation
 from rewriter.runtime.fp8_train_ops import GRAD_DTYPE, Fp8LinearTrain, quantize_tensorwise
 
 __all__ = ["FP8", "BF16", "FP32", "PRECISIONS", "SLOTS", "ACCUMULATED", "N_STATS", "adaptive_linear_train",
@@ -82,9 +82,7 @@ def _reduce(t: torch.Tensor, prev_amax: torch.Tensor, fmt_max: float, tiny: floa
     still show: amax is then non-finite, and the layer's non-finite share is at least one value. Pure:
     traced into the model's graph under torch.compile; compiled on its own on CUDA in eager mode."""
     amax_all = torch.linalg.vector_norm(t, float("inf"), dtype=torch.float32)
-    stride = max(1, t.numel() // _SUBSAMPLE)
-    sub = t[::stride] if stride > 1 else t
-    a = sub.float().abs()
+    a = _rows(t, _SUBSAMPLE).float().abs()
     finite = torch.isfinite(a)
     all_finite = torch.isfinite(amax_all)
     amax = torch.where(all_finite, amax_all, torch.where(finite, a, torch.zeros_like(a)).amax())
@@ -96,6 +94,14 @@ def _reduce(t: torch.Tensor, prev_amax: torch.Tensor, fmt_max: float, tiny: floa
     over = torch.where(prev_amax > 0, ((a > prev_amax) | ~finite).float().mean(), nonfinite)
     return torch.stack([amax, under.float(), over, nonfinite])
 
+
+def _rows(t2d: torch.Tensor, values: int) -> torch.Tensor:
+    """Every k-th row of `t2d`, k chosen so that about `values` values remain (all rows of a smaller tensor)."""
+    stride = max(1, t2d.numel() // values)
+    return t2d[::stride] if stride > 1 else t2d
+
+
+_SAMPLED_VALUES = 1 << 18  # the sampled SQNR and grad-norm check look at about this many values (rows)
 
 _COMPILED: dict = {}
 
@@ -118,21 +124,24 @@ def _stats_of(t: torch.Tensor, fmt: torch.dtype, prev_amax: torch.Tensor, prefix
     out = {prefix + "_amax": r[0], prefix + "_underflow": r[1], "nonfinite": r[3]}
     if prefix in ("x", "g"):
         out[prefix + "_overflow"] = r[2]
-        if sample:
-            t = t.float()
-            q, sc = quantize_tensorwise(t.reshape(-1, t.shape[-1]), fmt)
-            err = (q.float() * sc - t.reshape(q.shape)).pow(2).sum()
-            out[prefix + "_neg_sqnr"] = -10 * torch.log10(t.pow(2).sum().clamp_min(1e-30) / err.clamp_min(1e-30))
+        if sample:  # on a row sample, quantized with the whole tensor's scale (what the GEMM uses)
+            sub = _rows(t2d, _SAMPLED_VALUES).float()
+            sc = (r[0] / float(info.max)).clamp_min(1e-30)
+            q = quantize_activation(sub, sc, saturate=False, dtype=fmt)
+            err = (q.float() * sc - sub).pow(2).sum()
+            out[prefix + "_neg_sqnr"] = -10 * torch.log10(sub.pow(2).sum().clamp_min(1e-30) / err.clamp_min(1e-30))
     return out
 
 
 def _grad_vector(grad: torch.Tensor, prev_amax: torch.Tensor, sample: bool, weight) -> torch.Tensor:
     """The gradient statistics of one backward as probe's gradient (-inf in the forward slots)."""
     values = _stats_of(grad, GRAD_DTYPE, prev_amax, "g", sample)
-    if weight is not None:  # sampled FP8 step: grad_x norm against its bf16 reference
-        g2d = grad.detach().reshape(-1, grad.shape[-1])
+    if weight is not None:  # sampled FP8 step: grad_x norm against its bf16 reference, on a row sample of
+        # grad_out quantized with the whole tensor's scale: two GEMMs of a few hundred rows, not of the batch
+        g2d = _rows(grad.detach().reshape(-1, grad.shape[-1]), _SAMPLED_VALUES)
         ref = g2d.bfloat16() @ weight.bfloat16()
-        gq, gs = quantize_tensorwise(g2d, GRAD_DTYPE)
+        gs = (values["g_amax"] / float(torch.finfo(GRAD_DTYPE).max)).clamp_min(1e-30)
+        gq = quantize_activation(g2d.float(), gs, saturate=False, dtype=GRAD_DTYPE)
         wq, ws = quantize_tensorwise(weight)
         # e5m2 and e4m3 values are exact in bf16 and their products exact in the GEMM's fp32 accumulator (as in
         # the FP8 GEMM itself); the result is rounded to bf16 once, like `ref`: a bf16 GEMM, not an fp32 one
