@@ -285,6 +285,8 @@ def gemv_skip_reason(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor
         return "scale or bias shape not [N] or 0-dim"
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return "autograd: the GEMV has no backward"
+    if torch.onnx.is_in_onnx_export():
+        return "ONNX export: the reference's aten ops translate to ONNX, a Triton kernel does not"
     return None
 
 
