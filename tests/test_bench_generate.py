@@ -71,5 +71,7 @@ def test_bench_generate_reports_the_weight_only_kernel(tmp_path, capsys):
     routes = results["notes"]["ours fp8 weightonly"]["fp8_weight_linear_routes"]
     # on the CPU every weight-only decode GEMM runs the reference, and the run says so with the reason
     assert routes and all(route.startswith("reference: ") for route in routes)
+    planned = results["notes"]["ours fp8 weightonly"]["weight_only_kernels"]
+    assert list(planned) == ["reference"] and planned["reference"] >= 1  # what the plan expected on the CPU
     assert "ours fp8 weightonly: rewriter::fp8_weight_linear ran reference: " in capsys.readouterr().err
     assert results["runs"]["ours fp8 weightonly b1"]["decode_tokens_per_s"] > 0
