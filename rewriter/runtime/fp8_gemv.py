@@ -76,22 +76,35 @@ def _pow2(v: int) -> int:
 
 
 def choose_config(m: int, n: int, k: int, sms: int = 132) -> GemvConfig:
-    """The rule: 16-byte weight vectors, tiles of 4-8 KB per loop step, and K split until about
-    `_PROGRAMS_PER_SM` programs per SM keep enough weight bytes in flight to reach HBM bandwidth.
+    """The rule: 16-byte weight vectors, a 4-8 KB weight tile per program and loop step, and about
+    `_PROGRAMS_PER_SM` programs per SM, so that enough weight bytes are in flight to reach HBM bandwidth.
+
+    CUDA-core form (1-2 rows): where N / BLOCK_N gives too few programs, the tile gets narrower and longer
+    (16 x 512 -> 8 x 1024 -> 4 x 2048 for one row: the same bytes per step); K is split only where even
+    that leaves under 2 programs per SM. Tensor-core form (3-16 rows): tl.dot needs BLOCK_N >= 16, so K is
+    split until about `_PROGRAMS_PER_SM` programs per SM (N = 2048: 128 tiles x 4).
 
     Example:
-        >>> choose_config(1, 2048, 2048)  # 128 column tiles: K split in 4 (4 x 512) for 132 SMs
-        GemvConfig(block_n=16, block_k=512, split_k=4, num_warps=4, num_stages=2, use_dot=False)
+        >>> choose_config(1, 2048, 2048)  # 512 programs of 4 rows x 2048 bytes, no split
+        GemvConfig(block_n=4, block_k=2048, split_k=1, num_warps=4, num_stages=2, use_dot=False)
+        >>> choose_config(8, 2048, 2048)  # 128 column tiles of 16: K split in 4 (4 x 512)
+        GemvConfig(block_n=16, block_k=512, split_k=4, num_warps=4, num_stages=3, use_dot=True)
     """
-    use_dot = m >= _DOT_MIN_ROWS
-    block_n = 8 if m == 2 else 16  # the 2-row form holds 2 x BLOCK_N x BLOCK_K fp32 partial sums
-    block_k = min(512, max(16, _pow2(k)))
+    want = _PROGRAMS_PER_SM * sms
+    longest = min(2048, max(16, _pow2(k)))
+    block_k = min(512, longest)
+    if m >= _DOT_MIN_ROWS:
+        block_n, floor, stages = 16, want, 3
+    else:  # the 2-row form holds 2 x BLOCK_N x BLOCK_K fp32 partial sums: half the tile
+        block_n, floor, stages = (16 if m == 1 else 8), 2 * sms, 2
+        while -(-n // block_n) < want and block_n > 2 and block_k * 2 <= longest:
+            block_n, block_k = block_n // 2, block_k * 2
     tiles = -(-n // block_n)
     steps = -(-k // block_k)
     split = 1
-    while tiles * split < _PROGRAMS_PER_SM * sms and split * 2 <= min(steps, _MAX_SPLIT_K):
+    while tiles * split < floor and split * 2 <= min(steps, _MAX_SPLIT_K):
         split *= 2
-    return GemvConfig(block_n, block_k, split, 4, 3 if use_dot else 2, use_dot)
+    return GemvConfig(block_n, block_k, split, 4, stages, m >= _DOT_MIN_ROWS)
 
 
 @functools.lru_cache(maxsize=None)

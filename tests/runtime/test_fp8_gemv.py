@@ -152,8 +152,12 @@ def test_config_rule_fills_the_sms_for_the_decode_shapes():
             assert c.use_dot == (m >= 3)
             assert c.block_k * c.block_n >= 4096  # >= 4 KB of weights per program and loop step
             assert k % (c.block_k * c.split_k) == 0  # these shapes need no masked tail
-            assert programs >= 4 * 132 or c.split_k * c.block_k == k, (m, n, k, c)
-            assert c.split_k == 1 or -(-n // c.block_n) < 4 * 132  # K is split only for few column tiles
-    assert choose_config(1, 128256, 2048).split_k == 1
-    assert choose_config(1, 2048, 8192).split_k == 8  # 128 tiles x 8 = 1024 programs
+            assert programs >= 3 * 132, (m, n, k, c)  # every SM busy, several programs each
+            if c.use_dot:
+                assert c.block_n == 16  # tl.dot's smallest N; K is split instead
+            else:
+                assert c.split_k == 1  # 1-2 rows: a narrower, longer tile instead of a second kernel
+    assert choose_config(1, 128256, 2048) == GemvConfig(16, 512, 1, 4, 2, False)
+    assert choose_config(1, 2048, 8192) == GemvConfig(4, 2048, 1, 4, 2, False)  # 512 programs
+    assert choose_config(8, 2048, 8192).split_k == 8  # 128 tiles x 8 = 1024 programs
     assert choose_config(4, 10, 40).block_k == 64  # small K: one block covers it
