@@ -8,14 +8,15 @@ registers and accumulates in fp32; scale, bias and the output cast happen in its
 not make such a kernel from the reference composite (rewriter/runtime/fp8_weight_ops.py: it measured
 1.045x over bf16 on an H200), hence this one.
 
-Three forms of the inner product, chosen by the rows (`choose_config`):
+Two forms of the inner product, chosen by the rows (`choose_config`):
   * M = 1 and M = 2: multiply-accumulate on CUDA cores into a [BLOCK_N, BLOCK_K] (per row) fp32 tile,
-    reduced once at the end (no cross-thread reduction inside the loop);
+    reduced once at the end (no cross-thread reduction inside the loop); few output columns (N = 2048)
+    take a narrower, longer tile (4 x 2048 bytes) so that every SM gets several programs;
   * M >= 3: `tl.dot` on tensor cores with the rows padded to 16 (the weight tile widened to x's dtype:
-    exact, every e4m3 value is a bf16/fp16 value).
-Few output tiles (N / BLOCK_N below about 4 programs per SM: N = 2048-3072 at K = 2048-8192) split K over
-more programs; each writes an fp32 partial to a [SPLIT_K, M, N] workspace and a second small kernel sums
-them and applies the epilogue (deterministic, no atomics, no zero-filled buffer).
+    exact, every e4m3 value is a bf16/fp16 value). tl.dot needs BLOCK_N >= 16, so few output tiles
+    (N = 2048-3072) split K over more programs: each writes an fp32 partial to a [SPLIT_K, M, N]
+    workspace and a second small kernel sums them and applies the epilogue (deterministic, no atomics,
+    no zero-filled buffer).
 
 Configurations come from a rule (`choose_config`), not `triton.autotune`: the decode graph is captured in
 a CUDA graph, where an autotuner's benchmarking must not run, and the rule is the same in eager, compiled
@@ -39,14 +40,14 @@ import torch
 from rewriter.runtime.fp8_ops import FP8_DTYPE, fp8_gemm_supported
 
 __all__ = ["GEMV_MAX_ROWS", "GemvConfig", "choose_config", "gemv_available", "gemv_skip_reason",
-           "fp8_weight_gemv", "routing_counts", "reset_routing_counts", "note_route", "TRITON_ERROR"]
+           "fp8_weight_gemv", "gemv_failed", "routing_counts", "reset_routing_counts", "note_route", "TRITON_ERROR"]
 
 GEMV_MAX_ROWS = 16
 """Rows (x.numel() // K) up to which rewriter::fp8_weight_linear runs the GEMV: a decode batch."""
 _DOT_MIN_ROWS = 3
 """From this many rows the inner product runs on tensor cores (tl.dot, rows padded to 16); below it on
 CUDA cores. A first guess: `tools/bench_decode_gemm.py --sweep` measures both forms."""
-_PROGRAMS_PER_SM = 4  # programs wanted per SM before K is split: about 16-32 KB of weight loads in flight
+_PROGRAMS_PER_SM = 4  # programs wanted per SM: 4 x 8 KB tiles, about the weight bytes in flight HBM needs
 _MAX_SPLIT_K = 16
 _SUPPORTED_X = (torch.bfloat16, torch.float16)
 
@@ -268,10 +269,22 @@ if triton is not None and hasattr(torch.library, "triton_op"):
 _ROUTES: collections.Counter = collections.Counter()
 
 
+_FAILED: list[str] = []  # why the GEMV failed to compile or launch in this process (then never tried again)
+
+
+def gemv_failed(exc: BaseException) -> str:
+    """Record that the GEMV failed (a Triton compile error on this GPU or Triton version): this process
+    runs the reference from now on. Returns the reason, which the caller warns with."""
+    reason = f"the GEMV failed in this process ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+    if not _FAILED:
+        _FAILED.append(reason)
+    return reason
+
+
 def gemv_available() -> bool:
     """True when the GEMV is registered and a CUDA FP8 device (sm_89+) is present: what the FP8 plan
     assumes when it estimates a weight-only decode GEMM."""
-    return fp8_weight_gemv is not None and fp8_gemm_supported(None)
+    return fp8_weight_gemv is not None and not _FAILED and fp8_gemm_supported(None)
 
 
 def gemv_skip_reason(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
@@ -281,6 +294,8 @@ def gemv_skip_reason(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor
     graph makes the same choice as an eager call."""
     if fp8_weight_gemv is None:
         return TRITON_ERROR or "torch.library.triton_op is missing (torch < 2.6)"
+    if _FAILED:
+        return _FAILED[0]
     if x.device.type != "cuda" or not fp8_gemm_supported(x.device):
         return f"{x.device.type} device: the GEMV needs CUDA sm_89+ (Triton's float8_e4m3fn)"
     if x.dtype not in _SUPPORTED_X:

@@ -28,9 +28,11 @@ After:  x(bf16) -> rewriter::fp8_weight_linear(x, w_fp8, w_scale, b, bf16) -> y(
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from rewriter.runtime.fp8_gemv import fp8_weight_gemv, gemv_skip_reason, note_route
+from rewriter.runtime.fp8_gemv import fp8_weight_gemv, gemv_failed, gemv_skip_reason, note_route
 from rewriter.runtime.fp8_ops import register_composite
 
 __all__ = ["fp8_weight_linear", "fp8_weight_linear_reference", "fp8_weight_linear_op"]
@@ -54,9 +56,17 @@ def fp8_weight_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tenso
         [..., N] in `out_dtype`.
     """
     skip = gemv_skip_reason(x, w_fp8, w_scale, bias)
-    note_route("triton gemv" if skip is None else f"reference: {skip}")
     if skip is None:
-        return fp8_weight_gemv(x, w_fp8, w_scale, bias, out_dtype)
+        try:
+            y = fp8_weight_gemv(x, w_fp8, w_scale, bias, out_dtype)
+        except Exception as exc:  # eager: Triton could not compile it here (tracing launches nothing)
+            skip = gemv_failed(exc)
+            warnings.warn(f"rewriter::fp8_weight_linear: {skip}; running the reference (linear on the widened "
+                          "weight) instead", RuntimeWarning, stacklevel=2)
+        else:
+            note_route("triton gemv")
+            return y
+    note_route(f"reference: {skip}")
     return fp8_weight_linear_reference(x, w_fp8, w_scale, bias, out_dtype)
 
 

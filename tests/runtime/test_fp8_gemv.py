@@ -143,6 +143,27 @@ def test_cpu_routing_falls_back_to_the_reference_and_says_why():
     assert fp8_gemv.routing_counts() == {}
 
 
+def test_a_gemv_that_fails_to_compile_falls_back_once_with_a_warning(monkeypatch):
+    from rewriter.runtime import fp8_weight_ops
+
+    def broken(*args):
+        raise RuntimeError("out of resource: shared memory, Required: 300000")
+
+    monkeypatch.setattr(fp8_gemv, "_FAILED", [])  # the process-wide record, restored after the test
+    monkeypatch.setattr(fp8_weight_ops, "gemv_skip_reason", lambda *a: None)  # as on a CUDA machine
+    monkeypatch.setattr(fp8_weight_ops, "fp8_weight_gemv", broken)
+    x = torch.randn(1, 32).to(torch.bfloat16)
+    w = torch.randn(8, 32).to(torch.float8_e4m3fn)
+    scale = torch.rand(8)
+    fp8_gemv.reset_routing_counts()
+    with pytest.warns(RuntimeWarning, match="the GEMV failed in this process .RuntimeError: out of resource"):
+        out = fp8_weight_linear_op(x, w, scale, None, torch.bfloat16)
+    assert torch.equal(out, fp8_weight_linear_reference(x, w, scale, None, torch.bfloat16))
+    (route,) = fp8_gemv.routing_counts()
+    assert route.startswith("reference: the GEMV failed in this process")
+    assert not fp8_gemv.gemv_available()  # and the plan stops counting on it
+
+
 def test_config_rule_fills_the_sms_for_the_decode_shapes():
     llama_1b = [(3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192), (128256, 2048)]
     for m in (1, 2, 3, 8, 16):
