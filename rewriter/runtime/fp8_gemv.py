@@ -51,13 +51,19 @@ _PROGRAMS_PER_SM = 4  # programs wanted per SM: 4 x 8 KB tiles, about the weight
 _MAX_SPLIT_K = 16
 _SUPPORTED_X = (torch.bfloat16, torch.float16)
 
+
+def _first_line(exc: BaseException, limit: int) -> str:
+    text = str(exc)
+    return text.splitlines()[0][:limit] if text else ""
+
+
 try:
     import triton
     import triton.language as tl
     TRITON_ERROR: str | None = None
 except Exception as exc:  # not installed (CPU-only torch builds) or broken: callers use the reference path
     triton = tl = None
-    TRITON_ERROR = f"triton is not importable ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+    TRITON_ERROR = f"triton is not importable ({type(exc).__name__}: {_first_line(exc, 120)})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,7 +281,7 @@ _FAILED: list[str] = []  # why the GEMV failed to compile or launch in this proc
 def gemv_failed(exc: BaseException) -> str:
     """Record that the GEMV failed (a Triton compile error on this GPU or Triton version): this process
     runs the reference from now on. Returns the reason, which the caller warns with."""
-    reason = f"the GEMV failed in this process ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+    reason = f"the GEMV failed in this process ({type(exc).__name__}: {_first_line(exc, 200)})"
     if not _FAILED:
         _FAILED.append(reason)
     return reason

@@ -97,7 +97,8 @@ def test_registered_op_runs_the_kernel_and_has_a_fake():
     assert fake.shape == (3, 1, 24) and fake.dtype == torch.bfloat16
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and fp8_gemv.gemv_available()), reason="needs CUDA sm_89+ and triton")
+@pytest.mark.skipif(not (torch.cuda.is_available() and fp8_gemv.gemv_available()),
+                    reason="needs CUDA sm_89+ and triton")
 def test_fp8_weight_linear_routes_to_the_gemv_on_cuda_eager_and_compiled():
     from torch._inductor.utils import run_and_get_code
 
@@ -141,6 +142,26 @@ def test_cpu_routing_falls_back_to_the_reference_and_says_why():
     assert "cpu device" in reason or "triton" in reason
     fp8_gemv.reset_routing_counts()
     assert fp8_gemv.routing_counts() == {}
+
+
+def test_without_triton_nothing_is_registered_and_the_op_still_runs():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['triton'] = None\n"  # as on a CPU-only torch build
+            "import torch, rewriter\n"
+            "from rewriter.runtime import fp8_gemv\n"
+            "from rewriter.runtime.fp8_weight_ops import fp8_weight_linear_op\n"
+            "assert fp8_gemv.fp8_weight_gemv is None and not fp8_gemv.gemv_available()\n"
+            "assert not hasattr(torch.ops.rewriter, 'fp8_weight_gemv')\n"
+            "x = torch.ones(2, 32, dtype=torch.bfloat16); w = torch.ones(8, 32).to(torch.float8_e4m3fn)\n"
+            "y = fp8_weight_linear_op(x, w, torch.tensor(0.5), None, torch.bfloat16)\n"
+            "assert y.shape == (2, 8) and bool((y == 16).all())\n"
+            "print(list(fp8_gemv.routing_counts()))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "reference: triton is not importable (ModuleNotFoundError" in done.stdout
 
 
 def test_a_gemv_that_fails_to_compile_falls_back_once_with_a_warning(monkeypatch):
