@@ -69,7 +69,8 @@ class Fp8Options:
             decode GEMM bf16; decode GEMMs are judged by the weight bytes they read instead
             (passes/plan/fp8_decode.py). "scaled_mm": FP8 weights stored once and the activation
             quantized per call, `rewriter::fp8_linear` (torch._scaled_mm); "weight_only": FP8 weights
-            widened inside the GEMM, the activation as it is, `rewriter::fp8_weight_linear` (pays only
+            widened inside the GEMM, the activation as it is, `rewriter::fp8_weight_linear` (on CUDA with
+            triton a Triton GEMV reading each weight byte once, eager or compiled; elsewhere it pays only
             when the decode graph is compiled, which fuses the widening: fused_quantization); "auto"
             (default): per GEMM, the one estimated faster; "flops": judge decode GEMMs by the FLOP rules
             like any other graph. Prefill graphs always use the FLOP rules.

@@ -77,6 +77,8 @@ class GenerativeLM(nn.Module, GenerationMixin):
         {"max_autotune": True, "coordinate_descent_tuning": True}: with coordinate-descent tuning
         inductor turns a one-row GEMM into a fused multiply-reduce, so a weight-only FP8 GEMM reads
         each weight byte once (widened in registers) instead of materialising the widened weight.
+        (On CUDA with triton, weight-only FP8 GEMMs of up to 16 rows run our Triton GEMV instead,
+        rewriter/runtime/fp8_gemv.py, under every backend: compiled, inductor launches its kernels.)
 
         The decode step's shapes never change for a batch size and the cache tensors keep their
         addresses, so one CUDA graph per batch size replays every step. Returns self.

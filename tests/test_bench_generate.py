@@ -60,3 +60,18 @@ def test_bench_generate_skips_variants_past_its_time_budget(tmp_path):
     results = json.loads(out.read_text())
     assert results["runs"] == {}
     assert all("time budget" in results["notes"][n] for n in ("hf eager bf16", "ours bf16"))
+
+
+def test_bench_generate_reports_the_weight_only_kernel(tmp_path, capsys):
+    out = tmp_path / "g.json"
+    assert bench_generate.main(["--device", "cpu", "--small", "--repeats", "1", "--batches", "1",
+                                "--prompt", "6", "--new", "3", "--variants", "ours fp8 weightonly",
+                                "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    routes = results["notes"]["ours fp8 weightonly"]["fp8_weight_linear_routes"]
+    # on the CPU every weight-only decode GEMM runs the reference, and the run says so with the reason
+    assert routes and all(route.startswith("reference: ") for route in routes)
+    planned = results["notes"]["ours fp8 weightonly"]["weight_only_kernels"]
+    assert list(planned) == ["reference"] and planned["reference"] >= 1  # what the plan expected on the CPU
+    assert "ours fp8 weightonly: rewriter::fp8_weight_linear ran reference: " in capsys.readouterr().err
+    assert results["runs"]["ours fp8 weightonly b1"]["decode_tokens_per_s"] > 0

@@ -12,8 +12,11 @@ Variants, all in one process, timed round-robin (each variant once per round, --
                             compile+cg variants convert with fused_quantization=True (estimated as compiled)
     ours fp8 scaledmm [...] every decode GEMM rewriter::fp8_linear (torch._scaled_mm, activation quantized per
                             call): decode_gemms="scaled_mm", min_speedup=0 (whatever the estimate says)
-    ours fp8 weightonly compile+cg  every decode GEMM rewriter::fp8_weight_linear (FP8 weights widened inside
-                            the compiled GEMM): decode_gemms="weight_only", min_speedup=0
+    ours fp8 weightonly compile+cg  every decode GEMM rewriter::fp8_weight_linear: decode_gemms="weight_only",
+                            min_speedup=0; on CUDA with triton the op runs our Triton GEMV (rewriter/runtime/
+                            fp8_gemv.py), which the compiled decode graph launches; else the reference
+                            (FP8 weights widened inside the compiled GEMM)
+    ours fp8 weightonly     the same, decode graph eager (the GEMV or, on the CPU, the reference)
     ours bf16 kv8 cudagraphs  bf16 with kv_cache="fp8" (e4m3 cache, per-head scales), CUDA graphs
     ... cdt compile+cg      the compile+cg variant with inductor's coordinate_descent_tuning (and max_autotune,
                             no inductor CUDA graphs): a one-row GEMM becomes a fused multiply-reduce
@@ -25,6 +28,8 @@ Memory per variant: the bytes of its parameters and buffers (`param_bytes`; for 
 once: an FP8 decode graph keeps its float8 weights beside the prefill's bf16 ones) and, on CUDA,
 `torch.cuda.max_memory_allocated` while it generates (peak stats reset before each variant's warm-up:
 `peak_bytes`, and `peak_run_bytes` above what was allocated before it: cache and activations).
+`fp8_weight_linear_routes` (notes, printed): for each variant that runs rewriter::fp8_weight_linear, what the
+op chose in its warm-up ("triton gemv" or "reference: <why>"; eager calls and compiled traces both count).
 Also measured: peak memory while converting the bf16 model (CUDA: max_memory_allocated above what was
 allocated before), against the converted model's bytes (target <= 1.5x), and whether our greedy tokens
 equal hf eager's on the first prompt.
@@ -50,7 +55,8 @@ __all__ = ["main", "build_model", "VARIANTS", "DEFAULT_VARIANTS", "variant_optio
 
 VARIANTS = ("hf eager bf16", "hf static compile", "ours bf16", "ours bf16 cudagraphs", "ours bf16 compile+cg",
             "ours fp8", "ours fp8 cudagraphs", "ours fp8 compile+cg", "ours fp8 scaledmm cudagraphs",
-            "ours fp8 scaledmm compile+cg", "ours fp8 weightonly compile+cg", "ours bf16 kv8 cudagraphs",
+            "ours fp8 scaledmm compile+cg", "ours fp8 weightonly", "ours fp8 weightonly compile+cg",
+            "ours bf16 kv8 cudagraphs",
             "ours bf16 cdt compile+cg", "ours fp8 weightonly cdt compile+cg")
 DEFAULT_VARIANTS = ("hf eager bf16", "hf static compile", "ours bf16 cudagraphs", "ours bf16 compile+cg",
                     "ours fp8 cudagraphs", "ours fp8 scaledmm cudagraphs", "ours fp8 weightonly compile+cg")
@@ -129,6 +135,19 @@ def _ours_runner(fast):
     return generate
 
 
+def _weight_kernels(fast) -> dict:
+    """{"triton_gemv" | "reference": weight-only GEMMs of the decode graph} from the FP8 plan's records."""
+    from rewriter import meta
+
+    counts: dict = {}
+    for node in fast.decode_graph.graph.nodes:
+        record = meta.get(node, meta.FP8) or {}
+        if record.get("use") and record.get("kernel") == "weight_only":
+            key = record.get("weight_kernel", "reference")
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 def build_variants(model, names, device: str, max_cache_len: int, notes: dict, params: dict | None = None,
                    deadline: float | None = None) -> dict:
     """Runners of the variants `names`; `params` gets each one's parameter bytes. A variant not started by
@@ -173,6 +192,9 @@ def build_variants(model, names, device: str, max_cache_len: int, notes: dict, p
                     record["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base
                     record["peak_over_converted"] = round(record["peak_extra_bytes"] / record["converted_bytes"], 3)
                 record["generation"] = fast.record.get("generation")
+                planned = _weight_kernels(fast)
+                if planned:  # what the plan expects each weight-only decode GEMM to run (fp8_decode's record)
+                    record["weight_only_kernels"] = planned
                 notes[name] = record
                 fast.set_decode_backend(backend, inductor_options=chosen["inductor_options"])
                 runners[name] = _ours_runner(fast)
@@ -209,6 +231,8 @@ def main(argv=None) -> int:
         print(f"error: unknown variants {unknown}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
 
+    from rewriter.runtime import fp8_gemv
+
     start = time.perf_counter()
     model = build_model(args.device, args.small, args.layers)
     vocab = model.config.vocab_size
@@ -236,10 +260,22 @@ def main(argv=None) -> int:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 before = torch.cuda.memory_allocated()
+            fp8_gemv.reset_routing_counts()
             for b in batches:
                 ids = inputs[b]
                 run(ids, torch.ones_like(ids), 1)
                 tokens[(name, b)] = run(ids, torch.ones_like(ids), new)[:, prompt:].cpu()
+            routes = fp8_gemv.routing_counts()
+            note = results["notes"].get(name)
+            if routes or (isinstance(note, dict) and note.get("weight_only_kernels")):
+                # which kernel the weight-only FP8 GEMMs ran (compiled: what the decode graph launches); a graph
+                # that inductor loads from its cache makes no decision, so the plan's expectation is printed too
+                if isinstance(note, dict):
+                    note["fp8_weight_linear_routes"] = routes
+                ran = "; ".join(f"{route} ({count} calls or traces)" for route, count in sorted(routes.items()))
+                print(f"[bench_generate] {name}: rewriter::fp8_weight_linear ran {ran or 'none recorded (cached graph?)'}"
+                      f"; planned {note.get('weight_only_kernels') if isinstance(note, dict) else '?'}",
+                      file=sys.stderr, flush=True)
             if cuda:
                 torch.cuda.synchronize()
                 memory["peak_bytes"] = torch.cuda.max_memory_allocated()

@@ -71,7 +71,10 @@ def test_decode_gemm_is_judged_by_weight_bytes(up):
     assert not flops["use"] and flops["rule"] == "size"
 
 
-def test_eager_decode_keeps_bf16_where_the_estimate_loses(up):
+def test_eager_decode_keeps_bf16_where_the_estimate_loses(up, monkeypatch):
+    from rewriter.passes.plan import fp8_decode
+
+    monkeypatch.setattr(fp8_decode, "gemv_available", lambda: False)  # as on a machine without triton
     # eager: weight-only writes the widened weight every call, scaled_mm pays 4 quantization kernels
     record = _record(_graph(up, "decode"), Fp8Options(fused_quantization=False))
     assert not record["use"] and record["rule"] == "cost" and record["est_speedup"] < 1.05
@@ -136,3 +139,27 @@ def test_fp8_weight_linear_op_matches_its_definition():
 def test_decode_gemms_option_is_validated():
     with pytest.raises(ConfigError, match="decode_gemms='fast'.*'auto', 'scaled_mm', 'weight_only', 'flops'"):
         Fp8Options(decode_gemms="fast")
+
+
+def test_weight_only_record_names_its_kernel(up, monkeypatch):
+    from rewriter.passes.plan import fp8_decode
+
+    options = Fp8Options(fused_quantization=True, decode_gemms="weight_only", min_speedup=0)
+    here = _record(_graph(up, "decode"), options)
+    if not fp8_decode.gemv_available():  # this machine (CPU, or no triton): the reference path, and why
+        assert here["weight_kernel"] == "reference"
+        assert "the Triton GEMV rewriter::fp8_weight_gemv does not apply (" in here["reason"]
+        assert "the reference (linear on the widened weight) runs" in here["reason"]
+    # a CUDA machine with triton: the GEMV, estimated at the 1-byte roofline also when run eagerly
+    monkeypatch.setattr(fp8_decode, "gemv_available", lambda: True)
+    gemv = _record(_graph(up, "decode"), options)
+    assert gemv["weight_kernel"] == "triton_gemv" and gemv["quant_us"] == 0
+    assert "runs the Triton GEMV rewriter::fp8_weight_gemv (each weight byte read once" in gemv["reason"]
+    assert "M=2 <= 16 rows" in gemv["reason"]
+    eager = _record(_graph(up, "decode"), Fp8Options(fused_quantization=False))
+    assert eager["use"] and eager["kernel"] == "weight_only" and eager["weight_kernel"] == "triton_gemv"
+    assert eager["est_speedup"] > 1.3
+    # more rows than a GEMV takes: the reference, whatever the machine
+    shape = GemmShape(17, 8192, 2048)
+    assert fp8_decode.gemv_choice(17, None) == (False, "M=17 rows > 16: not a GEMV")
+    assert estimate_decode_speedup(shape, "weight_only", fused=False, own_kernel=False)[0] < 1.0
