@@ -37,6 +37,7 @@ import os
 
 import torch
 
+from rewriter.errors import first_line
 from rewriter.runtime.fp8_ops import FP8_DTYPE, fp8_gemm_supported
 
 __all__ = ["GEMV_MAX_ROWS", "GemvConfig", "choose_config", "gemv_available", "gemv_skip_reason",
@@ -52,18 +53,13 @@ _MAX_SPLIT_K = 16
 _SUPPORTED_X = (torch.bfloat16, torch.float16)
 
 
-def _first_line(exc: BaseException, limit: int) -> str:
-    text = str(exc)
-    return text.splitlines()[0][:limit] if text else ""
-
-
 try:
     import triton
     import triton.language as tl
     TRITON_ERROR: str | None = None
 except Exception as exc:  # not installed (CPU-only torch builds) or broken: callers use the reference path
     triton = tl = None
-    TRITON_ERROR = f"triton is not importable ({type(exc).__name__}: {_first_line(exc, 120)})"
+    TRITON_ERROR = f"triton is not importable ({type(exc).__name__}: {first_line(exc, 120)})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,7 +277,7 @@ _FAILED: list[str] = []  # why the GEMV failed to compile or launch in this proc
 def gemv_failed(exc: BaseException) -> str:
     """Record that the GEMV failed (a Triton compile error on this GPU or Triton version): this process
     runs the reference from now on. Returns the reason, which the caller warns with."""
-    reason = f"the GEMV failed in this process ({type(exc).__name__}: {_first_line(exc, 200)})"
+    reason = f"the GEMV failed in this process ({type(exc).__name__}: {first_line(exc, 200)})"
     if not _FAILED:
         _FAILED.append(reason)
     return reason
