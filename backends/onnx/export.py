@@ -32,8 +32,8 @@ from rewriter import meta
 from rewriter.backends.onnx.common import quiet
 from rewriter.backends.onnx.folding import (fold_casts, infer_types, name_batch_dim, rename_nodes, simplify,
                                             symbolic_sizes)
-from rewriter.backends.onnx.fp8 import (FP8_GEMMS, MIN_OPSET, check_gemm_float8, fp8_nodes, qdq_compute,
-                                        translation_table, type_gemm_float8)
+from rewriter.backends.onnx.fp8 import (FP8_GEMMS, MIN_OPSET, ORT_CUDA_SPEED, check_gemm_float8, fp8_nodes,
+                                        qdq_compute, translation_table, type_gemm_float8)
 from rewriter.backends.onnx.fusion import fuse, unfused_attention
 from rewriter.backends.onnx.kernels import check_decisions, fp32_fallbacks
 from rewriter.backends.onnx.padding import is_right_padded, use_mask_index
@@ -170,6 +170,8 @@ def export_onnx(converted: fx.GraphModule, path: str | os.PathLike, *, target: s
     if fp8:
         compute, why = qdq_compute(converted, target)
         notes.append(f"FP8 GEMMs quantize from {compute}: {why}")
+        if target == "ort-cuda":
+            notes.append(ORT_CUDA_SPEED)
     options = dict(batch=dynamic_batch and captured_dynamic, opset=opset, fp8=fp8, fp8_gemm=fp8_gemm, compute=compute,
                    fp32_ops=frozenset(fp32_ops or ()), fallback=fallback, optimize=optimize,
                    assume_right_padding=assume_right_padding)

@@ -57,9 +57,17 @@ from rewriter import meta
 from rewriter.errors import BackendError, describe_node
 from rewriter.runtime.fp8_ops import E4M3_MAX, SCALE_EPS, fp8_linear_op
 
-__all__ = ["custom_translation_table", "translation_table", "fp8_linear_onnx", "fp8_linear_gemm_float8",
+__all__ = ["ORT_CUDA_SPEED",
+           "custom_translation_table", "translation_table", "fp8_linear_onnx", "fp8_linear_gemm_float8",
            "fp8_nodes", "check_gemm_float8", "type_gemm_float8", "MIN_OPSET", "FP8_GEMMS", "qdq_compute",
            "fp8_linear_onnx_fp16"]
+
+ORT_CUDA_SPEED = (
+    "speed on ONNX Runtime's CUDA EP: an FP8 GEMM there costs 2.9x (Q/DQ, Gemm in float16) to 9.6x "
+    "(com.microsoft.GemmFloat8) an fp16 MatMul of the same shape (onnxruntime-gpu 1.31.1, H200, "
+    "M=12288 K=N=1024: tools/bench_ort_gemm.py), so this file is smaller (1-byte weights) but not faster "
+    "than an fp16 export; for FP8 speed run the converted model in PyTorch (backend='compile') or in TensorRT")
+"""What export_onnx notes for an FP8 file whose target is ort-cuda (measured: tools/results/ort_gemm_h200.json)."""
 
 MIN_OPSET = 19  # float8 types in QuantizeLinear/DequantizeLinear/Cast
 FP8_GEMMS = ("qdq", "com.microsoft")

@@ -201,6 +201,9 @@ def test_qdq_for_cuda_dequantizes_to_fp16_and_quantizes_on_the_float_grid(calibr
     cpu = export_onnx(gm, tmp_path / "cpu.onnx", target="ort-cpu")
     assert any("FP8 GEMMs quantize from float16" in n for n in cuda.notes)
     assert any("FP8 GEMMs quantize from float32: target ort-cpu" in n for n in cpu.notes)
+    # the user is told that on ORT's CUDA EP the FP8 file buys size, not speed (measured per kernel)
+    assert any("not faster than an fp16 export" in n for n in cuda.notes)
+    assert not any("not faster" in n for n in cpu.notes)
     proto = onnx.load(cuda.path)
     types = _float_types(proto)
     F32, F16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
