@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", default="llama6,bert")
-    parser.add_argument("--budgets", default="none,1x,2x,4x",
+    parser.add_argument("--budgets", default="none,1x,1.25x,2x,4x",
                         help="'none' (no tolerance) or multiples of autocast's calibration error, e.g. 2x")
     parser.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES))
     parser.add_argument("--tiny", action="store_true", help="tiny configs of the same architectures (CPU)")
