@@ -51,11 +51,11 @@ from rewriter.errors import ConfigError, InputError
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "wants_generation", "check_supported", "StepGraphs", "convert_steps",
            "capture_steps", "cache_in_place", "share_weights", "own_weights", "new_cache", "new_scales",
-           "step_mask"]
+           "step_mask", "mask_kind"]
 
 # model_type -> how its attention reaches the cache (every one calls cache.update(k, v, layer_idx) and
 # takes a prepared 4-D mask as it is)
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2")
 
 _A = torch.ops.aten
 
@@ -103,6 +103,7 @@ def check_supported(model: nn.Module, max_cache_len: int) -> None:
     if not model.can_generate():
         raise ConfigError(f"{name} has no language-model head (can_generate() is False): convert its "
                           "...ForCausalLM / LMHeadModel class for generation")
+    mask_kind(model)
     window = getattr(config, "sliding_window", None)
     if model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
         window = None
@@ -157,6 +158,25 @@ class _StaticKV:
         return 0
 
 
+# attention implementation -> the 4-D mask it takes: SDPA a boolean one (True = attend), the eager
+# attention of transformers an additive one (0 or finfo.min, added to the scores). Flash and flex
+# attention take other masks (2-D padding masks, block masks) that the step graphs do not build.
+MASK_KINDS = {"sdpa": "bool", "eager": "additive"}
+
+
+def mask_kind(lm: nn.Module) -> str:
+    """"bool" or "additive": the 4-D mask the attention of `lm` takes (config._attn_implementation)."""
+    config = getattr(lm, "config", None)
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    kind = MASK_KINDS.get(impl)
+    if kind is None:
+        raise ConfigError(f"{type(lm).__name__} uses attn_implementation={impl!r}, whose mask the generation "
+                          "graphs do not build (they pass a prepared 4-D mask): load the model with "
+                          "attn_implementation='sdpa' or 'eager' (e.g. AutoModelForCausalLM.from_pretrained(..., "
+                          "attn_implementation='sdpa')) and convert it again")
+    return kind
+
+
 _STEP_ATTR = "lm"  # the attribute of _Step that holds the user's model
 
 
@@ -167,10 +187,14 @@ class _Step(nn.Module):
     def __init__(self, lm: nn.Module, calibrate: bool = False):
         super().__init__()
         self.lm, self.calibrate = lm, calibrate
+        self.additive = mask_kind(lm) == "additive"
 
     def forward(self, input_ids, position_ids, cache_position, mask, cache: list[torch.Tensor],
                 scales: list[torch.Tensor] | None = None):
         kv = _StaticKV(cache, cache_position, scales, self.calibrate)
+        if self.additive:  # eager attention adds its mask to the scores (a boolean one would add 0 or 1)
+            dtype = self.lm.get_input_embeddings().weight.dtype
+            mask = torch.where(mask, torch.zeros((), dtype=dtype, device=mask.device), torch.finfo(dtype).min)
         out = self.lm(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                       use_cache=True, logits_to_keep=1, **{cache_argument(self.lm): kv})
         logits = out["logits"] if isinstance(out, dict) else out[0]

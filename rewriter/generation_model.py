@@ -148,8 +148,16 @@ class GenerativeLM(nn.Module, GenerationMixin):
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def generate(self, *args, **kwargs):
-        """transformers' generate() on the converted graphs (a new batch of sequences each call)."""
+        """transformers' generate() on the converted graphs (a new batch of sequences each call).
+
+        A prompt and max_new_tokens that need more cache slots than max_cache_len are an InputError
+        before anything runs (the last new token is never fed back: S + max_new_tokens - 1 slots)."""
         self._fresh = True
+        ids = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("input_ids")
+        new = kwargs.get("max_new_tokens")
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2 and isinstance(new, int) and new > 0:
+            check_room(ids.shape[1] + new - 1, self.max_cache_len,
+                       f"generate() of a {ids.shape[1]}-token prompt with max_new_tokens={new}")
         return super().generate(*args, **kwargs)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
