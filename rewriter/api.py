@@ -28,7 +28,7 @@ def convert(model: nn.Module, example_inputs: Any = None, example_kwargs: dict |
     Args (besides those of rewriter.pipeline.convert):
         generate: True converts a Hugging Face causal LM into a model that generates (prefill and
             decode graphs over a static KV cache, rewriter/generation_model.py); None (default) does so
-            for causal LMs of a supported family (Llama, Mistral, Qwen2/3, Gemma, Phi3, GPT-2) whose
+            for causal LMs of a supported family (Llama, Mistral, Qwen2/3, Gemma, Gemma2, Phi3, GPT-2) whose
             config has use_cache=True, in mode="eval"; False keeps the forward graph.
         max_cache_len: with generate, the slots of the static KV cache (prompt + new tokens).
         kv_cache: with generate, "fp8" stores the KV cache as float8_e4m3fn with per-head scales.

@@ -151,8 +151,20 @@ class GenerativeLM(nn.Module, GenerationMixin):
         """transformers' generate() on the converted graphs (a new batch of sequences each call).
 
         A prompt and max_new_tokens that need more cache slots than max_cache_len are an InputError
-        before anything runs (the last new token is never fed back: S + max_new_tokens - 1 slots)."""
+        before anything runs (the last new token is never fed back: S + max_new_tokens - 1 slots);
+        beam search (num_beams > 1) is a ConfigError."""
         self._fresh = True
+        beams = kwargs["num_beams"] if "num_beams" in kwargs else getattr(
+            kwargs.get("generation_config") or self.generation_config, "num_beams", 1)
+        if beams is not None and int(beams) > 1:
+            from rewriter.errors import ConfigError
+
+            # beam search reorders the cache between steps (cache.reorder_cache(beam_idx)); this cache
+            # lives inside the model and is not handed to generate(), so beams would read other beams' keys
+            raise ConfigError(f"generate(num_beams={beams}): beam search is not supported by a converted "
+                              "GenerativeLM (its static KV cache is not reordered between beams); use greedy "
+                              "(do_sample=False, num_beams=1) or sampling, or run beam search on the Hugging "
+                              "Face model")
         ids = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("input_ids")
         new = kwargs.get("max_new_tokens")
         if isinstance(ids, torch.Tensor) and ids.dim() == 2 and isinstance(new, int) and new > 0:

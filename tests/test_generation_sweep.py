@@ -3,7 +3,8 @@ config values apart from sizes (hidden 64, 2 layers, 4 heads, 2 KV heads, vocabu
 converted from a (2 x 5) example and driven through transformers' generate() on a batch of 3 left-padded
 prompts of other lengths (3, 6, 9): greedy tokens as the fp32 model's (tolerance-aware: a random model has
 near-ties), step logits within a per-precision error, each row as its prompt alone, seeded sampling,
-stop tokens, a clear error past max_cache_len and from save(); unsupported architectures get a clear error.
+stop tokens, a clear error past max_cache_len, for beam search and from save(); unsupported architectures
+get a clear error.
 
 FP8 (precision="fp8", the decode graph's GEMMs on float8 weights) runs for Llama, Gemma2 and GPT-2 (the
 three attention / MLP layouts: GQA + gated MLP, softcapped eager attention, fused-QKV Conv1D): every
@@ -163,6 +164,9 @@ def test_past_the_cache_and_save_are_clear_errors(arch, tmp_path):
     with pytest.raises(InputError, match=r"max_cache_len.*max_new_tokens"):
         fast.generate(ids, attention_mask=mask, max_new_tokens=CACHE, do_sample=False)
     assert len(_greedy(fast, ids, mask)) == 3  # still usable afterwards
+    # regression: beam search ran and silently read other beams' cached keys (the cache is not reordered)
+    with pytest.raises(ConfigError, match=r"num_beams=2.*beam search is not supported"):
+        fast.generate(ids, attention_mask=mask, max_new_tokens=NEW, num_beams=2)
     with pytest.raises(ConfigError, match="GenerativeLM") as info:
         rewriter.save(fast, tmp_path / "lm.pt2")
     assert "\n" not in str(info.value) and "convert" in str(info.value)
@@ -201,6 +205,16 @@ def test_eager_attention_gets_an_additive_mask():
         want = model(input_ids=ids, attention_mask=mask).logits[:, -1]
     err = float((fast.prefill(ids, mask) - want).norm() / want.norm())
     assert err <= STEP_TOL["bf16"], err
+
+
+def test_gemma2_cache_beyond_its_sliding_window_is_refused():
+    config = _config("gemma2")
+    config.sliding_window = 8  # its sliding layers would need a window mask the static cache does not build
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(ConfigError, match=r"sliding window of 8 tokens.*max_cache_len <= 8"):
+        rewriter.convert(model, {"input_ids": torch.ones(2, 5, dtype=torch.long)}, precision="bf16",
+                         max_cache_len=16)
 
 
 def test_attention_without_a_4d_mask_is_refused():
