@@ -27,10 +27,11 @@ ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": 
          "phi3": "Phi3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
 FP8_ARCHS = ("llama", "gemma2", "gpt2")
 CASES = [(a, p) for a in ARCHS for p in ("bf16", "fp16")] + [(a, "fp8") for a in FP8_ARCHS]
-# next-token logits vs fp32, relative L2, at every step (teacher-forced on fp32's tokens): bf16 keeps 8
-# mantissa bits (the family tests allow 2e-2 for a prefill), fp16 11 (3e-3 with margin for 2 layers of
-# random weights), FP8 weights 3 bits (tests/test_generation_fp8.py states 0.1)
-STEP_TOL = {"bf16": 3e-2, "fp16": 5e-3, "fp8": 0.1}
+# next-token logits vs fp32, relative L2, at every step (teacher-forced on fp32's tokens), the bounds the
+# other generation tests use: bf16 2e-2 and fp16 3e-3 (tests/test_generation.py), FP8 weights 0.1
+# (tests/test_generation_fp8.py). Measured here at most: bf16 0.010 (Gemma2) / 0.005 (the others),
+# fp16 0.0011 / 0.0007, fp8 0.060 (Gemma2) / 0.036
+STEP_TOL = {"bf16": 2e-2, "fp16": 3e-3, "fp8": 0.1}
 # a greedy token may differ from fp32's only where fp32's own logits for the two tokens are this close
 # (relative to the step's largest logit): a near-tie the precision can flip, after which the row is free
 TIE_TOL = {"bf16": 3e-2, "fp16": 5e-3, "fp8": 0.1}
