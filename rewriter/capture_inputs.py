@@ -319,9 +319,16 @@ class InputCheck(nn.Module):
         seen: dict[str, tuple[int, str, int]] = {}
         for entry, value in zip(self.shapes, flat):
             dims = entry.get("dims")
-            if dims is None or not isinstance(value, torch.Tensor):
+            if dims is None:
                 continue
             name = entry["name"]
+            if not isinstance(value, torch.Tensor):
+                given = "None" if value is None else f"a {type(value).__name__}"
+                raise InputError(
+                    f"input '{name}' is {given}, but the converted model was captured with a tensor there "
+                    f"({len(dims)} dimensions, {entry.get('dtype', 'a tensor')}) and needs one on every "
+                    f"call. Pass '{name}' as a tensor (a padding mask of all ones where there is no "
+                    "padding), or convert again with example inputs that leave it out.")
             _check_dtype(entry, value)
             if value.dim() != len(dims):
                 raise InputError(

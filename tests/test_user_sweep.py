@@ -268,9 +268,12 @@ def fast_cnn():
     return rewriter.convert(model, (torch.randn(2, 3, 16, 16),), precision="fp16")
 
 
+PASS_NONE = object()  # the input passed as None (None in a change leaves it out of the call)
+
+
 def _text_call(fast, **change):
     inputs = dict(_tokens(128)(2, 8), **change)
-    return lambda: fast(**{k: v for k, v in inputs.items() if v is not None})
+    return lambda: fast(**{k: (None if v is PASS_NONE else v) for k, v in inputs.items() if v is not None})
 
 
 HOSTILE_TEXT = {
@@ -279,6 +282,7 @@ HOSTILE_TEXT = {
     "fp16 mask": ({"attention_mask": torch.ones(2, 8, dtype=torch.float16)}, ["'attention_mask'", "float16"]),
     "rank 3 ids": ({"input_ids": torch.zeros(1, 2, 8, dtype=torch.long)}, ["'input_ids'", "3 dimensions"]),
     "missing mask": ({"attention_mask": None}, ["'attention_mask'", "missing"]),
+    "mask passed as None": ({"attention_mask": PASS_NONE}, ["'attention_mask'", "is None", "tensor"]),
     "unknown input": ({"token_type_ids": torch.zeros(2, 8, dtype=torch.long)}, ["'token_type_ids'"]),
 }
 
