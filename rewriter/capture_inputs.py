@@ -125,9 +125,12 @@ def _int_or_none(value) -> int | None:
 
 def input_shapes(gm: fx.GraphModule, range_constraints: dict) -> list[dict]:
     """[{"name": "input_ids", "dims": [2 | {"symbol": "s0", "min": 2, "max": 128 | None}
-    | {"expr": "2*s0"}]}] for each tensor input of the captured graph, in placeholder order."""
+    | {"expr": "2*s0"}], "dtype": "int64", "exact_dtype": bool}] for each tensor input of the captured
+    graph, in placeholder order. "exact_dtype": the graph asserts the input's dtype (torch.export's
+    `_assert_tensor_metadata`), so only that dtype runs."""
     names = _input_names(gm)
     ranges = {str(k): v for k, v in (range_constraints or {}).items()}
+    asserted = _asserted_dtypes(gm)
     result = []
     for node, name in zip([n for n in gm.graph.nodes if n.op == "placeholder"], names):
         val = node.meta.get("val")
@@ -147,8 +150,49 @@ def input_shapes(gm: fx.GraphModule, range_constraints: dict) -> list[dict]:
                 dims.append(int(expr))
             else:
                 dims.append({"expr": str(expr)})
-        result.append({"name": name, "dims": dims})
+        result.append({"name": name, "dims": dims, "dtype": str(val.dtype).replace("torch.", ""),
+                       "exact_dtype": node.name in asserted})
     return result
+
+
+def _asserted_dtypes(gm: fx.GraphModule) -> set[str]:
+    """Names of the placeholders whose dtype the graph asserts (aten._assert_tensor_metadata with a
+    dtype): a call with another dtype would fail there with torch's bare 'Tensor dtype mismatch!'."""
+    names = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:
+            first = node.args[0] if node.args else None
+            dtype = node.args[3] if len(node.args) > 3 else node.kwargs.get("dtype")
+            if isinstance(first, fx.Node) and first.op == "placeholder" and dtype is not None:
+                names.add(first.name)
+    return names
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "boolean"
+    if dtype.is_complex:
+        return "complex"
+    return "floating-point" if dtype.is_floating_point else "integer"
+
+
+def _check_dtype(entry: dict, value: torch.Tensor) -> None:
+    """An input of another kind (integer token ids given as floats, a float image given as uint8, a
+    bool mask where int64 was captured) or, where the graph asserts it, another dtype: InputError."""
+    want = entry.get("dtype")
+    if want is None:
+        return
+    captured = getattr(torch, want, None)
+    if not isinstance(captured, torch.dtype) or value.dtype == captured:
+        return
+    if _dtype_kind(value.dtype) == _dtype_kind(captured) and not entry.get("exact_dtype"):
+        return  # int32 ids for int64, fp16 pixels for fp32: the graph's ops accept them as the model did
+    name = entry["name"]
+    raise InputError(
+        f"input '{name}' has dtype {str(value.dtype).replace('torch.', '')}, but the converted model was "
+        f"captured with {want} ({_dtype_kind(captured)}"
+        f"{'; the graph requires exactly this dtype' if entry.get('exact_dtype') else ''}). Call it with "
+        f"'{name}' as {want}, e.g. {_arg(name)}.to(torch.{want}).")
 
 
 def _input_names(gm: fx.GraphModule) -> list[str]:
@@ -275,9 +319,17 @@ class InputCheck(nn.Module):
         seen: dict[str, tuple[int, str, int]] = {}
         for entry, value in zip(self.shapes, flat):
             dims = entry.get("dims")
-            if dims is None or not isinstance(value, torch.Tensor):
+            if dims is None:
                 continue
             name = entry["name"]
+            if not isinstance(value, torch.Tensor):
+                given = "None" if value is None else f"a {type(value).__name__}"
+                raise InputError(
+                    f"input '{name}' is {given}, but the converted model was captured with a tensor there "
+                    f"({len(dims)} dimensions, {entry.get('dtype', 'a tensor')}) and needs one on every "
+                    f"call. Pass '{name}' as a tensor (a padding mask of all ones where there is no "
+                    "padding), or convert again with example inputs that leave it out.")
+            _check_dtype(entry, value)
             if value.dim() != len(dims):
                 raise InputError(
                     f"input '{name}' has {value.dim()} dimensions {tuple(value.shape)}, but the converted "

@@ -96,11 +96,25 @@ def _is_dynamic(gm: fx.GraphModule) -> bool:
     return False
 
 
+def _tensor_constants(gm: fx.GraphModule) -> set[str]:
+    """Targets of get_attr tensors that are neither parameters nor buffers (`torch.tensor([1, 2])` in
+    a forward: export's lifted_tensor_N). Re-export lifts such a constant while tracing its first
+    consumer, so the program's placeholder takes the consumer's meta["custom"]; a meta["custom"] of
+    its own on the get_attr then conflicts ("Mismatch in custom metadata for key rewriter") and the
+    model could not be saved. Their annotations travel in the record, like the weights'."""
+    named = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
+    named |= {name for name, _ in gm.named_buffers(remove_duplicate=False)}
+    return {str(n.target) for n in gm.graph.nodes if n.op == "get_attr" and str(n.target) not in named}
+
+
 @contextlib.contextmanager
 def _annotations_in_custom(gm: fx.GraphModule) -> Iterator[None]:
     """Copy annotations (and each node's origin) into meta["custom"] for export; undo afterwards."""
     saved = []
+    constants = _tensor_constants(gm)
     for node in gm.graph.nodes:
+        if node.op == "get_attr" and str(node.target) in constants:
+            continue  # see _tensor_constants: its annotations travel in the record ("attrs")
         had_custom = "custom" in node.meta
         custom = dict(node.meta["custom"]) if had_custom and isinstance(node.meta["custom"], dict) else None
         had_origin = meta.ORIGIN in node.meta

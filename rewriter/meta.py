@@ -36,7 +36,7 @@ Graph-level key (GraphModule.meta, not node.meta):
     INFO       pipeline.convert: the conversion record {"config", "capture", "dynamic_batch", "notes", "model"}
     EXAMPLE_INPUTS pipeline.convert / io.load: (args, kwargs) the model was captured with
     FAST_FORWARD backends/fast_forward: {"ops_bound", "ops_kept"}
-    INPUT_SHAPES rewriter/capture_inputs: [{"name", "dims": [int | {"symbol", "min", "max"} | {"expr"}]}]
+    INPUT_SHAPES rewriter/capture_inputs: [{"name", "dims": [int | {"symbol", "min", "max"} | {"expr"}], "dtype", "exact_dtype"}]
                per graph input, as captured (what InputCheck enforces)
     CALL_SIGNATURE rewriter/capture_inputs: {"params": [[name, kind, has_default]], "args", "kwargs"}
                the original forward's signature and the captured input names (positional/keyword calls)
