@@ -46,8 +46,8 @@ the next step (`defer_read`: no device sync); sampled (by default every observed
 the grad_x norm against a bf16 reference, both on a row sample of a few hundred thousand values (two
 GEMMs of a few hundred rows per layer). Compilations: 2 per configuration in training (bare and observed;
 1 with `observe_every` 1; 3 with a `sample_every` that leaves observed steps unsampled), paid once each.
-To bound them, switches are applied at most once every `min_steps_between_switches` steps (decisions made meanwhile wait and go together), and at most
-`max_configurations` distinct configurations are ever made: a switch that would make one more is refused,
+To bound them, switches are applied at most once every `min_steps_between_switches` steps (decisions
+made meanwhile wait and go together), and at most `max_configurations` distinct configurations are ever made: a switch that would make one more is refused,
 and the refusal is recorded in the timeline (`refused`, with the reason) rather than silently falling back to
 eager. Dynamo's recompile limit is raised (process-wide) to fit `max_configurations` variants. Going back to
 a configuration seen before (a layer returning to FP8) reuses its compiled graphs.

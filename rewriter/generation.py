@@ -16,8 +16,8 @@ fixed shapes apart from the batch (CUDA graphs and torch.compile see the same sh
 The attention layers write their new keys and values with `index_copy_` at `cache_position`; the
 mask is built outside the graph from the padding mask (left padding works, padded keys are never
 attended); it enters the graph as booleans, which SDPA attention takes as they are and eager attention
-(Gemma2's default) takes as an additive 0 / finfo.min mask made inside the graph (mask_kind). Both graphs go through the passes of rewriter.pipeline.PASS_TABLE with one configuration,
-so they make the same precision decisions; afterwards (this module, not a table pass: it exists only
+(Gemma2's default) takes as an additive 0 / finfo.min mask made inside the graph (mask_kind). Both
+graphs go through the passes of rewriter.pipeline.PASS_TABLE with one configuration, so they make the same precision decisions; afterwards (this module, not a table pass: it exists only
 for these graphs) the functional `index_copy` + write-back `copy_` that export makes of the cache
 update becomes one in-place `index_copy_` (node.meta[REWRITTEN] says so): a step writes S slots
 instead of copying the whole cache twice per layer.

@@ -74,6 +74,10 @@ class GemvConfig:
     use_dot: bool = False
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _pow2(v: int) -> int:
     return 1 << max(0, (int(v) - 1).bit_length())
 
@@ -100,10 +104,10 @@ def choose_config(m: int, n: int, k: int, sms: int = 132) -> GemvConfig:
         block_n, floor, stages = 16, want, 3
     else:  # the 2-row form holds 2 x BLOCK_N x BLOCK_K fp32 partial sums: half the tile
         block_n, floor, stages = (16 if m == 1 else 8), 2 * sms, 2
-        while -(-n // block_n) < want and block_n > 2 and block_k * 2 <= longest:
+        while _cdiv(n, block_n) < want and block_n > 2 and block_k * 2 <= longest:
             block_n, block_k = block_n // 2, block_k * 2
-    tiles = -(-n // block_n)
-    steps = -(-k // block_k)
+    tiles = _cdiv(n, block_n)
+    steps = _cdiv(k, block_k)
     split = 1
     while tiles * split < floor and split * 2 <= min(steps, _MAX_SPLIT_K):
         split *= 2
@@ -229,20 +233,20 @@ def _launch(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: t
     out = torch.empty((*x.shape[:-1], n), dtype=out_dtype, device=x.device)
     scale = w_scale.reshape(-1).to(torch.float32)
     per_n = scale.numel() != 1
-    k_split = -(-(-(-k // cfg.split_k)) // cfg.block_k) * cfg.block_k  # a multiple of BLOCK_K
-    split = -(-k // k_split)
+    k_split = _cdiv(_cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k  # a multiple of BLOCK_K
+    split = _cdiv(k, k_split)
     ws = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32, device=x.device)
     dot = cfg.use_dot
     block_m = max(16, _pow2(m)) if dot else _pow2(m)
     main = _fp8_gemv_kernel if wrap is None else wrap(_fp8_gemv_kernel)
-    main[(-(-n // cfg.block_n), split)](
+    main[(_cdiv(n, cfg.block_n), split)](
         x2, w_fp8, scale, bias if bias is not None else scale, out, ws, m, n, k, x2.stride(0), w_fp8.stride(0),
         k_split, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split,
         EVEN_K=k % k_split == 0, USE_DOT=dot, DOT_F32=dot and _interpreted() and x.dtype == torch.bfloat16,
         SCALE_PER_N=per_n, HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:
         reduce = _fp8_gemv_reduce_kernel if wrap is None else wrap(_fp8_gemv_reduce_kernel)
-        reduce[(m, -(-n // 256))](ws, scale, bias if bias is not None else scale, out, m, n, SPLIT_K=split,
+        reduce[(m, _cdiv(n, 256))](ws, scale, bias if bias is not None else scale, out, m, n, SPLIT_K=split,
                                    BLOCK_N=256, SCALE_PER_N=per_n, HAS_BIAS=bias is not None, num_warps=2)
     return out
 
@@ -269,8 +273,6 @@ if triton is not None and hasattr(torch.library, "triton_op"):
     fp8_weight_gemv = torch.ops.rewriter.fp8_weight_gemv.default
 
 _ROUTES: collections.Counter = collections.Counter()
-
-
 _FAILED: list[str] = []  # why the GEMV failed to compile or launch in this process (then never tried again)
 
 
@@ -308,8 +310,10 @@ def gemv_skip_reason(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor
     numel = x.numel()
     if not all(isinstance(v, int) for v in (numel, n, k, x.shape[-1])):
         return "symbolic shapes (the GEMV is chosen for a static decode graph)"
-    rows = numel // k if x.shape[-1] == k else 0
-    if rows > GEMV_MAX_ROWS or rows < 1:
+    if x.shape[-1] != k or numel == 0:
+        return f"activation {tuple(x.shape)} against weight {tuple(w_fp8.shape)}: no rows of width K"
+    rows = numel // k
+    if rows > GEMV_MAX_ROWS:
         return f"{rows} rows > {GEMV_MAX_ROWS}: a GEMM, not a GEMV"
     if w_scale.numel() not in (1, n) or (bias is not None and bias.numel() != n):
         return "scale or bias shape not [N] or 0-dim"
